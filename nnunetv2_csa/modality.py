@@ -1,0 +1,100 @@
+"""Modality tags: which imaging modality each case of a dataset belongs to.
+
+The converters write two keys into nnU-Net's ``dataset.json`` (nnU-Net ignores keys it
+does not know, and copies ``dataset.json`` into every trained model folder, so a model
+folder alone is enough to recover the map):
+
+``csa_modalities``
+    the ordered list of modality names, e.g. ``["LGE", "C0"]``; a name's position is its
+    modality index (the index of its normalization layers and of its half of a batch).
+``csa_case_modality``
+    ``{case identifier: modality name}`` for every training case, e.g.
+    ``{"patient001_LGE": "LGE", "patient001_C0": "C0"}``.
+``csa_case_patient``
+    ``{case identifier: patient identifier}``; the cases of one patient (its images in
+    every modality) always share a fold, and patient-level statistics pair on it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+MODALITIES_KEY = "csa_modalities"
+CASE_MODALITY_KEY = "csa_case_modality"
+CASE_PATIENT_KEY = "csa_case_patient"
+
+
+class ModalityTagError(ValueError):
+    """A dataset.json or model folder lacks or contradicts the modality tags."""
+
+
+@dataclass(frozen=True)
+class ModalityTags:
+    """The case -> modality map of one dataset, with a stable index per modality."""
+
+    modalities: tuple[str, ...]
+    case_modality: Mapping[str, str]
+
+    def __post_init__(self):
+        if len(self.modalities) == 0:
+            raise ModalityTagError("no modality names given")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ModalityTagError(f"modality names repeat: {list(self.modalities)}")
+        unknown = sorted({m for m in self.case_modality.values() if m not in self.modalities})
+        if unknown:
+            raise ModalityTagError(
+                f"cases are tagged with modalities {unknown} that are not in {list(self.modalities)}")
+
+    def index_of_modality(self, name: str) -> int:
+        if name not in self.modalities:
+            raise ModalityTagError(
+                f"unknown modality {name!r}; this dataset/model knows {list(self.modalities)}")
+        return self.modalities.index(name)
+
+    def modality_of_case(self, case: str) -> str:
+        try:
+            return self.case_modality[case]
+        except KeyError:
+            raise ModalityTagError(
+                f"case {case!r} has no modality tag in '{CASE_MODALITY_KEY}' of dataset.json; "
+                f"re-run the converter, or add the case to that map") from None
+
+    def index_of_case(self, case: str) -> int:
+        return self.modalities.index(self.modality_of_case(case))
+
+    def cases_of_modality(self, name: str) -> list[str]:
+        self.index_of_modality(name)
+        return sorted(c for c, m in self.case_modality.items() if m == name)
+
+    def to_dataset_json_entries(self) -> dict:
+        return {MODALITIES_KEY: list(self.modalities),
+                CASE_MODALITY_KEY: dict(sorted(self.case_modality.items()))}
+
+
+def modality_tags_from_dataset_json(dataset_json: Mapping, source: str = "dataset.json") -> ModalityTags:
+    """Read the tags from a loaded dataset.json dict (``source`` names it in errors)."""
+    missing = [k for k in (MODALITIES_KEY, CASE_MODALITY_KEY) if k not in dataset_json]
+    if missing:
+        raise ModalityTagError(
+            f"{source} has no {missing} entries: it was not written by an nnunetv2_csa converter. "
+            f"Convert the data with nnUNetv2_csa_convert_* or add '{MODALITIES_KEY}' (list of "
+            f"names) and '{CASE_MODALITY_KEY}' (case -> name) by hand")
+    try:
+        return ModalityTags(tuple(dataset_json[MODALITIES_KEY]), dict(dataset_json[CASE_MODALITY_KEY]))
+    except ModalityTagError as e:
+        raise ModalityTagError(f"{source}: {e}") from None
+
+
+def read_modality_tags(folder_or_file: str) -> ModalityTags:
+    """The modality tags of a raw dataset folder, a preprocessed folder, a trained model
+    folder (``.../nnUNetTrainerCSA__nnUNetPlans__2d``) or a ``dataset.json`` path."""
+    path = folder_or_file
+    if os.path.isdir(path):
+        path = os.path.join(path, "dataset.json")
+    if not os.path.isfile(path):
+        raise ModalityTagError(f"{path} does not exist: expected an nnU-Net dataset.json "
+                               f"(raw, preprocessed or model folder)")
+    with open(path) as f:
+        return modality_tags_from_dataset_json(json.load(f), source=path)
