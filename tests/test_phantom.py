@@ -229,28 +229,18 @@ def test_myops_scar_bright_in_lge_edema_bright_in_t2():
     assert np.median(t2[label == 1220]) > 1.3 * np.median(t2[label == 200])
 
 
-_REAL_DATA = os.environ.get("NNUNETV2_CSA_REAL_DATA")
-
-
-def _real_case_dir(root: str) -> str | None:
-    for candidate in (root, os.path.join(root, "train"), os.path.join(root, "myops2020", "train")):
-        if os.path.isfile(os.path.join(candidate, "Case3001", "Case3001_gd.nii.gz")):
-            return os.path.join(candidate, "Case3001")
-    return None
-
-
 @pytest.mark.realdata
-@pytest.mark.skipif(not _REAL_DATA, reason="NNUNETV2_CSA_REAL_DATA is not set (MyoPS 2020 data)")
-def test_myops_phantom_matches_the_real_release_conventions(myops_dir):
-    real = _real_case_dir(_REAL_DATA)
-    if real is None:
-        pytest.skip(f"no Case3001 under {_REAL_DATA}")
+def test_myops_phantom_matches_the_real_release_conventions(myops_dir, real_data_root):
+    real = os.path.join(real_data_root, "myops2020", "train", "Case3001")
     out, _ = myops_dir
+    real_grids = set()
     for suffix in ("C0", "LGE", "T2", "gd"):
         real_image = sitk.ReadImage(os.path.join(real, f"Case3001_{suffix}.nii.gz"))
         fake_image = sitk.ReadImage(str(out / "Case3001" / f"Case3001_{suffix}.nii.gz"))
         assert fake_image.GetPixelID() == real_image.GetPixelID(), suffix
         assert fake_image.GetDimension() == real_image.GetDimension()
+        real_grids.add(_geometry(real_image))
+    assert len(real_grids) == 1, "the real sequences share one grid, as the phantom's do"
     real_codes = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(real, "Case3001_gd.nii.gz")))))
     assert real_codes == {0, 200, 500, 600, 1220, 2221}
 
