@@ -1,0 +1,26 @@
+# Quick start on a fresh machine:
+#   make demo   # sets up .venv and runs the end-to-end demo on phantom data
+#   make test   # sets up .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_OUTPUT ?= demo_output
+
+.PHONY: demo test setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/python -m nnunetv2_csa.demo --output $(DEMO_OUTPUT)
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUTPUT)

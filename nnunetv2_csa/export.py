@@ -1,0 +1,132 @@
+"""Export one modality of a trained CSA-family model as a stock nnU-Net model folder.
+
+The modality-specific norms of the chosen modality are folded into a plain network of
+nnU-Net's own class, so plain nnU-Net (without this package) predicts it::
+
+    nnUNetv2_csa_export_modality -m $nnUNet_results/Dataset501_X/nnUNetTrainerCSA__nnUNetPlans__2d \\
+        --modality LGE -o exported_LGE
+    nnUNetv2_predict_from_modelfolder -m exported_LGE -f 0 -i imgs -o out
+
+Its predictions equal those of ``nnUNet_csa_modality=LGE nnUNetv2_predict ... -tr nnUNetTrainerCSA``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError
+from nnunetv2_csa.modality_norm import fold_modality
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def _fold_folders(model_folder: str, folds) -> list[str]:
+    if folds is None:
+        folds = sorted(d.removeprefix("fold_") for d in os.listdir(model_folder)
+                       if d.startswith("fold_") and os.path.isdir(join(model_folder, d)))
+    if not folds:
+        raise ExportError(f"{model_folder} has no fold_* folders: is it a trained nnU-Net model folder?")
+    return [f"fold_{f}" for f in folds]
+
+
+def export_modality(model_folder: str, modality: str, output_folder: str, folds=None,
+                    checkpoint_name: str = "checkpoint_final.pth") -> str:
+    """Write a stock nnU-Net model folder for ``modality``; returns ``output_folder``."""
+    plans_file = join(model_folder, "plans.json")
+    if not os.path.isfile(plans_file):
+        raise ExportError(f"{plans_file} does not exist: -m must be a trained model folder "
+                          f"(…/DatasetXXX/<trainer>__<plans>__<configuration>)")
+    if os.path.exists(output_folder):
+        raise ExportError(f"{output_folder} exists already; choose a new output folder")
+    plans = load_json(plans_file)
+    dataset_json = load_json(join(model_folder, "dataset.json"))
+    modalities = plans.get(MODALITIES_KEY)
+    if not modalities:
+        raise ModalityTagError(f"{plans_file} has no '{MODALITIES_KEY}': this is not a model of an "
+                               f"nnunetv2_csa trainer with modality-specific norms")
+    if modality not in modalities:
+        raise ModalityTagError(f"unknown modality {modality!r}; {model_folder} knows {modalities}")
+    plans_manager = PlansManager(plans)
+
+    staging = tempfile.mkdtemp(prefix=".export_", dir=os.path.dirname(os.path.abspath(output_folder)) or ".")
+    try:
+        for fold in _fold_folders(model_folder, folds):
+            checkpoint_file = join(model_folder, fold, checkpoint_name)
+            if not os.path.isfile(checkpoint_file):
+                raise ExportError(f"{checkpoint_file} does not exist (train the fold to the end, or pick "
+                                  f"another checkpoint with -chk)")
+            checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+            trainer_class = recursive_find_trainer_class_by_name(checkpoint["trainer_name"])
+            stock_trainer_name = getattr(trainer_class, "stock_trainer_name", None)
+            if stock_trainer_name is None:
+                raise ExportError(f"{checkpoint_file} was written by {checkpoint['trainer_name']}, which has no "
+                                  f"modality-specific norms to fold: it already is a stock model")
+            configuration_manager = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
+            network = trainer_class.build_network_architecture(
+                plans_manager, configuration_manager,
+                determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+                plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+                enable_deep_supervision=True)
+            network.load_state_dict(checkpoint["network_weights"])
+            plain = fold_modality(network, modalities.index(modality))
+            stock_checkpoint = {
+                "network_weights": plain.state_dict(),
+                "optimizer_state": None,
+                "grad_scaler_state": None,
+                "logging": checkpoint.get("logging"),
+                "_best_ema": checkpoint.get("_best_ema"),
+                "current_epoch": checkpoint["current_epoch"],
+                "init_args": checkpoint["init_args"],
+                "trainer_name": stock_trainer_name,
+                "inference_allowed_mirroring_axes": checkpoint.get("inference_allowed_mirroring_axes"),
+                "csa_exported_modality": modality,
+            }
+            os.makedirs(join(staging, fold))
+            torch.save(stock_checkpoint, join(staging, fold, checkpoint_name))
+        exported_plans = {k: v for k, v in plans.items() if k != MODALITIES_KEY}
+        save_json(exported_plans, join(staging, "plans.json"), sort_keys=False)
+        save_json(dataset_json, join(staging, "dataset.json"), sort_keys=False)
+        fingerprint = join(model_folder, "dataset_fingerprint.json")
+        if os.path.isfile(fingerprint):
+            shutil.copyfile(fingerprint, join(staging, "dataset_fingerprint.json"))
+        os.replace(staging, output_folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_folder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_csa_export_modality",
+        description="Export one modality of a trained nnunetv2_csa model (modality-specific norms) as a stock "
+                    "nnU-Net model folder, predictable with nnUNetv2_predict_from_modelfolder without this package.")
+    parser.add_argument("-m", "--model-folder", required=True,
+                        help="trained model folder, e.g. $nnUNet_results/Dataset501_X/nnUNetTrainerCSA__nnUNetPlans__2d")
+    parser.add_argument("--modality", required=True, help="modality name as in the model's plans.json")
+    parser.add_argument("-o", "--output", required=True, help="new folder for the exported model")
+    parser.add_argument("-f", "--folds", nargs="+", default=None, help="folds to export (default: all present)")
+    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    args = parser.parse_args(argv)
+    try:
+        out = export_modality(args.model_folder, args.modality, args.output, args.folds, args.checkpoint)
+    except (ExportError, ModalityTagError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported modality {args.modality} to {out}; predict it with "
+          f"nnUNetv2_predict_from_modelfolder -m {out} -i INPUT -o OUTPUT")
+
+
+if __name__ == "__main__":
+    main()
