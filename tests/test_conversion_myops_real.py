@@ -15,17 +15,14 @@ from nnunetv2_csa.modality import read_modality_tags
 
 pytestmark = pytest.mark.realdata
 
-REAL_DATA = os.environ.get("NNUNETV2_CSA_REAL_DATA")
 CASES = ("Case3001", "Case3002", "Case3015", "Case3030")
 
 
 @pytest.fixture
-def real_myops_subset(tmp_path):
-    if not REAL_DATA:
-        pytest.skip("NNUNETV2_CSA_REAL_DATA is not set (it points at the folder that contains myops2020/)")
-    train = os.path.join(REAL_DATA, "myops2020", "train")
-    if not os.path.isdir(train):
-        pytest.fail(f"NNUNETV2_CSA_REAL_DATA={REAL_DATA} has no myops2020/train folder")
+def real_myops_subset(real_data_root, tmp_path):
+    """Four real cases; ``real_data_root`` (conftest.py) skips with a reason when the data are
+    not there, and fails instead when NNUNETV2_CSA_REQUIRE_REAL_DATA=1 (CI)."""
+    train = os.path.join(real_data_root, "myops2020", "train")
     subset = tmp_path / "myops2020" / "train"
     subset.mkdir(parents=True)
     for case in CASES:  # symbolic links: the real files are read, never copied or touched
