@@ -20,3 +20,62 @@ def real_data_root():
             pytest.fail(f"real data required ({REQUIRE_REAL_DATA_ENV}=1): {reason}")
         pytest.skip(reason)
     return root
+
+
+# ---------------------------------------------------------------- tiny nnU-Net dataset
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+TINY_DATASET_ID = 991
+
+
+def nnunet_environment(root) -> dict:
+    """Environment for nnU-Net commands on CPU with 2 cores, folders under ``root``."""
+    env = dict(os.environ)
+    env.update({
+        "nnUNet_raw": str(root / "nnUNet_raw"),
+        "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
+        "nnUNet_results": str(root / "nnUNet_results"),
+        "nnUNet_extTrainer": _trainer_dir(),
+        # nnU-Net's defaults assume many cores; these are the fast settings on 2 (NNUNET_NOTES.md)
+        "nnUNet_def_n_proc": "2",
+        "nnUNet_compile": "false",
+        "PYTHONWARNINGS": "ignore",
+    })
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(env[key], exist_ok=True)
+    return env
+
+
+def _trainer_dir() -> str:
+    from nnunetv2_csa.ext_trainers import TRAINER_DIR
+    return TRAINER_DIR
+
+
+def run_command(args, env, timeout=900, check=True) -> subprocess.CompletedProcess:
+    """Run a console script of this venv; on failure the assertion shows its output."""
+    bindir = os.path.dirname(sys.executable)
+    executable = os.path.join(bindir, args[0])
+    result = subprocess.run([executable, *args[1:]], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n--- stdout\n{result.stdout[-6000:]}"
+                             f"\n--- stderr\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_preprocessed_dataset(tmp_path_factory):
+    """Phantom MS-CMRSeg (LGE + C0, 6 patients, 48 x 48 in-plane) converted and planned with
+    nnU-Net's own commands. Returns (environment, dataset folder name)."""
+    from nnunetv2_csa.phantom import write_mscmrseg_phantom
+
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_environment(root)
+    source = root / "phantom"
+    write_mscmrseg_phantom(str(source), n_patients=6, modalities=("LGE", "C0"), seed=3, in_plane_size=48)
+    run_command(["nnUNetv2_csa_convert_mscmrseg", "-i", str(source), "-d", str(TINY_DATASET_ID),
+                 "--modalities", "LGE", "C0"], env)
+    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(TINY_DATASET_ID), "-c", "2d", "-np", "2",
+                 "--verify_dataset_integrity"], env)
+    name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{TINY_DATASET_ID}_"))
+    return env, name

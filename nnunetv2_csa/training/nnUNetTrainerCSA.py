@@ -245,8 +245,9 @@ class nnUNetTrainerCSA(nnUNetTrainer):
         self.loss.active = True
 
     def train_step(self, batch: dict) -> dict:
+        # routing reads the modality on the host: handing it the CPU tensor avoids a device sync
+        self._route(batch["modality"])
         self._batch_modality = batch["modality"].to(self.device, non_blocking=True)
-        self._route(self._batch_modality)
         self.loss.last_consistency = math.nan
         result = super().train_step(batch)
         result["consistency_loss"] = np.float64(self.loss.last_consistency)

@@ -1,12 +1,20 @@
 """Every trainer of nnunetv2_csa, with its short-budget variants: the one module the
 ``nnUNet_extTrainer`` shim imports."""
+from nnunetv2_csa.training.baselines import (nnUNetTrainerJoint, nnUNetTrainerJoint_BN,
+                                             nnUNetTrainerSingleModality0, nnUNetTrainerSingleModality0_BN,
+                                             nnUNetTrainerSingleModality1, nnUNetTrainerSingleModality1_BN,
+                                             nnUNetTrainerSingleModality2, nnUNetTrainerSingleModality2_BN)
 from nnunetv2_csa.training.nnUNetTrainerCSA import (nnUNetTrainerAffinity, nnUNetTrainerAffinity_BN,
                                                     nnUNetTrainerCSA, nnUNetTrainerCSA_BN, nnUNetTrainerMSBN,
                                                     nnUNetTrainerMSBN_BN, nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN)
 from nnunetv2_csa.training.short_budget import short_budget_variants
 
 BASE_TRAINERS = (nnUNetTrainerCSA, nnUNetTrainerCSA_BN, nnUNetTrainerMSBN, nnUNetTrainerMSBN_BN,
-                 nnUNetTrainerAffinity, nnUNetTrainerAffinity_BN, nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN)
+                 nnUNetTrainerAffinity, nnUNetTrainerAffinity_BN, nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN,
+                 nnUNetTrainerJoint, nnUNetTrainerJoint_BN,
+                 nnUNetTrainerSingleModality0, nnUNetTrainerSingleModality0_BN,
+                 nnUNetTrainerSingleModality1, nnUNetTrainerSingleModality1_BN,
+                 nnUNetTrainerSingleModality2, nnUNetTrainerSingleModality2_BN)
 
 __all__ = [t.__name__ for t in BASE_TRAINERS]
 for _base in BASE_TRAINERS:

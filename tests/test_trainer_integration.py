@@ -1,0 +1,160 @@
+"""End to end through nnU-Net's own commands on CPU: train a short CSA variant, resume it
+with --c, predict both modalities with nnUNetv2_predict, export one modality and predict
+it with stock nnU-Net (same segmentation)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import TINY_DATASET_ID, run_command
+
+pytestmark = pytest.mark.integration
+
+TRAINER = "nnUNetTrainerCSA_2epochs_5its"
+
+
+@pytest.fixture(scope="module")
+def trained_csa_model(tiny_preprocessed_dataset):
+    env, dataset_name = tiny_preprocessed_dataset
+    env = dict(env, nnUNet_n_proc_DA="0")
+    run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
+    model_folder = os.path.join(env["nnUNet_results"], dataset_name, f"{TRAINER}__nnUNetPlans__2d")
+    return env, dataset_name, model_folder
+
+
+def _training_logs(fold_folder):
+    return sorted(f for f in os.listdir(fold_folder) if f.startswith("training_log_"))
+
+
+def test_training_writes_model_with_modalities_and_consistency_log(trained_csa_model):
+    env, dataset_name, model_folder = trained_csa_model
+    fold = os.path.join(model_folder, "fold_0")
+    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+    assert os.path.isfile(os.path.join(fold, "progress.png"))
+    with open(os.path.join(model_folder, "plans.json")) as f:
+        assert json.load(f)["csa_modalities"] == ["LGE", "C0"]
+
+    checkpoint = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    logged = checkpoint["logging"]
+    assert len(logged["train_consistency_losses"]) == 2
+    assert np.all(np.isfinite(logged["train_consistency_losses"]))
+    assert np.array(logged["mean_fg_dice_per_modality"]).shape == (2, 2)
+    # each norm exists once per modality, convolutions once
+    norm_keys = [k for k in checkpoint["network_weights"] if ".norm.norms." in k]
+    assert any(".norm.norms.0." in k for k in norm_keys) and any(".norm.norms.1." in k for k in norm_keys)
+    assert not any(".norm.norms.2." in k for k in norm_keys)
+
+    with open(os.path.join(fold, "validation", "summary_per_modality.json")) as f:
+        per_modality = json.load(f)
+    assert set(per_modality) == {"LGE", "C0"}
+    for entry in per_modality.values():
+        assert entry["n_cases"] >= 1 and 0.0 <= entry["mean_Dice"] <= 1.0
+
+    log_text = open(os.path.join(fold, _training_logs(fold)[0])).read()
+    assert "Pseudo dice per modality" in log_text and "consistency_loss" in log_text
+
+
+def test_resume_with_continue_flag_restores_norms_and_logs(trained_csa_model):
+    env, dataset_name, model_folder = trained_csa_model
+    fold = os.path.join(model_folder, "fold_0")
+    final = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    # pretend the run stopped after epoch 0: keep a checkpoint of that state as 'latest'
+    stopped = dict(final, current_epoch=1)
+    stopped["logging"] = {k: v[:1] for k, v in final["logging"].items()}
+    work = os.path.join(fold, "..", "resume_copy")
+    shutil.copytree(fold, work)
+    try:
+        os.remove(os.path.join(fold, "checkpoint_final.pth"))
+        if os.path.exists(os.path.join(fold, "checkpoint_best.pth")):
+            os.remove(os.path.join(fold, "checkpoint_best.pth"))
+        torch.save(stopped, os.path.join(fold, "checkpoint_latest.pth"))
+        logs_before = set(_training_logs(fold))
+
+        env_train = dict(env, nnUNet_n_proc_DA="0")
+        run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu", "--c"],
+                    env_train)
+
+        resumed = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+        assert resumed["current_epoch"] == 2
+        assert len(resumed["logging"]["train_consistency_losses"]) == 2
+        assert resumed["logging"]["train_consistency_losses"][0] == final["logging"]["train_consistency_losses"][0]
+        new_log = [f for f in _training_logs(fold) if f not in logs_before]
+        text = open(os.path.join(fold, new_log[0])).read()
+        assert "Epoch 1" in text and "Epoch 0\n" not in text
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _inputs_by_modality(env, dataset_name, destination):
+    """Copies the validation cases of fold 0 from imagesTr, one folder per modality."""
+    raw = os.path.join(env["nnUNet_raw"], dataset_name)
+    with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "splits_final.json")) as f:
+        val_cases = json.load(f)[0]["val"]
+    folders = {}
+    for case in val_cases:
+        modality = case.rsplit("_", 1)[1]
+        folder = folders.setdefault(modality, os.path.join(destination, f"in_{modality}"))
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(os.path.join(raw, "imagesTr", f"{case}_0000.nii.gz"), folder)
+    return folders
+
+
+def _predict(env, trainer, input_folder, output_folder, modality=None, check=True):
+    env = dict(env)
+    env.pop("nnUNet_csa_modality", None)
+    if modality is not None:
+        env["nnUNet_csa_modality"] = modality
+    return run_command(["nnUNetv2_predict", "-i", input_folder, "-o", output_folder, "-d", str(TINY_DATASET_ID),
+                        "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta",
+                        "-npp", "1", "-nps", "1"], env, check=check)
+
+
+def _read_labels(folder):
+    return {f: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, f)))
+            for f in sorted(os.listdir(folder)) if f.endswith(".nii.gz")}
+
+
+def test_predict_each_modality_and_exported_stock_model_agrees(trained_csa_model, tmp_path):
+    env, dataset_name, model_folder = trained_csa_model
+    inputs = _inputs_by_modality(env, dataset_name, str(tmp_path))
+    assert set(inputs) == {"LGE", "C0"}
+
+    predictions = {}
+    for modality, folder in inputs.items():
+        out = str(tmp_path / f"out_{modality}")
+        _predict(env, TRAINER, folder, out, modality)
+        predictions[modality] = _read_labels(out)
+        assert len(predictions[modality]) == len(os.listdir(folder))
+        for seg in predictions[modality].values():
+            assert set(np.unique(seg)) <= {0, 1, 2, 3}
+
+    exported = str(tmp_path / "exported_LGE")
+    run_command(["nnUNetv2_csa_export_modality", "-m", model_folder, "--modality", "LGE", "-o", exported], env)
+    checkpoint = torch.load(os.path.join(exported, "fold_0", "checkpoint_final.pth"), map_location="cpu",
+                            weights_only=False)
+    assert checkpoint["trainer_name"] == "nnUNetTrainer"
+    assert not any(".norms." in k for k in checkpoint["network_weights"])
+
+    stock_env = {k: v for k, v in env.items() if k not in ("nnUNet_extTrainer", "nnUNet_csa_modality")}
+    stock_out = str(tmp_path / "stock_LGE")
+    run_command(["nnUNetv2_predict_from_modelfolder", "-i", inputs["LGE"], "-o", stock_out, "-m", exported,
+                 "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], stock_env)
+    stock = _read_labels(stock_out)
+    assert stock.keys() == predictions["LGE"].keys()
+    for name in stock:
+        np.testing.assert_array_equal(stock[name], predictions["LGE"][name])
+
+
+def test_predict_without_or_with_unknown_modality_names_the_choices(trained_csa_model, tmp_path):
+    env, dataset_name, _ = trained_csa_model
+    inputs = _inputs_by_modality(env, dataset_name, str(tmp_path))
+    missing = _predict(env, TRAINER, inputs["LGE"], str(tmp_path / "o1"), None, check=False)
+    assert missing.returncode != 0
+    assert "nnUNet_csa_modality" in missing.stderr and "LGE" in missing.stderr and "C0" in missing.stderr
+    unknown = _predict(env, TRAINER, inputs["LGE"], str(tmp_path / "o2"), "T2", check=False)
+    assert unknown.returncode != 0
+    assert "'T2'" in unknown.stderr and "['LGE', 'C0']" in unknown.stderr
