@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import TINY_DATASET_ID, run_command
+from nnunetv2_csa.modality import read_modality_tags
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +38,9 @@ def test_training_writes_model_with_modalities_and_consistency_log(trained_csa_m
     assert os.path.isfile(os.path.join(fold, "progress.png"))
     with open(os.path.join(model_folder, "plans.json")) as f:
         assert json.load(f)["csa_modalities"] == ["LGE", "C0"]
+    # the model folder alone is enough to recover the case -> modality map
+    tags = read_modality_tags(model_folder)
+    assert tags.modalities == ("LGE", "C0") and tags.modality_of_case("patient001_C0") == "C0"
 
     checkpoint = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     logged = checkpoint["logging"]
