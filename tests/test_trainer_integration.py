@@ -21,7 +21,9 @@ TRAINER = "nnUNetTrainerCSA_2epochs_5its"
 @pytest.fixture(scope="module")
 def trained_csa_model(tiny_preprocessed_dataset):
     env, dataset_name = tiny_preprocessed_dataset
-    env = dict(env, nnUNet_n_proc_DA="0")
+    # one background augmentation worker: the unpaired loader must survive nnU-Net's
+    # multiprocess augmenter (it is pickled into the worker)
+    env = dict(env, nnUNet_n_proc_DA="1")
     run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
     model_folder = os.path.join(env["nnUNet_results"], dataset_name, f"{TRAINER}__nnUNetPlans__2d")
     return env, dataset_name, model_folder

@@ -94,9 +94,9 @@ def test_consistency_is_added_with_its_weight_only_when_active():
     segmentation = lambda o, t: o.sum()  # noqa: E731
     term = _ConstantTerm(2.0)
     loss = ConsistencyRegularizedLoss(segmentation, term, weight=0.5, monitor=True)
-    assert float(loss(output, None)) == 3.0 and term.calls == 0  # inactive: validation
+    assert float(loss(output, None).detach()) == 3.0 and term.calls == 0  # inactive: validation
     loss.active = True
-    assert float(loss(output, None)) == 3.0 + 0.5 * 2.0
+    assert float(loss(output, None).detach()) == 3.0 + 0.5 * 2.0
     assert loss.last_consistency == 2.0
 
 

@@ -403,3 +403,18 @@ class nnUNetTrainerUMMKD(nnUNetTrainerCSA):
 
 class nnUNetTrainerUMMKD_BN(nnUNetTrainerCSA_BN):
     consistency_kind = "ummkd"
+
+
+class nnUNetTrainerCSA_AreaPixels(nnUNetTrainerCSA):
+    """Ablation of Eq. 3: the affinity divided by the class region's pixel count."""
+    area_normalization = "pixels"
+
+
+class nnUNetTrainerCSA_AreaFraction(nnUNetTrainerCSA):
+    """Ablation of Eq. 3: the affinity divided by the class region's fraction of the image."""
+    area_normalization = "fraction"
+
+
+class nnUNetTrainerCSA_Literal(nnUNetTrainerCSA):
+    """Ablation of Eq. 4 as printed: the square of the mean entry difference."""
+    affinity_reading = "literal"

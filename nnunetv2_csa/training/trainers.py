@@ -5,12 +5,15 @@ from nnunetv2_csa.training.baselines import (nnUNetTrainerJoint, nnUNetTrainerJo
                                              nnUNetTrainerSingleModality1, nnUNetTrainerSingleModality1_BN,
                                              nnUNetTrainerSingleModality2, nnUNetTrainerSingleModality2_BN)
 from nnunetv2_csa.training.nnUNetTrainerCSA import (nnUNetTrainerAffinity, nnUNetTrainerAffinity_BN,
-                                                    nnUNetTrainerCSA, nnUNetTrainerCSA_BN, nnUNetTrainerMSBN,
-                                                    nnUNetTrainerMSBN_BN, nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN)
+                                                    nnUNetTrainerCSA, nnUNetTrainerCSA_AreaFraction,
+                                                    nnUNetTrainerCSA_AreaPixels, nnUNetTrainerCSA_BN,
+                                                    nnUNetTrainerCSA_Literal, nnUNetTrainerMSBN, nnUNetTrainerMSBN_BN,
+                                                    nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN)
 from nnunetv2_csa.training.short_budget import short_budget_variants
 
 BASE_TRAINERS = (nnUNetTrainerCSA, nnUNetTrainerCSA_BN, nnUNetTrainerMSBN, nnUNetTrainerMSBN_BN,
                  nnUNetTrainerAffinity, nnUNetTrainerAffinity_BN, nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN,
+                 nnUNetTrainerCSA_AreaPixels, nnUNetTrainerCSA_AreaFraction, nnUNetTrainerCSA_Literal,
                  nnUNetTrainerJoint, nnUNetTrainerJoint_BN,
                  nnUNetTrainerSingleModality0, nnUNetTrainerSingleModality0_BN,
                  nnUNetTrainerSingleModality1, nnUNetTrainerSingleModality1_BN,
