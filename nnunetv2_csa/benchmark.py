@@ -895,7 +895,8 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
     return report_folder
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script; returns nothing (a console script's return value becomes its exit status)."""
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_csa_benchmark",
         description="Train the paper's rows (Single, Joint, MSBN, Affinity, UMMKD, CSA) with nnUNetv2_train, "
@@ -921,7 +922,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                         help="timed training iterations per trainer (default 10; 0 skips the timing)")
     args = parser.parse_args(argv)
     try:
-        return run_benchmark(args.d, args.c, args.p, args.f, None if args.full_budget else tuple(args.budget),
+        run_benchmark(args.d, args.c, args.p, args.f, None if args.full_budget else tuple(args.budget),
                              args.rows, args.norm, args.device, args.o, args.rerun, args.timing_iterations)
     except BenchmarkError as e:
         raise SystemExit(f"nnUNetv2_csa_benchmark: {e}") from None
