@@ -467,7 +467,8 @@ def _read_dataset_json(path: str) -> dict:
         return json.load(f)
 
 
-def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    """The command line of ``nnUNetv2_csa_evaluate``; returns the per case/class table."""
     from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY,
                                        read_modality_tags)
 
@@ -525,6 +526,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         print(f"empty-mask rows (see module docstring for their values): {flagged}")
     print(f"wrote {os.path.join(output_folder, 'metrics.csv')} and {os.path.join(output_folder, 'summary.json')}")
     return df
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    # a console script's return value becomes its exit status: return nothing on success
+    run_cli(argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from scipy import ndimage, stats
 from scipy.spatial.distance import cdist
 
 from nnunetv2_csa import evaluation
-from nnunetv2_csa.evaluation import (evaluate_case, evaluate_folder, main, summarize,
+from nnunetv2_csa.evaluation import (evaluate_case, evaluate_folder, main, run_cli, summarize,
                                      symmetric_surface_distances, wilcoxon_between_methods)
 
 # spacing in SimpleITK order (x, y, z); arrays below are in numpy order (z, y, x)
@@ -436,16 +436,18 @@ def test_cli_with_dataset_json_tags(tmp_path, capsys):
         "labels": labels, "file_ending": ".nii.gz", "channel_names": {"0": "MRI"}, "numTraining": 5,
         "csa_modalities": ["LGE", "C0"], "csa_case_modality": case_modality, "csa_case_patient": case_patient}))
     out = tmp_path / "out"
-    df = main(["-pred", pred, "-ref", ref, "-djfile", str(dataset_json), "-o", str(out)])
+    df = run_cli(["-pred", pred, "-ref", ref, "-djfile", str(dataset_json), "-o", str(out)])
     printed = capsys.readouterr().out
     assert "LGE" in printed and "C0" in printed and "hd95" in printed and "pred_empty" in printed
     assert set(df["modality"]) == {"LGE", "C0"} and "patient" in df
     assert (out / "metrics.csv").is_file() and (out / "summary.json").is_file()
+    # the console script's entry point returns nothing, so a successful run exits 0
+    assert main(["-pred", pred, "-ref", ref, "-djfile", str(dataset_json), "-o", str(tmp_path / "again")]) is None
 
 
 def test_cli_with_label_list_and_default_output(tmp_path, capsys):
     pred, ref = make_folders(tmp_path, ["c1", "c2"], ["c1", "c2"])
-    df = main(["-pred", pred, "-ref", ref, "-l", "myo=1"])
+    df = run_cli(["-pred", pred, "-ref", ref, "-l", "myo=1"])
     assert df["class_name"].tolist() == ["myo", "myo"] and "modality" not in df
     assert os.path.isfile(os.path.join(pred, "csa_evaluation", "summary.json"))
     assert json.loads(open(os.path.join(pred, "summary.json")).read()) == {}  # nnU-Net's file untouched
@@ -456,7 +458,7 @@ def test_cli_dataset_json_without_tags_evaluates_without_modality(tmp_path, caps
     pred, ref = make_folders(tmp_path, ["c1", "c2"], ["c1", "c2"])
     dataset_json = tmp_path / "dataset.json"
     dataset_json.write_text(json.dumps({"labels": LABELS, "file_ending": ".nii.gz"}))
-    df = main(["-pred", pred, "-ref", ref, "-djfile", str(dataset_json), "-o", str(tmp_path / "o")])
+    df = run_cli(["-pred", pred, "-ref", ref, "-djfile", str(dataset_json), "-o", str(tmp_path / "o")])
     assert "modality" not in df
     assert "no modality tags" in capsys.readouterr().err
 
@@ -464,7 +466,7 @@ def test_cli_dataset_json_without_tags_evaluates_without_modality(tmp_path, caps
 def test_cli_missing_prediction_fails_unless_allowed(tmp_path):
     pred, ref = make_folders(tmp_path, ["c1", "c2"], ["c1"])
     with pytest.raises(FileNotFoundError, match="c2"):
-        main(["-pred", pred, "-ref", ref, "-l", "1", "-o", str(tmp_path / "o")])
+        run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", str(tmp_path / "o")])
     with pytest.warns(UserWarning):
-        df = main(["-pred", pred, "-ref", ref, "-l", "1", "-o", str(tmp_path / "o"), "--allow-missing"])
+        df = run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", str(tmp_path / "o"), "--allow-missing"])
     assert df["case"].tolist() == ["c1"] and df["class_name"].tolist() == ["label_1"]
