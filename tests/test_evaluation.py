@@ -16,7 +16,6 @@ from hypothesis.extra import numpy as hnp
 from scipy import ndimage, stats
 from scipy.spatial.distance import cdist
 
-from nnunetv2_csa import evaluation
 from nnunetv2_csa.evaluation import (evaluate_case, evaluate_folder, main, run_cli, summarize,
                                      symmetric_surface_distances, wilcoxon_between_methods)
 

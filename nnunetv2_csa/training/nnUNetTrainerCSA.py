@@ -44,7 +44,7 @@ from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunetv2_csa.feature_taps import FeatureTap, consecutive_conv_layers, unwrap_network
+from nnunetv2_csa.feature_taps import FeatureTap, consecutive_conv_layers
 from nnunetv2_csa.losses import AffinityLoss, ClassSpecificAffinityLoss, UnpairedKnowledgeDistillationLoss
 from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, ModalityTags, modality_tags_from_dataset_json
 from nnunetv2_csa.modality_norm import convert_to_modality_specific_norms, set_modality
