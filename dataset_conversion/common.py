@@ -39,7 +39,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnunetv2_csa.modality import CASE_PATIENT_KEY, ModalityTags
+from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
+                                   OTHER_MODALITY_LABELS, ModalityTags)
 
 FILE_ENDING = ".nii.gz"
 DEFAULT_SEED = 12345  # the seed nnU-Net uses for its own 5-fold split
@@ -572,8 +573,15 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
                       f"{', '.join(c.image for c in unlabelled)}", ConversionWarning, stacklevel=2)
     if not unlabelled_to_imagesTs:
         unlabelled = []
+    other_modality: list[SourceCase] = []
     if unpaired:
-        labelled = select_unpaired(labelled, list(modalities), seed)
+        selected = select_unpaired(labelled, list(modalities), seed)
+        # The images --unpaired leaves out are still test material: for a patient held out of
+        # training, its other modality is as unseen as the held-out case itself. Kept apart
+        # from imagesTr so that nnU-Net never trains on them.
+        selected_ids = {c.case_id for c in selected}
+        other_modality = sorted((c for c in labelled if c.case_id not in selected_ids), key=lambda c: c.case_id)
+        labelled = selected
     labelled = sorted(labelled, key=lambda c: c.case_id)
     case_patient = {c.case_id: c.patient for c in labelled}
     splits = make_patient_splits(case_patient, split, seed)
@@ -586,12 +594,18 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
     try:
         os.chmod(temp_folder, 0o777 & ~_current_umask())  # mkdtemp makes it private (0700)
         jobs = []
-        for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if unlabelled else ()):
+        for sub in (("imagesTr", "labelsTr") + (("imagesTs",) if unlabelled else ())
+                    + ((OTHER_MODALITY_IMAGES, OTHER_MODALITY_LABELS) if other_modality else ())):
             os.makedirs(os.path.join(temp_folder, sub))
         for c in labelled:
             jobs.append(CaseJob(c.case_id, c.image, c.label,
                                 os.path.join(temp_folder, "imagesTr", f"{c.case_id}_0000{FILE_ENDING}"),
                                 os.path.join(temp_folder, "labelsTr", f"{c.case_id}{FILE_ENDING}"),
+                                scheme, orientation, crop_yx))
+        for c in other_modality:
+            jobs.append(CaseJob(c.case_id, c.image, c.label,
+                                os.path.join(temp_folder, OTHER_MODALITY_IMAGES, f"{c.case_id}_0000{FILE_ENDING}"),
+                                os.path.join(temp_folder, OTHER_MODALITY_LABELS, f"{c.case_id}{FILE_ENDING}"),
                                 scheme, orientation, crop_yx))
         for c in unlabelled:
             jobs.append(CaseJob(c.case_id, c.image, None,
@@ -634,6 +648,9 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
             CASE_PATIENT_KEY: dict(sorted(case_patient.items())),
             CONVERSION_KEY: conversion,
         }
+        if other_modality:
+            dataset_json[OTHER_MODALITY_KEY] = {c.case_id: {"modality": c.modality, "patient": c.patient}
+                                                for c in other_modality}
         _write_json(dataset_json, os.path.join(temp_folder, "dataset.json"))
         _write_json(splits, os.path.join(temp_folder, "splits_final.json"))
 
@@ -679,17 +696,22 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
         _write_json(splits, target)
         splits_written.append(target)
 
-    print_summary(final_folder, labelled, unlabelled, modalities, splits, splits_written)
+    print_summary(final_folder, labelled, unlabelled, modalities, splits, splits_written, other_modality)
     return final_folder
 
 
 def print_summary(folder: str, labelled: Sequence[SourceCase], unlabelled: Sequence[SourceCase],
-                  modalities: Sequence[str], splits: list, splits_written: list[str]) -> None:
+                  modalities: Sequence[str], splits: list, splits_written: list[str],
+                  other_modality: Sequence[SourceCase] = ()) -> None:
     print(f"cases per modality ({len({c.patient for c in labelled})} patients):")
     for modality in modalities:
         n_train = sum(c.modality == modality for c in labelled)
         n_test = sum(c.modality == modality for c in unlabelled)
+        n_other = sum(c.modality == modality for c in other_modality)
         extra = f", {n_test} unlabelled in imagesTs" if n_test else ""
+        if n_other:
+            extra += (f", {n_other} left out by --unpaired in {OTHER_MODALITY_IMAGES} (test cases for the patients "
+                      f"a fold holds out; never train on them)")
         print(f"  {modality}: {n_train} training cases{extra}")
     print(f"splits: {len(splits)} fold(s), grouped by patient, in {' and '.join(splits_written)}")
     print(f"dataset written to {folder}")
@@ -724,7 +746,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, modality_choices: Sequ
                         help=f"seed of the split and of --unpaired (default: {DEFAULT_SEED}, nnU-Net's)")
     parser.add_argument("--unpaired", action="store_true",
                         help="each patient contributes only one modality (patients shuffled with the seed and "
-                             "assigned to the modalities in turn): a truly unpaired set from paired data")
+                             "assigned to the modalities in turn): a truly unpaired set from paired data. The "
+                             f"images left out go to {OTHER_MODALITY_IMAGES}/{OTHER_MODALITY_LABELS}, listed "
+                             f"under '{OTHER_MODALITY_KEY}' in dataset.json: nnUNetv2_csa_benchmark tests on "
+                             "those of the held-out patients")
     parser.add_argument("--unlabelled-to-imagesTs", action="store_true",
                         help="write images without a label to imagesTs (default: report and leave them out)")
     parser.add_argument("--overwrite", action="store_true",

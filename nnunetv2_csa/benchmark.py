@@ -22,9 +22,13 @@ an interrupted training (a checkpoint but no final validation) is continued with
 
 Test cases: the held-out (validation) cases of the chosen fold in ``splits_final.json``;
 each is scored from the row's own final-validation prediction (nnU-Net's sliding-window
-predictor with mirroring), for Single from the model of the case's modality. A row whose
-training fails or whose predictions are missing is reported as FAILED with its error;
-the other rows still run.
+predictor with mirroring), for Single from the model of the case's modality. A dataset
+converted with ``--unpaired`` also holds the modality each patient did not contribute
+(``imagesOtherModality``); those of the fold's held-out patients are test cases too, as
+unseen as the validation cases, and are predicted here with the stock ``nnUNetv2_predict``
+(``nnUNet_csa_modality`` set for the CSA family). This doubles the test patients per
+modality, which the patient-level Wilcoxon test needs. A row whose training fails or whose
+predictions are missing is reported as FAILED with its error; the other rows still run.
 """
 from __future__ import annotations
 
@@ -41,14 +45,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from nnunetv2_csa.evaluation import evaluate_case, wilcoxon_between_methods
-from nnunetv2_csa.modality import CASE_PATIENT_KEY, modality_tags_from_dataset_json
+from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
+                                   OTHER_MODALITY_LABELS, modality_tags_from_dataset_json)
 from nnunetv2_csa.training.short_budget import short_budget_name
 
 ROWS = ("Single", "Joint", "MSBN", "Affinity", "UMMKD", "CSA")
@@ -70,8 +75,11 @@ FAILED = "FAILED"
 NOT_AVAILABLE = "n/a"
 TABLE_METRICS = (("dice", "Dice", True), ("hd", "HD", False))
 SECOND_TABLE_METRICS = (("hd95", "HD95", False), ("assd", "ASSD", False))
-RESULT_COLUMNS = ("row", "trainer", "modality", "patient", "case", "class_name", "label", "dice", "hd", "hd95",
-                  "assd", "n_ref_voxels", "n_pred_voxels", "flag")
+RESULT_COLUMNS = ("row", "trainer", "modality", "patient", "case", "source", "class_name", "label", "dice", "hd",
+                  "hd95", "assd", "n_ref_voxels", "n_pred_voxels", "flag")
+#: ``source`` of a test case: a validation case of the fold, or the other modality of a held-out patient
+VALIDATION_SOURCE = "validation"
+OTHER_MODALITY_SOURCE = "other_modality"
 
 
 class BenchmarkError(RuntimeError):
@@ -110,6 +118,7 @@ class Model:
     modality: str | None  # the only modality it predicts (Single), None: all
     fold_folder: str
     log_file: str
+    other_modality_predictions: str = ""  # where nnUNetv2_predict writes the other-modality test cases
 
     @property
     def checkpoint(self) -> str:
@@ -247,19 +256,111 @@ def train_model(model: Model, dataset_id: str, configuration: str, plans: str, f
 
 # --------------------------------------------------------------------------- evaluation
 
-def prediction_file(row: RowResult, case: str, modality: str, file_ending: str) -> str:
+def model_for(row: RowResult, modality: str) -> Model:
     models = [m for m in row.models if m.modality in (None, modality)]
     if not models:
         raise FileNotFoundError(f"row {row.row} has no model for modality {modality}")
-    return os.path.join(models[0].validation_folder, case + file_ending)
+    return models[0]
 
 
-def evaluate_rows(rows: Sequence[RowResult], test_cases: Sequence[str], case_modality: Mapping[str, str],
-                  case_patient: Mapping[str, str], reference_folder: str, labels: dict,
-                  file_ending: str) -> pd.DataFrame:
+def prediction_file(row: RowResult, case: str, modality: str, file_ending: str,
+                    other_modality_cases: Collection[str] = ()) -> str:
+    model = model_for(row, modality)
+    folder = model.other_modality_predictions if case in other_modality_cases else model.validation_folder
+    return os.path.join(folder, case + file_ending)
+
+
+@dataclass
+class TestSet:
+    """The cases a fold's models are scored on, with their modality, patient and reference."""
+    cases: list[str]
+    case_modality: dict[str, str]
+    case_patient: dict[str, str]
+    references: dict[str, str]  # case -> reference segmentation file
+    other_modality_images: dict[str, str] = field(default_factory=dict)  # case -> image, for nnUNetv2_predict
+
+    def source(self, case: str) -> str:
+        return OTHER_MODALITY_SOURCE if case in self.other_modality_images else VALIDATION_SOURCE
+
+    @property
+    def validation_cases(self) -> list[str]:
+        return [c for c in self.cases if c not in self.other_modality_images]
+
+
+def fold_test_set(validation_cases: Sequence[str], case_modality: Mapping[str, str],
+                  case_patient: Mapping[str, str], gt_folder: str, raw_dataset_folder: str | None,
+                  file_ending: str) -> TestSet:
+    """The fold's validation cases, plus (for an ``--unpaired`` conversion) the other-modality
+    images of the same patients: never trained on, since the whole patient is held out."""
+    validation_cases = sorted(validation_cases)
+    modality = {c: case_modality[c] for c in validation_cases}
+    patient = {c: case_patient.get(c, c) for c in validation_cases}
+    references = {c: os.path.join(gt_folder, c + file_ending) for c in validation_cases}
+    images = {}
+    raw_json = os.path.join(raw_dataset_folder, "dataset.json") if raw_dataset_folder else ""
+    if os.path.isfile(raw_json):
+        with open(raw_json) as f:
+            other = json.load(f).get(OTHER_MODALITY_KEY, {})
+        held_out = set(patient.values())
+        for case, tag in sorted(other.items()):
+            if tag["patient"] not in held_out or case in modality:
+                continue
+            modality[case], patient[case] = tag["modality"], tag["patient"]
+            references[case] = os.path.join(raw_dataset_folder, OTHER_MODALITY_LABELS, case + file_ending)
+            images[case] = os.path.join(raw_dataset_folder, OTHER_MODALITY_IMAGES, f"{case}_0000{file_ending}")
+            for path in (references[case], images[case]):
+                if not os.path.isfile(path):
+                    raise BenchmarkError(f"{path} is listed under '{OTHER_MODALITY_KEY}' in {raw_json} but missing: "
+                                         f"convert the dataset again (with --overwrite)")
+    return TestSet(sorted(modality), modality, patient, references, images)
+
+
+def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str, configuration: str, plans: str,
+                           fold: int, device: str, env: dict, report_folder: str) -> None:
+    """Predict the other-modality test cases with the stock ``nnUNetv2_predict``, one call per
+    model and modality (the CSA family folds that modality's norms in: nnUNet_csa_modality)."""
+    by_modality: dict[str, list[str]] = {}
+    for case in test_set.other_modality_images:
+        by_modality.setdefault(test_set.case_modality[case], []).append(case)
+    for model in result.models:
+        # a stale prediction from an earlier model must never pass for this one's
+        shutil.rmtree(model.other_modality_predictions, ignore_errors=True)
+    for modality, cases in sorted(by_modality.items()):
+        if result.failed:
+            return
+        try:
+            model = model_for(result, modality)
+        except FileNotFoundError as e:
+            result.fail(str(e))
+            return
+        input_folder = os.path.join(report_folder, "other_modality_inputs", modality)
+        os.makedirs(input_folder, exist_ok=True)
+        for case in cases:
+            link = os.path.join(input_folder, os.path.basename(test_set.other_modality_images[case]))
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(test_set.other_modality_images[case]), link)
+        command = [_console_script("nnUNetv2_predict"), "-i", input_folder, "-o", model.other_modality_predictions,
+                   "-d", str(dataset_id), "-c", configuration, "-p", plans, "-tr", model.trainer, "-f", str(fold),
+                   "-device", device, "-npp", "1", "-nps", "1"]
+        call_env = dict(env, nnUNet_csa_modality=modality) if result.row in CSA_FAMILY else env
+        log_file = os.path.join(report_folder, "logs", f"predict_{model.trainer}_{modality}.log")
+        with open(log_file, "w") as log:
+            log.write(" ".join(command) + "\n")
+            log.flush()
+            completed = subprocess.run(command, env=call_env, stdout=log, stderr=subprocess.STDOUT)
+        if completed.returncode != 0:
+            with open(log_file) as log:
+                message = error_from_log(log.read())
+            result.fail(f"nnUNetv2_predict of the {modality} other-modality cases with {model.trainer} exited "
+                        f"{completed.returncode}: {message}")
+            log_stage(f"{result.row}: FAILED ({result.error})")
+
+
+def evaluate_rows(rows: Sequence[RowResult], test_set: TestSet, labels: dict, file_ending: str) -> pd.DataFrame:
     """Per case, class and row: Dice, HD, HD95, ASSD. A row with a missing or unreadable
     prediction fails as a whole (a partial row would bias its means)."""
     records = []
+    test_cases, case_modality = test_set.cases, test_set.case_modality
     for row in rows:
         if row.failed:
             continue
@@ -267,14 +368,13 @@ def evaluate_rows(rows: Sequence[RowResult], test_cases: Sequence[str], case_mod
         try:
             for case in tqdm(test_cases, desc=f"evaluate {row.row}", leave=False, file=sys.stderr):
                 modality = case_modality[case]
-                predicted = prediction_file(row, case, modality, file_ending)
+                predicted = prediction_file(row, case, modality, file_ending, test_set.other_modality_images)
                 if not os.path.isfile(predicted):
                     raise FileNotFoundError(f"prediction {predicted} is missing")
-                reference = os.path.join(reference_folder, case + file_ending)
-                trainer = next(m.trainer for m in row.models if m.modality in (None, modality))
-                for record in evaluate_case(predicted, reference, labels, file_ending):
+                trainer = model_for(row, modality).trainer
+                for record in evaluate_case(predicted, test_set.references[case], labels, file_ending):
                     record.update(row=row.row, trainer=trainer, modality=modality,
-                                  patient=case_patient.get(case, case))
+                                  patient=test_set.case_patient[case], source=test_set.source(case))
                     row_records.append(record)
         except (OSError, ValueError, RuntimeError) as e:
             row.fail(f"evaluation: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
@@ -678,22 +778,30 @@ def _json_safe(value):
 def write_report(report_folder: str, *, dataset_name: str, fold: int, budget, norm: str, seed, plan: dict,
                  machine: dict, rows: Sequence[RowResult], results: pd.DataFrame, wilcoxon: pd.DataFrame,
                  timing: Mapping[str, dict], modalities: Sequence[str], classes: Sequence[str],
-                 test_cases: Sequence[str], case_modality: Mapping[str, str], figures: Mapping[str, str],
-                 overlay_cases: Mapping, timing_iterations: int) -> str:
+                 test_set: TestSet, figures: Mapping[str, str], overlay_cases: Mapping, timing_iterations: int
+                 ) -> str:
     failed = {r.row: r.error for r in rows if r.failed}
     budget_text = (f"{budget[0]} epochs × {budget[1]} training iterations per epoch "
                    f"(validation {max(1, budget[1] // 5)} iterations per epoch; short-budget trainers "
                    f"`_{budget[0]}epochs_{budget[1]}its`)") if budget else \
         f"full: nnU-Net's {FULL_BUDGET[0]} epochs × {FULL_BUDGET[1]} iterations (plain trainer names)"
-    n_per_modality = {m: sum(1 for c in test_cases if case_modality[c] == m) for m in modalities}
+    def count(cases):
+        return ", ".join(f"{sum(test_set.case_modality[c] == m for c in cases)} {m}" for m in modalities)
+
+    n_per_modality = {m: sum(1 for c in test_set.cases if test_set.case_modality[c] == m) for m in modalities}
+    other = list(test_set.other_modality_images)
+    n_patients = len(set(test_set.case_patient.values()))
     out = [f"# CSA benchmark: {dataset_name}, fold {fold}", ""]
-    out += ["**Test cases.** The held-out (validation) cases of fold "
-            f"{fold} in `splits_final.json` ({len(test_cases)} cases: "
-            + ", ".join(f"{n} {m}" for m, n in n_per_modality.items())
-            + "), scored from each row's own final-validation predictions (nnU-Net's predictor: sliding "
-              "window with mirroring; CSA-family rows predict each case with its own modality's norms; "
-              "Single takes modality k's cases from its model trained on modality k). Metrics are 3D per "
-              "volume against `gt_segmentations`; distances in mm (see `nnunetv2_csa.evaluation`). "
+    out += [f"**Test cases.** {len(test_set.cases)} cases ({count(test_set.cases)}) of the {n_patients} patients "
+            f"that fold {fold} of `splits_final.json` holds out: their validation cases "
+            f"({count(test_set.validation_cases)}), scored from each row's own final-validation predictions"
+            + (f", and the other modality of the same patients ({count(other)}; left out of training by the "
+               f"converter's `--unpaired`, kept in `{OTHER_MODALITY_IMAGES}`), predicted by this benchmark with "
+               f"`nnUNetv2_predict`" if other else "")
+            + ". Source per case: `results.csv` column `source`. Both use nnU-Net's predictor (sliding "
+              "window with mirroring); CSA-family rows predict each case with its own modality's norms; "
+              "Single takes modality k's cases from its model trained on modality k. Metrics are 3D per "
+              "volume against the converted labels; distances in mm (see `nnunetv2_csa.evaluation`). "
               "Empty masks get defined values (Dice 0 and the image diagonal, or Dice 1 and 0), counted "
               "in `results.csv` column `flag`. Values: mean ± sample std over the modality's test cases; "
               "best per column in **bold** (max Dice, min distance).", ""]
@@ -794,9 +902,12 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
         splits = json.load(f)
     if not 0 <= fold < len(splits):
         raise BenchmarkError(f"fold {fold} is not in {splits_file} ({len(splits)} folds)")
-    test_cases = sorted(splits[fold]["val"])
-    case_modality = {c: tags.modality_of_case(c) for c in test_cases}
-    case_patient = dataset_json.get(CASE_PATIENT_KEY, {})
+    validation_cases = sorted(splits[fold]["val"])
+    test_set = fold_test_set(validation_cases, {c: tags.modality_of_case(c) for c in validation_cases},
+                             dataset_json.get(CASE_PATIENT_KEY, {}),
+                             os.path.join(preprocessed_folder, "gt_segmentations"),
+                             os.path.join(raw_root, dataset_name) if raw_root else None, file_ending)
+    test_cases, case_modality = test_set.cases, test_set.case_modality
     if budget is not None:
         budget = (int(budget[0]), int(budget[1]))
         trainer_name("Joint", norm, budget)  # validates the budget before anything runs
@@ -805,7 +916,8 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
                                                            fold, budget, norm)
     os.makedirs(os.path.join(report_folder, "logs"), exist_ok=True)
     env = subprocess_environment(device)
-    log_stage(f"{dataset_name}, fold {fold}, {len(test_cases)} test cases, rows {rows}, report {report_folder}")
+    log_stage(f"{dataset_name}, fold {fold}, {len(test_cases)} test cases ({len(test_set.other_modality_images)} of "
+              f"them the other modality of held-out patients), rows {rows}, report {report_folder}")
 
     row_results = []
     for row in rows:
@@ -816,7 +928,8 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
             models.append(Model(row, name, modalities[k] if row == "Single" else None,
                                 os.path.join(results_root, dataset_name, f"{name}__{plans}__{configuration}",
                                              f"fold_{fold}"),
-                                os.path.join(report_folder, "logs", f"train_{name}.log")))
+                                os.path.join(report_folder, "logs", f"train_{name}.log"),
+                                os.path.join(report_folder, "predictions", name)))
         row_results.append(RowResult(row, models))
 
     # 1. training
@@ -828,9 +941,14 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
             train_model(model, str(dataset_id), configuration, plans, fold, device, rerun, env, result)
 
     # 2. evaluation
-    log_stage("stage 2/4: evaluating the final-validation predictions of the test cases")
-    results = evaluate_rows(row_results, test_cases, case_modality, case_patient,
-                            os.path.join(preprocessed_folder, "gt_segmentations"), labels, file_ending)
+    if test_set.other_modality_images:
+        log_stage(f"stage 2/4: predicting the {len(test_set.other_modality_images)} other-modality test cases "
+                  f"with nnUNetv2_predict")
+        for result in tqdm([r for r in row_results if not r.failed], desc="predict", file=sys.stderr):
+            predict_other_modality(result, test_set, str(dataset_id), configuration, plans, fold, device, env,
+                                   report_folder)
+    log_stage("stage 2/4: evaluating the predictions of the test cases")
+    results = evaluate_rows(row_results, test_set, labels, file_ending)
     wilcoxon = wilcoxon_table(results, row_results, modalities)
 
     # 3. timing
@@ -861,7 +979,7 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
         file = f"training_curves_{result.row}.png"
         if plot_training_curves(result, os.path.join(report_folder, file)):
             figures[f"training curves {result.row}"] = file
-    overlay_cases = plot_overlay(row_results, test_cases, case_modality, modalities,
+    overlay_cases = plot_overlay(row_results, test_set.validation_cases, case_modality, modalities,
                                  os.path.join(preprocessed_folder, "gt_segmentations"),
                                  os.path.join(raw_root, dataset_name, "imagesTr"),
                                  [(n, labels[n]) for n in classes], file_ending,
@@ -873,15 +991,18 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
     machine = machine_description(device)
     write_report(report_folder, dataset_name=dataset_name, fold=fold, budget=budget, norm=norm, seed=seed,
                  plan=plan, machine=machine, rows=row_results, results=results, wilcoxon=wilcoxon, timing=timing,
-                 modalities=modalities, classes=classes, test_cases=test_cases, case_modality=case_modality,
-                 figures=figures, overlay_cases=overlay_cases, timing_iterations=timing_iterations)
+                 modalities=modalities, classes=classes, test_set=test_set, figures=figures,
+                 overlay_cases=overlay_cases, timing_iterations=timing_iterations)
     summary = {
         "dataset": dataset_name, "configuration": configuration, "plans": plans, "fold": fold,
         "budget": {"epochs": budget[0], "iterations_per_epoch": budget[1]} if budget else
         {"epochs": FULL_BUDGET[0], "iterations_per_epoch": FULL_BUDGET[1], "full": True},
         "norm": norm, "device": device, "seed": seed, "plan": plan, "machine": machine,
-        "test_cases": {"source": "final-validation predictions of the fold's held-out cases",
-                       "cases": test_cases, "case_modality": case_modality},
+        "test_cases": {"cases": test_cases, "case_modality": case_modality, "case_patient": test_set.case_patient,
+                       "case_source": {c: test_set.source(c) for c in test_cases},
+                       "sources": {VALIDATION_SOURCE: "final-validation predictions of the fold's held-out cases",
+                                   OTHER_MODALITY_SOURCE: "nnUNetv2_predict on the other modality of the held-out "
+                                                          "patients (left out of training by --unpaired)"}},
         "rows": [{"row": r.row, "status": r.status, "error": r.error, "trainers": [m.trainer for m in r.models],
                   "trained": r.trained, "reused": r.reused, "training_seconds": r.training_seconds}
                  for r in row_results],

@@ -24,6 +24,11 @@ from typing import Mapping
 MODALITIES_KEY = "csa_modalities"
 CASE_MODALITY_KEY = "csa_case_modality"
 CASE_PATIENT_KEY = "csa_case_patient"
+#: --unpaired conversions: the modality each patient did not contribute, kept for testing only
+#: (case -> {"modality": name, "patient": id}); images in OTHER_MODALITY_IMAGES, labels in OTHER_MODALITY_LABELS
+OTHER_MODALITY_KEY = "csa_other_modality_cases"
+OTHER_MODALITY_IMAGES = "imagesOtherModality"
+OTHER_MODALITY_LABELS = "labelsOtherModality"
 
 
 class ModalityTagError(ValueError):

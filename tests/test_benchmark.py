@@ -1,5 +1,5 @@
-"""nnUNetv2_csa_benchmark end to end on the tiny phantom (1 epoch x 5 iterations), plus unit
-tests of the table formatting and the row -> trainer naming."""
+"""nnUNetv2_csa_benchmark end to end on a tiny unpaired phantom (1 epoch x 5 iterations), plus
+unit tests of the table formatting and the row -> trainer naming."""
 import json
 import math
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATASET_ID, run_command
+from conftest import TINY_DATASET_ID, nnunet_environment, run_command
 from nnunetv2_csa import benchmark
 from nnunetv2_csa.benchmark import (BenchmarkError, RESULT_COLUMNS, best_marks, error_from_log, format_table,
                                     trainer_name)
@@ -20,6 +20,7 @@ RUN_ROWS = ["Single", "Joint", "CSA"]
 BUDGET = ("1", "5")
 CLASSES = ["myocardium", "left_ventricle", "right_ventricle"]
 MODALITIES = ["LGE", "C0"]
+UNPAIRED_DATASET_ID = 993
 
 
 # --------------------------------------------------------------------------- unit tests
@@ -67,6 +68,40 @@ def test_error_from_log_takes_the_last_exception_line():
     assert error_from_log("") == "no output"
 
 
+def test_test_set_adds_the_other_modality_of_held_out_patients_only(tmp_path):
+    raw = tmp_path / "Dataset993_X"
+    (raw / "imagesOtherModality").mkdir(parents=True)
+    (raw / "labelsOtherModality").mkdir()
+    other = {"p1_C0": {"modality": "C0", "patient": "p1"}, "p2_LGE": {"modality": "LGE", "patient": "p2"},
+             "p3_LGE": {"modality": "LGE", "patient": "p3"}}
+    (raw / "dataset.json").write_text(json.dumps({"csa_other_modality_cases": other}))
+    for case in other:
+        (raw / "imagesOtherModality" / f"{case}_0000.nii.gz").write_bytes(b"")
+        (raw / "labelsOtherModality" / f"{case}.nii.gz").write_bytes(b"")
+    validation = ["p2_C0", "p1_LGE"]  # p3 trained: its other modality is no test case
+
+    test_set = benchmark.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {"p1_LGE": "p1", "p2_C0": "p2"},
+                                       "/gt", str(raw), ".nii.gz")
+
+    assert test_set.cases == ["p1_C0", "p1_LGE", "p2_C0", "p2_LGE"]
+    assert test_set.validation_cases == ["p1_LGE", "p2_C0"]
+    assert test_set.case_modality == {"p1_C0": "C0", "p1_LGE": "LGE", "p2_C0": "C0", "p2_LGE": "LGE"}
+    assert test_set.case_patient == {"p1_C0": "p1", "p1_LGE": "p1", "p2_C0": "p2", "p2_LGE": "p2"}
+    assert [test_set.source(c) for c in test_set.cases] == ["other_modality", "validation", "validation",
+                                                            "other_modality"]
+    assert test_set.references["p1_LGE"] == "/gt/p1_LGE.nii.gz"
+    assert test_set.references["p1_C0"] == str(raw / "labelsOtherModality" / "p1_C0.nii.gz")
+    assert test_set.other_modality_images["p2_LGE"] == str(raw / "imagesOtherModality" / "p2_LGE_0000.nii.gz")
+
+    # a paired dataset (no key) or no raw folder: the validation cases alone
+    assert benchmark.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {}, "/gt", None,
+                                   ".nii.gz").cases == ["p1_LGE", "p2_C0"]
+    (raw / "labelsOtherModality" / "p2_LGE.nii.gz").unlink()
+    with pytest.raises(BenchmarkError, match=r"p2_LGE.nii.gz is listed under 'csa_other_modality_cases'.*--overwrite"):
+        benchmark.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {"p1_LGE": "p1", "p2_C0": "p2"}, "/gt",
+                                str(raw), ".nii.gz")
+
+
 # --------------------------------------------------------------------------- end to end
 
 def _markdown_tables(section: str) -> list[list[list[str]]]:
@@ -88,10 +123,39 @@ def _section(text: str, heading: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def benchmark_run(tiny_preprocessed_dataset, tmp_path_factory):
-    env, dataset_name = tiny_preprocessed_dataset
+def unpaired_dataset(tmp_path_factory):
+    """8 phantom patients, each contributing one modality (--unpaired), 80/20 split: 2 held-out
+    patients, whose other modality the benchmark must predict and score too."""
+    from nnunetv2_csa.phantom import write_mscmrseg_phantom
+
+    root = tmp_path_factory.mktemp("nnunet_unpaired")
+    env = nnunet_environment(root)
+    source = root / "phantom"
+    write_mscmrseg_phantom(str(source), n_patients=8, modalities=("LGE", "C0"), seed=5, in_plane_size=48)
+    run_command(["nnUNetv2_csa_convert_mscmrseg", "-i", str(source), "-d", str(UNPAIRED_DATASET_ID),
+                 "--modalities", "LGE", "C0", "--unpaired", "--split", "80-20"], env)
+    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(UNPAIRED_DATASET_ID), "-c", "2d", "-np", "2"], env)
+    name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{UNPAIRED_DATASET_ID}_"))
+    return env, name
+
+
+def expected_test_cases(env, dataset_name) -> dict:
+    """case -> source: the fold's validation cases and the other modality of their patients."""
+    with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "splits_final.json")) as f:
+        validation = json.load(f)[0]["val"]
+    with open(os.path.join(env["nnUNet_raw"], dataset_name, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    held_out = {dataset_json["csa_case_patient"][c] for c in validation}
+    other = [c for c, tag in dataset_json["csa_other_modality_cases"].items() if tag["patient"] in held_out]
+    assert len(held_out) == 2 and len(other) == 2
+    return {**{c: "validation" for c in validation}, **{c: "other_modality" for c in other}}
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(unpaired_dataset, tmp_path_factory):
+    env, dataset_name = unpaired_dataset
     report = tmp_path_factory.mktemp("benchmark") / "report"
-    result = run_command(["nnUNetv2_csa_benchmark", "-d", str(TINY_DATASET_ID), "--budget", *BUDGET,
+    result = run_command(["nnUNetv2_csa_benchmark", "-d", str(UNPAIRED_DATASET_ID), "--budget", *BUDGET,
                           "--rows", *RUN_ROWS, "-device", "cpu", "--timing-iterations", "2", "-o", str(report)],
                          env, timeout=1800)
     return env, dataset_name, report, result.stdout
@@ -105,6 +169,8 @@ def test_report_has_every_row_bold_best_wilcoxon_and_timing(benchmark_run):
     assert re.search(r"\bnan\b|\binf\b", text, re.I) is None
     assert "1 epochs × 5 training iterations" in text and "seed (dataset.json `csa_conversion`): 12345" in text
     assert "final-validation predictions" in text and "patch [48, 48]" in text
+    assert "4 cases (2 LGE, 2 C0) of the 2 patients that fold 0" in text
+    assert "the other modality of the same patients" in text and "`nnUNetv2_predict`" in text
 
     for modality in MODALITIES:
         tables = _markdown_tables(_section(text, f"### {modality} "))
@@ -148,12 +214,22 @@ def test_results_csv_and_json_are_complete_and_finite(benchmark_run):
     env, dataset_name, report, _ = benchmark_run
     df = pd.read_csv(report / "results.csv")
     assert list(df.columns) == list(RESULT_COLUMNS)
-    with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "splits_final.json")) as f:
-        test_cases = sorted(json.load(f)[0]["val"])
+    case_source = expected_test_cases(env, dataset_name)
+    test_cases = sorted(case_source)
     assert sorted(df["row"].unique()) == sorted(RUN_ROWS)
     assert len(df) == len(RUN_ROWS) * len(test_cases) * len(CLASSES)
     for row in RUN_ROWS:
         assert sorted(df.loc[df["row"] == row, "case"].unique()) == test_cases
+    assert dict(zip(df["case"], df["source"])) == case_source
+    # each held-out patient is scored in both modalities, so the Wilcoxon test pairs 2 patients per modality
+    assert (df.groupby("modality")["patient"].nunique() == 2).all()
+    for row in RUN_ROWS:
+        for case, source in case_source.items():
+            if source == "other_modality":
+                modality = case.rsplit("_", 1)[1]
+                trainer = df.loc[(df["row"] == row) & (df["case"] == case), "trainer"].iloc[0]
+                assert (report / "predictions" / trainer / f"{case}.nii.gz").is_file()
+                assert (report / "logs" / f"predict_{trainer}_{modality}.log").is_file()
     assert np.isfinite(df[["dice", "hd", "hd95", "assd"]].to_numpy()).all()
     assert df["dice"].between(0, 1).all() and (df["hd"] >= df["hd95"] - 1e-9).all()
     # Single scores each modality with the model trained on it
@@ -168,6 +244,7 @@ def test_results_csv_and_json_are_complete_and_finite(benchmark_run):
         summary = json.load(f, parse_constant=no_nan)
     assert [r["status"] for r in summary["rows"]] == ["ok"] * len(RUN_ROWS)
     assert len(summary["cases"]) == len(df) and summary["budget"] == {"epochs": 1, "iterations_per_epoch": 5}
+    assert summary["test_cases"]["case_source"] == case_source
 
 
 @pytest.mark.integration
@@ -193,7 +270,7 @@ def test_rerun_skips_finished_rows_and_a_failing_row_is_reported(benchmark_run, 
                    for name in ("nnUNetTrainerJoint_1epochs_5its", "nnUNetTrainerCSA_1epochs_5its")}
     second = tmp_path / "second"
 
-    benchmark.run_benchmark(TINY_DATASET_ID, budget=(1, 5), rows=["Joint", "MSBN", "CSA"], device="cpu",
+    benchmark.run_benchmark(UNPAIRED_DATASET_ID, budget=(1, 5), rows=["Joint", "MSBN", "CSA"], device="cpu",
                             report_folder=str(second), timing_iterations=0)
 
     stdout = capsys.readouterr().out

@@ -422,6 +422,20 @@ def test_unpaired_keeps_one_modality_per_patient(mmwhs_source, myops_source, tmp
     assert dataset_json["numTraining"] == 5 and len(os.listdir(os.path.join(folder, "imagesTr"))) == 5
     assert dataset_json["csa_conversion"]["unpaired"] is True
     check_integrity(folder)
+    # the image each patient did not contribute is kept apart, as test material, with its label
+    other = dataset_json["csa_other_modality_cases"]
+    trained = dataset_json["csa_case_modality"]
+    assert len(other) == 5 and not set(other) & set(trained)
+    for case, tag in other.items():
+        assert case == f"{tag['patient']}_{tag['modality']}"
+        assert trained[f"{tag['patient']}_{'LGE' if tag['modality'] == 'C0' else 'C0'}"] != tag["modality"]
+        image = sitk.ReadImage(os.path.join(folder, "imagesOtherModality", f"{case}_0000.nii.gz"))
+        label = sitk.ReadImage(os.path.join(folder, "labelsOtherModality", f"{case}.nii.gz"))
+        assert image.GetSize() == label.GetSize()
+        assert set(np.unique(sitk.GetArrayFromImage(label))) <= {0, 1, 2, 3}
+    paired = _convert_isolated(convert_myops, myops_source, 17, str(tmp_path), split="80-20")
+    assert "csa_other_modality_cases" not in load_json(os.path.join(paired, "dataset.json"))
+    assert not os.path.exists(os.path.join(paired, "imagesOtherModality"))
     with pytest.raises(ConversionError, match="at least two modalities"):
         _convert_isolated(convert_myops, myops_source, 16, str(tmp_path), unpaired=True, modalities=["C0"])
 
