@@ -785,6 +785,7 @@ def write_report(report_folder: str, *, dataset_name: str, fold: int, budget, no
                    f"(validation {max(1, budget[1] // 5)} iterations per epoch; short-budget trainers "
                    f"`_{budget[0]}epochs_{budget[1]}its`)") if budget else \
         f"full: nnU-Net's {FULL_BUDGET[0]} epochs × {FULL_BUDGET[1]} iterations (plain trainer names)"
+
     def count(cases):
         return ", ".join(f"{sum(test_set.case_modality[c] == m for c in cases)} {m}" for m in modalities)
 
