@@ -682,7 +682,7 @@ def plot_overlay(rows: Sequence[RowResult], test_cases: Sequence[str], case_moda
     plt = _pyplot()
     colours = plt.get_cmap("tab10")
     columns = ["ground truth", *[r.row for r in rows]]
-    fig, axes = plt.subplots(len(modalities), len(columns), figsize=(2.6 * len(columns), 2.8 * len(modalities)),
+    fig, axes = plt.subplots(len(modalities), len(columns), figsize=(2.6 * len(columns), 3.2 * len(modalities)),
                              squeeze=False)
     chosen = {}
     for i, modality in enumerate(modalities):
