@@ -597,16 +597,13 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
         for sub in (("imagesTr", "labelsTr") + (("imagesTs",) if unlabelled else ())
                     + ((OTHER_MODALITY_IMAGES, OTHER_MODALITY_LABELS) if other_modality else ())):
             os.makedirs(os.path.join(temp_folder, sub))
-        for c in labelled:
-            jobs.append(CaseJob(c.case_id, c.image, c.label,
-                                os.path.join(temp_folder, "imagesTr", f"{c.case_id}_0000{FILE_ENDING}"),
-                                os.path.join(temp_folder, "labelsTr", f"{c.case_id}{FILE_ENDING}"),
-                                scheme, orientation, crop_yx))
-        for c in other_modality:
-            jobs.append(CaseJob(c.case_id, c.image, c.label,
-                                os.path.join(temp_folder, OTHER_MODALITY_IMAGES, f"{c.case_id}_0000{FILE_ENDING}"),
-                                os.path.join(temp_folder, OTHER_MODALITY_LABELS, f"{c.case_id}{FILE_ENDING}"),
-                                scheme, orientation, crop_yx))
+        for group, images, labels in ((labelled, "imagesTr", "labelsTr"),
+                                      (other_modality, OTHER_MODALITY_IMAGES, OTHER_MODALITY_LABELS)):
+            for c in group:
+                jobs.append(CaseJob(c.case_id, c.image, c.label,
+                                    os.path.join(temp_folder, images, f"{c.case_id}_0000{FILE_ENDING}"),
+                                    os.path.join(temp_folder, labels, f"{c.case_id}{FILE_ENDING}"),
+                                    scheme, orientation, crop_yx))
         for c in unlabelled:
             jobs.append(CaseJob(c.case_id, c.image, None,
                                 os.path.join(temp_folder, "imagesTs", f"{c.case_id}_0000{FILE_ENDING}"),

@@ -273,11 +273,14 @@ def prediction_file(row: RowResult, case: str, modality: str, file_ending: str,
 @dataclass
 class TestSet:
     """The cases a fold's models are scored on, with their modality, patient and reference."""
-    cases: list[str]
     case_modality: dict[str, str]
     case_patient: dict[str, str]
     references: dict[str, str]  # case -> reference segmentation file
     other_modality_images: dict[str, str] = field(default_factory=dict)  # case -> image, for nnUNetv2_predict
+
+    @property
+    def cases(self) -> list[str]:
+        return sorted(self.case_modality)
 
     def source(self, case: str) -> str:
         return OTHER_MODALITY_SOURCE if case in self.other_modality_images else VALIDATION_SOURCE
@@ -312,7 +315,7 @@ def fold_test_set(validation_cases: Sequence[str], case_modality: Mapping[str, s
                 if not os.path.isfile(path):
                     raise BenchmarkError(f"{path} is listed under '{OTHER_MODALITY_KEY}' in {raw_json} but missing: "
                                          f"convert the dataset again (with --overwrite)")
-    return TestSet(sorted(modality), modality, patient, references, images)
+    return TestSet(modality, patient, references, images)
 
 
 def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str, configuration: str, plans: str,
@@ -786,10 +789,13 @@ def write_report(report_folder: str, *, dataset_name: str, fold: int, budget, no
                    f"`_{budget[0]}epochs_{budget[1]}its`)") if budget else \
         f"full: nnU-Net's {FULL_BUDGET[0]} epochs × {FULL_BUDGET[1]} iterations (plain trainer names)"
 
-    def count(cases):
-        return ", ".join(f"{sum(test_set.case_modality[c] == m for c in cases)} {m}" for m in modalities)
+    def per_modality(cases) -> dict[str, int]:
+        return {m: sum(test_set.case_modality[c] == m for c in cases) for m in modalities}
 
-    n_per_modality = {m: sum(1 for c in test_set.cases if test_set.case_modality[c] == m) for m in modalities}
+    def count(cases) -> str:
+        return ", ".join(f"{n} {m}" for m, n in per_modality(cases).items())
+
+    n_per_modality = per_modality(test_set.cases)
     other = list(test_set.other_modality_images)
     n_patients = len(set(test_set.case_patient.values()))
     out = [f"# CSA benchmark: {dataset_name}, fold {fold}", ""]
