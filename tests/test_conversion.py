@@ -476,6 +476,45 @@ def test_splits_never_split_a_patient(patients, split, seed):
 
 
 @settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.integers(0, 40), st.sets(st.sampled_from(["A", "B", "C"]), min_size=1),
+                       min_size=5, max_size=25), st.integers(0, 2 ** 31 - 1))
+def test_five_fold_splits_spread_each_modality_stratum_evenly(patients, seed):
+    case_patient = {f"p{p}_{m}": f"p{p}" for p, mods in patients.items() for m in mods}
+    case_modality = {f"p{p}_{m}": m for p, mods in patients.items() for m in mods}
+    splits = make_patient_splits(case_patient, "5-fold", seed, case_modality)
+    assert_splits_grouped(splits, case_patient, 5)
+    strata = {f"p{p}": tuple(sorted(mods)) for p, mods in patients.items()}
+    for stratum in set(strata.values()):
+        per_fold = [len({case_patient[c] for c in fold["val"] if strata[case_patient[c]] == stratum})
+                    for fold in splits]
+        assert max(per_fold) - min(per_fold) <= 1, (stratum, per_fold)
+
+
+def test_unpaired_five_patients_five_folds_is_refused_naming_the_folds(myops_source, tmp_path):
+    # 5 patients, one modality each: every fold validates one patient, so one modality is
+    # missing from every fold's validation part; the trainer would refuse each fold
+    _expect_failure(convert_myops, myops_source, str(tmp_path / "raw"),
+                    r"fold 0 validation has no (C0|LGE).*fold 4 validation has no (C0|LGE).*--split 80-20",
+                    unpaired=True, modalities=("C0", "LGE"))
+
+
+def test_partial_labels_five_folds_refused_and_80_20_keeps_every_modality_in_both_parts(tmp_path):
+    # MS-CMRSeg layout: LGE labelled for 3 of 10 patients
+    source = str(tmp_path / "src")
+    write_mscmrseg_phantom(source, n_patients=10, modalities=("LGE", "C0"), unlabelled={"LGE": list(range(4, 11))},
+                           in_plane_size=48)
+    _expect_failure(convert_mscmrseg, source, str(tmp_path / "raw"),
+                    r"5-fold split cannot give every fold all modalities: fold \d validation has no LGE",
+                    modalities=("LGE", "C0"))
+    folder = _convert_isolated(convert_mscmrseg, source, 34, str(tmp_path / "raw2"), modalities=("LGE", "C0"),
+                               split="80-20")
+    dataset_json = load_json(os.path.join(folder, "dataset.json"))
+    fold = load_json(os.path.join(folder, "splits_final.json"))[0]
+    for part in ("train", "val"):
+        assert {dataset_json["csa_case_modality"][c] for c in fold[part]} == {"LGE", "C0"}, part
+
+
+@settings(max_examples=60, deadline=None)
 @given(st.dictionaries(st.integers(0, 40), st.sets(st.sampled_from(["A", "B"]), min_size=1), min_size=1),
        st.integers(0, 2 ** 31 - 1))
 def test_unpaired_selection_is_one_case_per_patient_and_balanced(patients, seed):
@@ -682,7 +721,8 @@ def test_output_root_created_only_on_success(myops_copy, tmp_path):
     _rewrite(os.path.join(myops_copy, "train", "Case3003", "Case3003_gd.nii.gz"),
              lambda im: sitk.ChangeLabel(im, {600: 601}))
     with pytest.raises(ConversionError, match="601"):
-        convert_myops(myops_copy, 30, str(tmp_path / "new" / "raw"))
+        # 80-20: with one C0 image gone, 5 folds could not all validate C0 (refused before reading)
+        convert_myops(myops_copy, 30, str(tmp_path / "new" / "raw"), split="80-20")
     assert not (tmp_path / "new").exists()
 
 
