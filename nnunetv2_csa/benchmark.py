@@ -56,7 +56,11 @@ from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHE
                                    OTHER_MODALITY_LABELS, modality_tags_from_dataset_json)
 from nnunetv2_csa.training.short_budget import short_budget_name
 
+#: the paper's rows (the default)
 ROWS = ("Single", "Joint", "MSBN", "Affinity", "UMMKD", "CSA")
+#: ablations of the consistency weight, in the paper's units (λ = 0.5 is CSA itself); InstanceNorm only
+LAMBDA_ROWS = ("CSA_Lambda0p25", "CSA_Lambda1", "UMMKD_Lambda1")
+ALL_ROWS = ROWS + LAMBDA_ROWS
 #: trainer class of each row (Single: ``{index}`` is the modality index); the ``_BN`` twin adds "_BN"
 ROW_TRAINERS = {
     "Single": "nnUNetTrainerSingleModality{index}",
@@ -65,9 +69,10 @@ ROW_TRAINERS = {
     "Affinity": "nnUNetTrainerAffinity",
     "UMMKD": "nnUNetTrainerUMMKD",
     "CSA": "nnUNetTrainerCSA",
+    **{row: f"nnUNetTrainer{row}" for row in LAMBDA_ROWS},
 }
 #: rows whose models have modality-specific norms (nnUNetv2_predict needs nnUNet_csa_modality)
-CSA_FAMILY = ("MSBN", "Affinity", "UMMKD", "CSA")
+CSA_FAMILY = ("MSBN", "Affinity", "UMMKD", "CSA") + LAMBDA_ROWS
 REFERENCE_ROW = "Joint"
 PROPOSED_ROW = "CSA"
 FULL_BUDGET = (1000, 250)
@@ -98,9 +103,11 @@ def trainer_name(row: str, norm: str = "instance", budget: tuple[int, int] | Non
                  modality_index: int = 0) -> str:
     """The trainer class name of ``row`` (``budget`` None: the full budget, the plain name)."""
     if row not in ROW_TRAINERS:
-        raise BenchmarkError(f"unknown row {row!r}; choose from {list(ROWS)}")
+        raise BenchmarkError(f"unknown row {row!r}; choose from {list(ALL_ROWS)}")
     if norm not in ("instance", "bn"):
         raise BenchmarkError(f"norm must be 'instance' or 'bn', not {norm!r}")
+    if norm == "bn" and row in LAMBDA_ROWS:
+        raise BenchmarkError(f"row {row} has no BatchNorm twin; run it with --norm instance")
     name = ROW_TRAINERS[row].format(index=modality_index) + ("_BN" if norm == "bn" else "")
     if budget is not None:
         try:
@@ -550,8 +557,8 @@ def _ratio(value, reference) -> str:
 def timing_markdown(timing: Mapping[str, dict], rows: Sequence[RowResult]) -> str:
     reference = timing.get(REFERENCE_ROW, {})
     lines = ["| Method | trainer timed | s/iteration (median) | s/iteration (mean) | time ratio to Joint "
-             "(median) | peak memory (MiB) | memory ratio to Joint |",
-             "|---|---|:---:|:---:|:---:|:---:|:---:|"]
+             "(median) | peak memory (MiB) | memory ratio to Joint | epoch-end overhead (s) |",
+             "|---|---|:---:|:---:|:---:|:---:|:---:|:---:|"]
     names = [r.row for r in rows] + ([REFERENCE_ROW] if REFERENCE_ROW not in [r.row for r in rows]
                                      and REFERENCE_ROW in timing else [])
     for name in names:
@@ -559,17 +566,19 @@ def timing_markdown(timing: Mapping[str, dict], rows: Sequence[RowResult]) -> st
         label = name if name in [r.row for r in rows] else f"{name} (reference only)"
         if entry is None:
             lines.append(f"| {label} | {NOT_AVAILABLE} | " + " | ".join(
-                [f"{NOT_AVAILABLE} (not measured)"] + [NOT_AVAILABLE] * 4) + " |")
+                [f"{NOT_AVAILABLE} (not measured)"] + [NOT_AVAILABLE] * 5) + " |")
             continue
         if "error" in entry:
             lines.append(f"| {label} | {entry['trainer']} | {FAILED}: {_escape(entry['error'])} | "
-                         + " | ".join([FAILED] * 4) + " |")
+                         + " | ".join([FAILED] * 5) + " |")
             continue
+        epoch_end = entry.get("epoch_end_seconds_median")
         median, mean = entry["seconds_per_iteration_median"], entry["seconds_per_iteration_mean"]
         memory = entry["peak_memory_bytes"]
         lines.append(f"| {label} | {entry['trainer']} | {median:.3f} | {mean:.3f} | "
                      f"{_ratio(median, reference.get('seconds_per_iteration_median'))} | {_mib(memory)} | "
-                     f"{_ratio(memory, reference.get('peak_memory_bytes'))} |")
+                     f"{_ratio(memory, reference.get('peak_memory_bytes'))} | "
+                     f"{f'{epoch_end:.2f}' if _finite(epoch_end) else NOT_AVAILABLE} |")
     return "\n".join(lines)
 
 
@@ -635,8 +644,9 @@ def plot_training_curves(row: RowResult, path: str) -> bool:
     if not logs:
         return False
     plt = _pyplot()
-    has_consistency = any(np.isfinite(np.asarray(log.get("train_consistency_losses", []), dtype=float)).any()
-                          for log in logs.values())
+    from nnunetv2_csa.training.progress import CONSISTENCY_SERIES
+    has_consistency = any(np.isfinite(np.asarray(log.get(series, []), dtype=float)).any()
+                          for log in logs.values() for series in CONSISTENCY_SERIES)
     n_panels = 3 if has_consistency else 2
     fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 3.6))
     for label, log in logs.items():
@@ -656,13 +666,16 @@ def plot_training_curves(row: RowResult, path: str) -> bool:
                 axes[1].plot(np.arange(len(per_modality)), per_modality[:, m], ls=":", marker="^",
                              label=f"{prefix}pseudo Dice {names[m]}")
         if has_consistency:
-            values = np.asarray(log.get("train_consistency_losses", []), dtype=float)
-            axes[2].plot(np.arange(len(values)), values, marker="o", color="m", label=f"{prefix}consistency")
+            for series, style, what in zip(CONSISTENCY_SERIES, ("-", ":"), ("training steps", "validation batches")):
+                values = np.asarray(log.get(series, []), dtype=float)
+                if np.isfinite(values).any():
+                    axes[2].plot(np.arange(len(values)), values, marker="o", ls=style, color="m",
+                                 label=f"{prefix}{what}")
     axes[0].set_title(f"{row.row}: loss (Dice + CE)")
     axes[1].set_title(f"{row.row}: pseudo Dice (validation patches)")
     axes[1].set_ylim(-0.02, 1.02)
     if has_consistency:
-        axes[2].set_title(f"{row.row}: consistency term (train)")
+        axes[2].set_title(f"{row.row}: consistency term (unweighted)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
@@ -845,6 +858,10 @@ def write_report(report_folder: str, *, dataset_name: str, fold: int, budget, no
     out += ["## Training cost (measured in this run)", "",
             f"Seconds per training iteration including data loading, {timing_iterations} timed iterations after "
             "2 warm-up iterations, each trainer in a fresh process; Single is timed with its modality-0 model. "
+            "A timed iteration is nnU-Net's `train_step` (forward, loss, backward, optimizer step) plus the "
+            "loading of its batch; the consistency term is in it only for rows that train with it (λ > 0): MSBN "
+            "logs its CSA term on the validation batches, outside the timed step. Epoch-end overhead: the median "
+            "wall time of `on_epoch_end` (checkpoint, progress plots, log) over 3 epochs' bookkeeping. "
             + ("Peak memory: `torch.cuda.max_memory_allocated`." if machine["device"] == "cuda" else
                "Peak memory on CPU: increase of the process' peak RSS over its value before `on_train_start` "
                "(augmentation workers not counted)."), ""]
@@ -884,9 +901,9 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     rows = list(dict.fromkeys(rows))
-    unknown = [r for r in rows if r not in ROWS]
+    unknown = [r for r in rows if r not in ALL_ROWS]
     if not rows or unknown:
-        raise BenchmarkError(f"unknown rows {unknown}; choose from {list(ROWS)}" if unknown else "no rows chosen")
+        raise BenchmarkError(f"unknown rows {unknown}; choose from {list(ALL_ROWS)}" if unknown else "no rows chosen")
     if device not in ("cpu", "cuda"):
         raise BenchmarkError(f"device must be 'cpu' or 'cuda', not {device!r}")
     preprocessed_root = _required_folder("nnUNet_preprocessed")
@@ -1039,7 +1056,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     budget.add_argument("--budget", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
                         help="short budget: the trainers' _<EPOCHS>epochs_<ITERATIONS>its variants")
     budget.add_argument("--full-budget", action="store_true", help="nnU-Net's 1000 epochs x 250 iterations")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="rows (default all six)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ALL_ROWS,
+                        help="rows (default the paper's six); the λ ablations (paper units: 0.25, 1; CSA is 0.5) "
+                             f"are {', '.join(LAMBDA_ROWS)}")
     parser.add_argument("--norm", default="instance", choices=("instance", "bn"),
                         help="instance: the plan's InstanceNorm; bn: the _BN trainers (default instance)")
     parser.add_argument("-device", default="cuda", choices=("cpu", "cuda"), help="default cuda, as nnUNetv2_train")

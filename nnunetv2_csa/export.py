@@ -25,6 +25,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError
 from nnunetv2_csa.modality_norm import fold_modality
+from nnunetv2_csa.modality_order import without_modality_order
 
 
 class ExportError(RuntimeError):
@@ -81,7 +82,7 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
             network.load_state_dict(checkpoint["network_weights"])
             plain = fold_modality(network, modalities.index(modality))
             stock_checkpoint = {
-                "network_weights": plain.state_dict(),
+                "network_weights": without_modality_order(plain.state_dict()),
                 "optimizer_state": None,
                 "grad_scaler_state": None,
                 "logging": checkpoint.get("logging"),

@@ -39,6 +39,7 @@ import time
 from typing import Sequence
 
 WARMUP_ITERATIONS = 2
+EPOCH_END_REPEATS = 3
 
 
 @contextlib.contextmanager
@@ -75,6 +76,27 @@ def _shut_down_augmenters(trainer) -> None:
     trainer.dataloader_train = trainer.dataloader_val = None
 
 
+def _epoch_end_seconds(trainer, epochs: int = EPOCH_END_REPEATS) -> list[float]:
+    """Wall time of ``on_epoch_end`` (checkpoint, progress plots, log lines) after the
+    bookkeeping of a short epoch (two training steps, one validation step), ``epochs`` times:
+    the per-epoch overhead a row adds besides its steps."""
+    import torch
+
+    durations = []
+    for _ in range(epochs):
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(2)]
+        trainer.on_train_epoch_end(outputs)
+        with torch.no_grad():
+            trainer.on_validation_epoch_start()
+            trainer.on_validation_epoch_end([trainer.validation_step(next(trainer.dataloader_val))])
+        start = time.perf_counter()
+        trainer.on_epoch_end()
+        durations.append(time.perf_counter() - start)
+    return durations
+
+
 def measure_step_time(dataset_id, configuration: str = "2d", plans: str = "nnUNetPlans",
                       trainer_name: str = "nnUNetTrainer", device: str = "cpu", iterations: int = 10,
                       fold: int = 0, warmup: int = WARMUP_ITERATIONS) -> dict:
@@ -82,7 +104,8 @@ def measure_step_time(dataset_id, configuration: str = "2d", plans: str = "nnUNe
 
     Returns a dict: trainer, device, iterations, warmup, batch_size, patch_size,
     seconds_per_iteration_median, seconds_per_iteration_mean, seconds_per_iteration (the list),
-    peak_memory_bytes, peak_memory_kind ("cuda_max_memory_allocated" or "cpu_peak_rss_increase").
+    peak_memory_bytes, peak_memory_kind ("cuda_max_memory_allocated" or "cpu_peak_rss_increase"),
+    epoch_end_seconds_median and epoch_end_seconds (see :func:`_epoch_end_seconds`).
     Needs nnUNet_preprocessed (and nnUNet_extTrainer for this package's trainers) in the environment.
     """
     import torch
@@ -120,6 +143,7 @@ def measure_step_time(dataset_id, configuration: str = "2d", plans: str = "nnUNe
                 if device == "cuda":
                     torch.cuda.synchronize()
                 durations.append(time.perf_counter() - start)
+            epoch_end = _epoch_end_seconds(trainer)
             if device == "cuda":
                 peak, kind = int(torch.cuda.max_memory_allocated()), "cuda_max_memory_allocated"
             else:
@@ -132,6 +156,8 @@ def measure_step_time(dataset_id, configuration: str = "2d", plans: str = "nnUNe
                 "seconds_per_iteration_mean": float(statistics.fmean(durations)),
                 "seconds_per_iteration": [float(d) for d in durations],
                 "peak_memory_bytes": peak, "peak_memory_kind": kind,
+                "epoch_end_seconds_median": float(statistics.median(epoch_end)),
+                "epoch_end_seconds": [float(t) for t in epoch_end],
             }
         finally:
             _shut_down_augmenters(trainer)

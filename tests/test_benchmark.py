@@ -207,6 +207,8 @@ def test_report_has_every_row_bold_best_wilcoxon_and_timing(benchmark_run):
     for cells in timing:
         assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[4]) > 0
         assert float(cells[5]) >= 0
+        assert float(cells[7]) > 0  # epoch-end overhead (s)
+    assert "MSBN logs its CSA term on the validation batches, outside the timed step" in text
 
 
 @pytest.mark.integration
@@ -313,4 +315,5 @@ def test_timing_cli_prints_json_and_leaves_no_model_folder(tiny_preprocessed_dat
     assert timing["trainer"] == trainer and timing["iterations"] == 2 and len(timing["seconds_per_iteration"]) == 2
     assert 0 < timing["seconds_per_iteration_median"] < 60 and timing["batch_size"] >= 2
     assert timing["peak_memory_kind"] == "cpu_peak_rss_increase" and timing["peak_memory_bytes"] >= 0
+    assert len(timing["epoch_end_seconds"]) == 3 and all(t > 0 for t in timing["epoch_end_seconds"])
     assert not os.path.exists(os.path.join(env["nnUNet_results"], dataset_name, f"{trainer}__nnUNetPlans__2d"))

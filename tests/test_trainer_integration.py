@@ -164,3 +164,88 @@ def test_predict_without_or_with_unknown_modality_names_the_choices(trained_csa_
     unknown = _predict(env, TRAINER, inputs["LGE"], str(tmp_path / "o2"), "T2", check=False)
     assert unknown.returncode != 0
     assert "'T2'" in unknown.stderr and "['LGE', 'C0']" in unknown.stderr
+
+
+def test_final_validation_equals_nnunet_predict_with_each_cases_modality(trained_csa_model, tmp_path):
+    # the final validation must predict every case with its own modality's norms: its
+    # segmentations equal nnUNetv2_predict (same checkpoint, same TTA) told the modality
+    env, dataset_name, model_folder = trained_csa_model
+    inputs = _inputs_by_modality(env, dataset_name, str(tmp_path))
+    validation = _read_labels(os.path.join(model_folder, "fold_0", "validation"))
+    compared = 0
+    for modality, folder in inputs.items():
+        out = str(tmp_path / f"tta_{modality}")
+        env_m = dict(env, nnUNet_csa_modality=modality)
+        run_command(["nnUNetv2_predict", "-i", folder, "-o", out, "-d", str(TINY_DATASET_ID), "-c", "2d", "-f", "0",
+                     "-tr", TRAINER, "-device", "cpu", "-chk", "checkpoint_final.pth", "-npp", "1", "-nps", "1"],
+                    env_m)
+        for name, seg in _read_labels(out).items():
+            np.testing.assert_array_equal(validation[name], seg, err_msg=f"{name} ({modality})")
+            compared += 1
+    assert compared == len(validation) and compared >= 2
+
+
+def _model_copy_with_plans_modalities(model_folder, destination, modalities):
+    shutil.copytree(model_folder, destination)
+    plans_file = os.path.join(destination, "plans.json")
+    with open(plans_file) as f:
+        plans = json.load(f)
+    plans["csa_modalities"] = modalities
+    with open(plans_file, "w") as f:
+        json.dump(plans, f)
+    return destination
+
+
+def test_predict_and_export_refuse_a_model_folder_whose_plans_swap_the_modalities(trained_csa_model, tmp_path):
+    env, dataset_name, model_folder = trained_csa_model
+    swapped = _model_copy_with_plans_modalities(model_folder, str(tmp_path / "swapped"), ["C0", "LGE"])
+    inputs = _inputs_by_modality(env, dataset_name, str(tmp_path))
+    result = run_command(["nnUNetv2_predict_from_modelfolder", "-i", inputs["LGE"], "-o", str(tmp_path / "out"),
+                          "-m", swapped, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+                         dict(env, nnUNet_csa_modality="LGE"), check=False)
+    assert result.returncode != 0
+    assert "['LGE', 'C0']" in result.stderr and "['C0', 'LGE']" in result.stderr
+    assert "--modalities LGE C0" in result.stderr
+    assert not os.path.exists(tmp_path / "out") or not _read_labels(str(tmp_path / "out"))
+    export = run_command(["nnUNetv2_csa_export_modality", "-m", swapped, "--modality", "LGE", "-o",
+                          str(tmp_path / "exported")], env, check=False)
+    assert export.returncode != 0 and "modality order mismatch" in export.stderr
+    assert not os.path.exists(tmp_path / "exported")
+
+
+def test_resume_refuses_a_dataset_reconverted_with_another_modality_order(trained_csa_model, tmp_path):
+    env, dataset_name, model_folder = trained_csa_model
+    # a copy of the preprocessed dataset whose dataset.json lists the modalities the other way round
+    preprocessed = tmp_path / "nnUNet_preprocessed"
+    shutil.copytree(os.path.join(env["nnUNet_preprocessed"], dataset_name), preprocessed / dataset_name)
+    dataset_json_file = preprocessed / dataset_name / "dataset.json"
+    dataset_json = json.loads(dataset_json_file.read_text())
+    dataset_json["csa_modalities"] = ["C0", "LGE"]
+    dataset_json_file.write_text(json.dumps(dataset_json))
+    results = tmp_path / "nnUNet_results"
+    shutil.copytree(model_folder, results / dataset_name / os.path.basename(model_folder))
+    fold = results / dataset_name / os.path.basename(model_folder) / "fold_0"
+    shutil.copy(fold / "checkpoint_final.pth", fold / "checkpoint_latest.pth")
+    os.remove(fold / "checkpoint_final.pth")
+    resumed = run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu",
+                           "--c"], dict(env, nnUNet_preprocessed=str(preprocessed), nnUNet_results=str(results),
+                                        nnUNet_n_proc_DA="0"), check=False)
+    assert resumed.returncode != 0
+    assert "modality order mismatch" in resumed.stderr and "['LGE', 'C0']" in resumed.stderr
+    assert not (fold / "checkpoint_final.pth").exists()
+
+
+def test_batch_smaller_than_the_number_of_modalities_is_refused_before_training(tiny_preprocessed_dataset):
+    env, dataset_name = tiny_preprocessed_dataset
+    preprocessed = os.path.join(env["nnUNet_preprocessed"], dataset_name)
+    with open(os.path.join(preprocessed, "nnUNetPlans.json")) as f:
+        plans = json.load(f)
+    plans["plans_name"] = "nnUNetPlansBatch1"
+    plans["configurations"]["2d"]["batch_size"] = 1
+    with open(os.path.join(preprocessed, "nnUNetPlansBatch1.json"), "w") as f:
+        json.dump(plans, f)
+    result = run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-p",
+                          "nnUNetPlansBatch1", "-device", "cpu"], dict(env, nnUNet_n_proc_DA="1"), check=False)
+    assert result.returncode != 0
+    assert "batch size 1 is smaller than the number of modalities (2" in result.stderr
+    assert "background workers" not in result.stderr

@@ -7,10 +7,11 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_csa.feature_taps import FeatureTap, consecutive_conv_layers, unwrap_network
-from nnunetv2_csa.modality import ModalityTagError
+from nnunetv2_csa.modality import ModalityTagError, ModalityTags
+from nnunetv2_csa.modality_order import (ModalityOrderError, recorded_modality_order, without_modality_order)
 from nnunetv2_csa.modality_norm import ModalitySpecificNorm
 from nnunetv2_csa.training.nnUNetTrainerCSA import (INFERENCE_MODALITY_ENV, ConsistencyRegularizedLoss,
-                                                    nnUNetTrainerCSA, nnUNetTrainerCSA_BN)
+                                                    nnUNetTrainerCSA, nnUNetTrainerCSA_BN, weight_on_nnunet_loss)
 from nnunetv2_csa.training.short_budget import short_budget_name
 
 
@@ -93,26 +94,96 @@ def test_consistency_is_added_with_its_weight_only_when_active():
     output = torch.ones(3, requires_grad=True)
     segmentation = lambda o, t: o.sum()  # noqa: E731
     term = _ConstantTerm(2.0)
-    loss = ConsistencyRegularizedLoss(segmentation, term, weight=0.5, monitor=True)
+    loss = ConsistencyRegularizedLoss(segmentation, term, weight=0.5)
     assert float(loss(output, None).detach()) == 3.0 and term.calls == 0  # inactive: validation
     loss.active = True
     assert float(loss(output, None).detach()) == 3.0 + 0.5 * 2.0
     assert loss.last_consistency == 2.0
 
 
-def test_weight_zero_monitors_without_changing_the_loss_or_gradient():
+def test_weight_zero_never_computes_the_term_in_a_training_step():
+    # MSBN (λ = 0) must not pay for a term it does not minimise: its timed step is Joint's plus routing
     output = torch.ones(3, requires_grad=True)
     term = _ConstantTerm(7.0)
-    loss = ConsistencyRegularizedLoss(lambda o, t: o.sum(), term, weight=0.0, monitor=True)
+    loss = ConsistencyRegularizedLoss(lambda o, t: o.sum(), term, weight=0.0)
     loss.active = True
     value = loss(output, None)
-    assert float(value) == 3.0 and loss.last_consistency == 7.0
+    assert float(value.detach()) == 3.0 and term.calls == 0 and math.isnan(loss.last_consistency)
     value.backward()
     assert torch.equal(output.grad, torch.ones(3))
-    unmonitored = ConsistencyRegularizedLoss(lambda o, t: o.sum(), _ConstantTerm(7.0), weight=0.0, monitor=False)
-    unmonitored.active = True
-    unmonitored(output, None)
-    assert math.isnan(unmonitored.last_consistency)
+
+
+def test_default_weights_are_the_papers_lambda_on_the_mean_loss():
+    # the paper sums the two modalities' Dice + CE, nnU-Net averages them: λ_paper = 0.5 -> 0.25
+    import nnunetv2_csa.training.trainers as trainers
+    assert weight_on_nnunet_loss(0.5) == 0.25
+    weight = nnUNetTrainerCSA.consistency_weight.fget
+    expected = {"nnUNetTrainerCSA": 0.25, "nnUNetTrainerCSA_BN": 0.25, "nnUNetTrainerUMMKD": 0.25,
+                "nnUNetTrainerAffinity": 0.25, "nnUNetTrainerMSBN": 0.0, "nnUNetTrainerCSA_Lambda1": 0.5,
+                "nnUNetTrainerCSA_Lambda0p25": 0.125, "nnUNetTrainerUMMKD_Lambda1": 0.5,
+                "nnUNetTrainerCSA_10epochs_20its": 0.25}
+    for name, value in expected.items():
+        assert weight(getattr(trainers, name)) == value, name
+
+
+def test_one_default_area_normalization_for_the_loss_and_the_trainer():
+    from nnunetv2_csa.losses import DEFAULT_AREA_NORMALIZATION, AffinityLoss, ClassSpecificAffinityLoss
+    assert DEFAULT_AREA_NORMALIZATION == "none"  # measured best on MyoPS (README)
+    assert ClassSpecificAffinityLoss(3).area_normalization == DEFAULT_AREA_NORMALIZATION
+    assert AffinityLoss().area_normalization == DEFAULT_AREA_NORMALIZATION
+    assert nnUNetTrainerCSA.area_normalization == DEFAULT_AREA_NORMALIZATION
+
+
+def test_weights_refuse_a_network_built_for_another_modality_order():
+    configuration = _plans().get_configuration("2d")
+    trained = nnUNetTrainerCSA.build_network_architecture(_plans(("LGE", "C0")), configuration, 1, 4, True)
+    state = trained.state_dict()
+    assert recorded_modality_order(trained) == ["LGE", "C0"]
+    same = nnUNetTrainerCSA.build_network_architecture(_plans(("LGE", "C0")), configuration, 1, 4, True)
+    same.load_state_dict(state)
+    for other in (("C0", "LGE"), ("LGE", "T2")):
+        swapped = nnUNetTrainerCSA.build_network_architecture(_plans(other), configuration, 1, 4, True)
+        with pytest.raises(ModalityOrderError, match=r"order \['LGE', 'C0'\].*built for \['%s', '%s'\].*"
+                                                     r"--modalities LGE C0" % other):
+            swapped.load_state_dict(state)
+
+
+def test_weights_without_a_recorded_order_load_with_a_warning():
+    configuration = _plans().get_configuration("2d")
+    network = nnUNetTrainerCSA.build_network_architecture(_plans(), configuration, 1, 4, True)
+    old_release = without_modality_order(network.state_dict())
+    with pytest.warns(UserWarning, match="do not record their modality order"):
+        network.load_state_dict(old_release)
+
+
+class _RecordingValidation:
+    """Stands in for nnU-Net's perform_actual_validation: records what it would predict."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, trainer, save_probabilities=False):
+        _, val_keys = trainer.do_split()
+        norms = [m for m in trainer.network.modules() if isinstance(m, ModalitySpecificNorm)]
+        self.calls.append((list(val_keys), {n.modality for n in norms}))
+
+
+def test_final_validation_predicts_each_modality_in_its_own_pass_with_its_norms(monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    cases = {"p1_LGE": "LGE", "p2_C0": "C0", "p3_LGE": "LGE", "p4_C0": "C0"}
+    trainer = nnUNetTrainerCSA.__new__(nnUNetTrainerCSA)
+    trainer.modality_tags = ModalityTags(("LGE", "C0"), cases)
+    trainer.network = nnUNetTrainerCSA.build_network_architecture(_plans(), _plans().get_configuration("2d"),
+                                                                  1, 4, True)
+    trainer.local_rank = 1  # no summary to write
+    trainer.print_to_log_file = lambda *args, **kwargs: None
+    recorder = _RecordingValidation()
+    monkeypatch.setattr(nnUNetTrainer, "do_split", lambda self: (["p9_LGE", "p8_C0"], sorted(cases)))
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation",
+                        lambda self, save_probabilities=False: recorder(self, save_probabilities))
+    trainer.perform_actual_validation()
+    assert recorder.calls == [(["p1_LGE", "p3_LGE"], {0}), (["p2_C0", "p4_C0"], {1})]
+    assert trainer.do_split()[1] == sorted(cases)  # the filter ends with the validation
 
 
 def test_inference_network_needs_a_known_modality(monkeypatch):
@@ -153,3 +224,28 @@ def test_short_budget_names():
     import nnunetv2_csa.training.trainers as trainers
     variant = trainers.nnUNetTrainerUMMKD_BN_10epochs_20its
     assert issubclass(variant, trainers.nnUNetTrainerUMMKD_BN)
+
+
+def test_progress_panel_is_drawn_from_the_log_without_reading_nnunets_png(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from nnunetv2.training.logging.nnunet_logger import LocalLogger
+    from nnunetv2_csa.training.progress import PROGRESS_FILE, ModalityAwareLocalLogger
+
+    logger = ModalityAwareLocalLogger(("LGE", "C0"), LocalLogger())
+    for epoch in range(3):
+        for key in ("mean_fg_dice", "ema_fg_dice", "train_losses", "val_losses", "lrs", "train_consistency_losses",
+                    "val_consistency_losses"):
+            logger.log(key, 0.1 * epoch, epoch)
+        logger.log("dice_per_class_or_region", [0.5, 0.5], epoch)
+        logger.log("mean_fg_dice_per_modality", [0.4, 0.6], epoch)
+        logger.log("epoch_start_timestamps", float(epoch), epoch)
+        logger.log("epoch_end_timestamps", epoch + 0.5, epoch)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("progress.png was read back")
+
+    monkeypatch.setattr(plt, "imread", no_reading)
+    logger.plot_progress_png(str(tmp_path))
+    from PIL import Image
+    assert Image.open(tmp_path / "progress.png").size == (3000, 5400)  # nnU-Net's own figure, unchanged
+    assert Image.open(tmp_path / PROGRESS_FILE).size == (800, 320)

@@ -5,12 +5,14 @@
 * :class:`UnpairedKnowledgeDistillationLoss` / :func:`ummkd_loss`: Dou et al., TMI 2020
   (the "UMMKD" row).
 """
-from nnunetv2_csa.losses.affinity import (AREA_NORMALIZATIONS, READINGS, WHOLE_MAP, AffinityLoss,
+from nnunetv2_csa.losses.affinity import (AREA_NORMALIZATIONS, DEFAULT_AREA_NORMALIZATION, READINGS, WHOLE_MAP,
+                                          AffinityLoss,
                                           ClassSpecificAffinityLoss)
 from nnunetv2_csa.losses.ummkd import UnpairedKnowledgeDistillationLoss, ummkd_loss
 
 __all__ = [
     "AREA_NORMALIZATIONS",
+    "DEFAULT_AREA_NORMALIZATION",
     "READINGS",
     "WHOLE_MAP",
     "AffinityLoss",

@@ -7,11 +7,16 @@ The trainers only wire pieces together; each piece lives in its own module:
 - features of two layers by forward hooks: ``nnunetv2_csa.feature_taps``
 - the consistency losses (CSA, Affinity, UMMKD): ``nnunetv2_csa.losses``
 
-Loss, per training step (paper Eq. 5):
-``L = [nnU-Net's deep-supervised Dice + CE over the whole unpaired batch] + λ · L_consistency``.
-nnU-Net's Dice+CE over a batch made of B/2 samples of each modality is the paper's
-``α(Dice¹ + Dice²) + β(CE¹ + CE²)`` with α = β = 1 up to a constant factor of one half
-(CE is a mean over all pixels of both halves; nnU-Net's batch Dice pools both halves).
+Loss, per training step (paper Eq. 5, α = β = 1):
+``L_paper = (Dice¹ + CE¹) + (Dice² + CE²) + λ · L_consistency``, with the paper's λ = 0.5.
+nnU-Net's deep-supervised Dice + CE over a batch of B/2 samples of each modality is the
+*mean* of the two modalities' losses, not their sum (CE is a mean over the pixels of both
+halves; the batch Dice pools both halves), so ``L_paper = 2 · [nnU-Net's loss + (λ/2) ·
+L_consistency]``: the term is added with the weight ``λ/2`` (0.25 for the paper's 0.5) on
+top of nnU-Net's loss, which gives the paper's balance between the segmentation loss and
+the consistency term. ``paper_lambda`` is the row's λ in the paper's units;
+``consistency_weight`` is the weight actually applied. The ``_Lambda1`` variants keep the
+weighting of releases before 0.2 (0.5 on nnU-Net's loss, λ = 1 in the paper's units).
 The consistency term is added once per step and only in training mode, so nnU-Net's
 validation loss stays comparable between all rows.
 
@@ -45,9 +50,11 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_csa.feature_taps import FeatureTap, consecutive_conv_layers
-from nnunetv2_csa.losses import AffinityLoss, ClassSpecificAffinityLoss, UnpairedKnowledgeDistillationLoss
+from nnunetv2_csa.losses import (DEFAULT_AREA_NORMALIZATION, AffinityLoss, ClassSpecificAffinityLoss,
+                                 UnpairedKnowledgeDistillationLoss)
 from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, ModalityTags, modality_tags_from_dataset_json
 from nnunetv2_csa.modality_norm import convert_to_modality_specific_norms, set_modality
+from nnunetv2_csa.modality_order import record_modality_order
 from nnunetv2_csa.sampler import UnpairedModalityDataLoader
 from nnunetv2_csa.training.progress import ModalityAwareLocalLogger
 
@@ -70,6 +77,12 @@ def inference_modality_index(plans_manager: PlansManager) -> int:
     return modalities.index(name)
 
 
+def weight_on_nnunet_loss(paper_lambda: float) -> float:
+    """The weight on top of nnU-Net's Dice + CE that gives the paper's λ (see the module
+    docstring): nnU-Net's loss is the mean of the two modalities' losses, the paper's their sum."""
+    return paper_lambda / 2
+
+
 def plans_modalities(plans_manager: PlansManager) -> list[str]:
     if MODALITIES_KEY not in plans_manager.plans:
         raise ModalityTagError(
@@ -82,33 +95,36 @@ class ConsistencyRegularizedLoss(nn.Module):
     """nnU-Net's segmentation loss plus ``weight`` times a consistency term.
 
     ``consistency(output, target)`` returns the term; it is evaluated only in training
-    mode (``self.training``, which follows the trainer's network mode via
-    ``active``) and its last value is kept for logging.
+    mode (``active``, which follows the trainer's epoch phase) and only when ``weight`` is
+    not 0, so a row that does not minimise the term (MSBN) pays nothing for it in its
+    training step. Its last value is kept for logging.
     """
 
-    def __init__(self, segmentation_loss: nn.Module, consistency: Callable, weight: float, monitor: bool):
+    def __init__(self, segmentation_loss: nn.Module, consistency: Callable, weight: float):
         super().__init__()
         self.segmentation_loss = segmentation_loss
         self.consistency = consistency
         self.weight = float(weight)
-        # with weight 0 (the MSBN row) the term is still computed, without gradient, so
-        # that its curve can be compared with the rows that minimise it
-        self.monitor = monitor
         self.active = False
         self.last_consistency = math.nan
 
     def forward(self, output, target):
         loss = self.segmentation_loss(output, target)
-        if not self.active:
+        if not self.active or self.weight == 0:
             return loss
-        if self.weight != 0:
-            term = self.consistency(output, target)
-            self.last_consistency = float(term.detach())
-            return loss + self.weight * term
-        if self.monitor:
-            with torch.no_grad():
-                self.last_consistency = float(self.consistency(output, target))
-        return loss
+        term = self.consistency(output, target)
+        self.last_consistency = float(term.detach())
+        return loss + self.weight * term
+
+
+def _gathered_nanmean(trainer: nnUNetTrainer, values) -> float:
+    """The mean of the finite values of all ranks (NaN if there is none)."""
+    values = np.asarray(values, dtype=np.float64)
+    if trainer.is_ddp:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, values)
+        values = np.concatenate(gathered)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
 
 
 class nnUNetTrainerCSA(nnUNetTrainer):
@@ -120,12 +136,13 @@ class nnUNetTrainerCSA(nnUNetTrainer):
 
     #: "csa", "affinity", "ummkd" or "none"
     consistency_kind = "csa"
-    #: λ of Eq. 5
-    consistency_weight = 0.5
-    #: compute the consistency term for the log even when its weight is 0
+    #: λ of Eq. 5 in the paper's units (its loss sums the modalities' Dice + CE)
+    paper_lambda = 0.5
+    #: log the affinity term of every validation batch (also for λ = 0, the MSBN row, so that
+    #: its curve can be compared with the rows that minimise it; outside the training step)
     monitor_consistency = True
     #: S_c of Eq. 3: "none", "pixels" or "fraction" (see ClassSpecificAffinityLoss)
-    area_normalization = "none"
+    area_normalization = DEFAULT_AREA_NORMALIZATION
     #: "mean_squared" (the text's reading of Eq. 4) or "literal" (the printed formula)
     affinity_reading = "mean_squared"
     #: where the two consecutive layers are: ("encoder" | "decoder", stage index or None for the middle)
@@ -145,7 +162,13 @@ class nnUNetTrainerCSA(nnUNetTrainer):
         self.logger.local_logger = ModalityAwareLocalLogger(self.modality_tags.modalities,
                                                             self.logger.local_logger)
         self.feature_tap: FeatureTap | None = None
+        self.consistency_term: nn.Module | None = None
         self._batch_modality: torch.Tensor | None = None
+
+    @property
+    def consistency_weight(self) -> float:
+        """The weight of the consistency term on top of nnU-Net's loss."""
+        return weight_on_nnunet_loss(self.paper_lambda)
 
     # ---------------------------------------------------------------- network
     @classmethod
@@ -161,7 +184,10 @@ class nnUNetTrainerCSA(nnUNetTrainer):
                                    enable_deep_supervision: bool = True) -> nn.Module:
         network = cls.build_plain_network(plans_manager, configuration_manager, num_input_channels,
                                           num_output_channels, enable_deep_supervision)
-        convert_to_modality_specific_norms(network, len(plans_modalities(plans_manager)))
+        modalities = plans_modalities(plans_manager)
+        convert_to_modality_specific_norms(network, len(modalities))
+        # the weights carry the order; loading them into a network built for another stops
+        record_modality_order(network, modalities)
         if not enable_deep_supervision:
             # nnU-Net builds the inference network without deep supervision; the
             # trainer itself always trains with it and routes every batch explicitly
@@ -170,12 +196,22 @@ class nnUNetTrainerCSA(nnUNetTrainer):
 
     def initialize(self):
         super().initialize()
+        n_modalities = len(self.modality_tags.modalities)
+        if self.batch_size < n_modalities:
+            # refused here, not in an augmentation worker, where nnU-Net would only report
+            # that its background workers died
+            raise ModalityTagError(
+                f"batch size {self.batch_size}{' per GPU' if self.is_ddp else ''} is smaller than the number of "
+                f"modalities ({n_modalities}: {list(self.modality_tags.modalities)}): an unpaired batch needs at "
+                f"least one sample of each modality. Plan with a larger batch size (nnUNetv2_plan_experiment "
+                f"-gpu_memory_target ...){' or train on fewer GPUs' if self.is_ddp else ''}")
         if self.consistency_kind in ("csa", "affinity"):
             part, stage = self.affinity_layers
             layers = consecutive_conv_layers(self.network, part, stage)
             self.feature_tap = FeatureTap(self.network, layers)
             self.print_to_log_file(f"{self.consistency_kind} consistency between layers {layers}, "
-                                   f"weight {self.consistency_weight}")
+                                   f"λ = {self.paper_lambda} in the paper's units, weight {self.consistency_weight} "
+                                   f"on nnU-Net's loss")
 
     # ---------------------------------------------------------------- loss
     def _build_loss(self):
@@ -193,11 +229,11 @@ class nnUNetTrainerCSA(nnUNetTrainer):
             term = UnpairedKnowledgeDistillationLoss(num_classes, temperature=self.distillation_temperature)
             consistency = partial(self._distillation_consistency, term)
         elif self.consistency_kind == "none":
-            return ConsistencyRegularizedLoss(segmentation_loss, lambda o, t: None, 0.0, monitor=False)
+            return ConsistencyRegularizedLoss(segmentation_loss, lambda o, t: None, 0.0)
         else:
             raise ValueError(f"unknown consistency_kind {self.consistency_kind!r}")
-        return ConsistencyRegularizedLoss(segmentation_loss, consistency, self.consistency_weight,
-                                          monitor=self.monitor_consistency)
+        self.consistency_term = term
+        return ConsistencyRegularizedLoss(segmentation_loss, consistency, self.consistency_weight)
 
     @staticmethod
     def _full_resolution(output, target):
@@ -250,44 +286,47 @@ class nnUNetTrainerCSA(nnUNetTrainer):
         self._batch_modality = batch["modality"].to(self.device, non_blocking=True)
         self.loss.last_consistency = math.nan
         result = super().train_step(batch)
+        if self.feature_tap is not None:
+            self.feature_tap.clear()  # a row with λ = 0 never reads them: free the activations
         result["consistency_loss"] = np.float64(self.loss.last_consistency)
         return result
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
-        values = np.array([o["consistency_loss"] for o in train_outputs], dtype=np.float64)
-        if self.is_ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, values)
-            values = np.concatenate(gathered)
-        mean = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
-        self.logger.log("train_consistency_losses", mean, self.current_epoch)
+        self.logger.log("train_consistency_losses", _gathered_nanmean(self, [o["consistency_loss"] for o in train_outputs]),
+                        self.current_epoch)
 
     # ---------------------------------------------------------------- validation
     def on_validation_epoch_start(self):
         super().on_validation_epoch_start()
         self.loss.active = False
 
+    def _monitors_affinity(self) -> bool:
+        return self.monitor_consistency and self.feature_tap is not None
+
     def validation_step(self, batch: dict) -> dict:
         """nnU-Net's validation step on each modality's sub-batch, so that the pseudo Dice
-        can be reported per modality; the totals equal one pass over the whole batch."""
+        can be reported per modality; the totals equal one pass over the whole batch. The
+        affinity term of the batch is computed from the same forward passes (no extra pass)."""
         modality = batch["modality"]
         n_modalities = len(self.modality_tags.modalities)
-        per_modality = []
+        per_modality, tapped = [], []
         for m in range(n_modalities):
             selected = torch.nonzero(modality == m).flatten()
             if len(selected) == 0:
                 continue
-            sub_batch = {
-                "data": batch["data"][selected],
-                "target": [t[selected] for t in batch["target"]] if isinstance(batch["target"], list)
-                else batch["target"][selected],
-            }
+            target = [t[selected] for t in batch["target"]] if isinstance(batch["target"], list) \
+                else batch["target"][selected]
             self._route(m)
-            per_modality.append((m, len(selected), super().validation_step(sub_batch)))
+            per_modality.append((m, len(selected), super().validation_step({"data": batch["data"][selected],
+                                                                            "target": target})))
+            if self._monitors_affinity():
+                tapped.append((m, *self.feature_tap.features(), target[0] if isinstance(target, list) else target))
+                self.feature_tap.clear()
         n_total = sum(n for _, n, _ in per_modality)
         shape = per_modality[0][2]["tp_hard"].shape
-        result = {"loss": np.float64(sum(n * out["loss"] for _, n, out in per_modality) / n_total)}
+        result = {"loss": np.float64(sum(n * out["loss"] for _, n, out in per_modality) / n_total),
+                  "consistency_loss": np.float64(self._affinity_of_sub_batches(tapped))}
         for key in ("tp_hard", "fp_hard", "fn_hard"):
             result[key] = sum(out[key] for _, _, out in per_modality)
             per_mod = np.zeros((n_modalities, *shape))
@@ -295,6 +334,17 @@ class nnUNetTrainerCSA(nnUNetTrainer):
                 per_mod[m] = out[key]
             result[f"{key}_per_modality"] = per_mod
         return result
+
+    def _affinity_of_sub_batches(self, tapped) -> float:
+        """The consistency term of the modalities' sub-batches taken together (NaN when not monitored)."""
+        if len(tapped) < 2:
+            return math.nan
+        features_l = torch.cat([t[1] for t in tapped])
+        features_k = torch.cat([t[2] for t in tapped])
+        target = torch.cat([t[3].to(self.device, non_blocking=True) for t in tapped])
+        modality = torch.cat([torch.full((len(t[1]),), t[0], dtype=torch.long) for t in tapped]).to(self.device)
+        with torch.no_grad():
+            return float(self.consistency_term(features_l, features_k, target, modality))
 
     def on_validation_epoch_end(self, val_outputs: List[dict]):
         super().on_validation_epoch_end(val_outputs)
@@ -310,39 +360,47 @@ class nnUNetTrainerCSA(nnUNetTrainer):
             dice = 2 * tp / (2 * tp + fp + fn)
         mean_per_modality = [float(np.nanmean(d)) if np.isfinite(d).any() else math.nan for d in dice]
         self.logger.log("mean_fg_dice_per_modality", mean_per_modality, self.current_epoch)
+        self.logger.log("val_consistency_losses", _gathered_nanmean(self, [o["consistency_loss"] for o in val_outputs]),
+                        self.current_epoch)
 
     def on_epoch_end(self):
         names = self.modality_tags.modalities
         dice = self.logger.get_value("mean_fg_dice_per_modality", step=-1)
         self.print_to_log_file("Pseudo dice per modality", {n: round(d, 4) for n, d in zip(names, dice)})
-        self.print_to_log_file("consistency_loss", np.round(self.logger.get_value("train_consistency_losses",
-                                                                                  step=-1), decimals=6))
+        for phase in ("train", "val"):
+            value = self.logger.get_value(f"{phase}_consistency_losses", step=-1)
+            if np.isfinite(value):
+                self.print_to_log_file(f"{phase}_consistency_loss", np.round(value, decimals=6))
         super().on_epoch_end()
 
     # ---------------------------------------------------------------- final validation
-    @contextmanager
-    def _modality_follows_loaded_case(self):
-        # nnU-Net's perform_actual_validation loads each validation case with
-        # self.dataset_class(...).load_case(k) right before predicting it; routing the
-        # network there predicts every case with its own modality's norms
-        original = self.dataset_class
-        trainer = self
+    #: the modality index whose cases nnU-Net's final validation predicts now (None: all cases)
+    _validation_modality: int | None = None
 
-        def load_case(dataset, identifier):
-            trainer._route(trainer.modality_tags.index_of_case(identifier))
-            return original.load_case(dataset, identifier)
-
-        self.dataset_class = type(f"{original.__name__}RoutedByModality", (original,), {"load_case": load_case})
-        try:
-            yield
-        finally:
-            self.dataset_class = original
+    def do_split(self):
+        tr_keys, val_keys = super().do_split()
+        if self._validation_modality is not None:
+            val_keys = [k for k in val_keys if self.modality_tags.index_of_case(k) == self._validation_modality]
+        return tr_keys, val_keys
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        if self.dataset_class is None:
-            self.dataset_class = nnunet_trainer_module.infer_dataset_class(self.preprocessed_dataset_folder)
-        with self._modality_follows_loaded_case():
-            super().perform_actual_validation(save_probabilities)
+        """nnU-Net's final validation once per modality: the split is filtered to that
+        modality's cases (``do_split``) and the network is routed to its norms before nnU-Net
+        predicts any of them, so no case can meet another modality's norms, whatever order
+        nnU-Net loads cases in. nnU-Net scores the whole validation folder after each pass,
+        so the summary.json of the last pass covers every case."""
+        _, val_keys = super().do_split()
+        try:
+            for m, name in enumerate(self.modality_tags.modalities):
+                n_cases = sum(self.modality_tags.index_of_case(k) == m for k in val_keys)
+                if n_cases == 0:
+                    continue
+                self.print_to_log_file(f"final validation of modality {name}: {n_cases} case(s)")
+                self._validation_modality = m
+                self._route(m)
+                super().perform_actual_validation(save_probabilities)
+        finally:
+            self._validation_modality = None
         if self.local_rank == 0:
             self._write_validation_summary_per_modality()
 
@@ -380,11 +438,11 @@ class nnUNetTrainerCSA_BN(nnUNetTrainerCSA):
 
 class nnUNetTrainerMSBN(nnUNetTrainerCSA):
     """Modality-specific norms and unpaired batches only (λ = 0); the CSA term is logged."""
-    consistency_weight = 0.0
+    paper_lambda = 0.0
 
 
 class nnUNetTrainerMSBN_BN(nnUNetTrainerCSA_BN):
-    consistency_weight = 0.0
+    paper_lambda = 0.0
 
 
 class nnUNetTrainerAffinity(nnUNetTrainerCSA):
@@ -403,6 +461,23 @@ class nnUNetTrainerUMMKD(nnUNetTrainerCSA):
 
 class nnUNetTrainerUMMKD_BN(nnUNetTrainerCSA_BN):
     consistency_kind = "ummkd"
+
+
+class nnUNetTrainerCSA_Lambda1(nnUNetTrainerCSA):
+    """CSA with λ = 1 in the paper's units (0.5 on nnU-Net's loss): twice the paper's weight,
+    the default of releases before 0.2."""
+    paper_lambda = 1.0
+
+
+class nnUNetTrainerCSA_Lambda0p25(nnUNetTrainerCSA):
+    """CSA with λ = 0.25 in the paper's units (0.125 on nnU-Net's loss): half the paper's weight."""
+    paper_lambda = 0.25
+
+
+class nnUNetTrainerUMMKD_Lambda1(nnUNetTrainerUMMKD):
+    """UMMKD with weight 1 in the paper's units (0.5 on nnU-Net's loss), the default of releases
+    before 0.2."""
+    paper_lambda = 1.0
 
 
 class nnUNetTrainerCSA_AreaPixels(nnUNetTrainerCSA):

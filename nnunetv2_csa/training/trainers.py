@@ -7,6 +7,8 @@ from nnunetv2_csa.training.baselines import (nnUNetTrainerJoint, nnUNetTrainerJo
 from nnunetv2_csa.training.nnUNetTrainerCSA import (nnUNetTrainerAffinity, nnUNetTrainerAffinity_BN,
                                                     nnUNetTrainerCSA, nnUNetTrainerCSA_AreaFraction,
                                                     nnUNetTrainerCSA_AreaPixels, nnUNetTrainerCSA_BN,
+                                                    nnUNetTrainerCSA_Lambda0p25, nnUNetTrainerCSA_Lambda1,
+                                                    nnUNetTrainerUMMKD_Lambda1,
                                                     nnUNetTrainerCSA_Literal, nnUNetTrainerMSBN, nnUNetTrainerMSBN_BN,
                                                     nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN)
 from nnunetv2_csa.training.short_budget import short_budget_variants
@@ -14,6 +16,7 @@ from nnunetv2_csa.training.short_budget import short_budget_variants
 BASE_TRAINERS = (nnUNetTrainerCSA, nnUNetTrainerCSA_BN, nnUNetTrainerMSBN, nnUNetTrainerMSBN_BN,
                  nnUNetTrainerAffinity, nnUNetTrainerAffinity_BN, nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN,
                  nnUNetTrainerCSA_AreaPixels, nnUNetTrainerCSA_AreaFraction, nnUNetTrainerCSA_Literal,
+                 nnUNetTrainerCSA_Lambda1, nnUNetTrainerCSA_Lambda0p25, nnUNetTrainerUMMKD_Lambda1,
                  nnUNetTrainerJoint, nnUNetTrainerJoint_BN,
                  nnUNetTrainerSingleModality0, nnUNetTrainerSingleModality0_BN,
                  nnUNetTrainerSingleModality1, nnUNetTrainerSingleModality1_BN,
