@@ -20,16 +20,13 @@ ever read.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
 import warnings
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
@@ -39,6 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunetv2_csa.image_files import IncompleteFileError, check_file_complete
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
                                    OTHER_MODALITY_LABELS, ModalityTags)
 
@@ -161,59 +159,12 @@ def parse_modalities(requested: Sequence[str], allowed: Sequence[str]) -> tuple[
 # ---------------------------------------------------------------------------------------
 # Checking and converting one case (runs in worker processes: plain data in and out)
 # ---------------------------------------------------------------------------------------
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Bytes a complete NIfTI-1/2 file holds (vox_offset + voxel data), from its header;
-    None for anything that is not NIfTI (then sitk's own reader is the only check)."""
-    for endian in "<>":
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            break
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            dims = struct.unpack(endian + "8q", header[16:80])
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
-            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
-            break
-    else:
-        return None
-    n_dims = dims[0]
-    if not 1 <= n_dims <= 7:
-        return None
-    n_voxels = int(np.prod([max(d, 1) for d in dims[1:n_dims + 1]], dtype=np.int64))
-    return max(vox_offset, 348) + n_voxels * bitpix // 8
-
-
-def check_file_complete(path: str) -> None:
-    """Raise if a NIfTI file is truncated or its gzip stream is corrupt.
-
-    SimpleITK reads a truncated .nii.gz without complaint and fills the missing voxels with
-    zeros (measured with SimpleITK 2.5), so completeness is checked here, from the header's
-    own promise of how many bytes follow.
-    """
-    try:
-        if path.endswith(".gz"):
-            total, header = 0, b""
-            with gzip.open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    if len(header) < 540:
-                        header += chunk[:540 - len(header)]
-                    total += len(chunk)
-        else:
-            total = os.path.getsize(path)
-            with open(path, "rb") as f:
-                header = f.read(540)
-    except (EOFError, OSError, zlib.error) as e:
-        raise ConversionError(f"{path} is corrupt or truncated ({e}); download or copy it again") from None
-    expected = _nifti_expected_bytes(header)
-    if expected is not None and total < expected:
-        raise ConversionError(f"{path} is truncated: its header promises {expected} bytes, the file holds "
-                              f"{total}; download or copy it again")
-
-
 def read_image(path: str) -> sitk.Image:
     """A complete, readable, single-component 3D image, or a ConversionError naming the file."""
-    check_file_complete(path)
+    try:
+        check_file_complete(path)
+    except IncompleteFileError as e:
+        raise ConversionError(str(e)) from None
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as e:
@@ -584,6 +535,58 @@ def _write_json(obj, path: str) -> None:
 # ---------------------------------------------------------------------------------------
 # The whole conversion
 # ---------------------------------------------------------------------------------------
+@dataclass
+class _StagedSplits:
+    """``splits_final.json`` for nnUNet_preprocessed, written next to its target, not yet in place."""
+
+    temporary: str
+    target: str
+    created_dirs: list[str]
+
+    def discard(self) -> None:
+        if self.temporary and os.path.exists(self.temporary):
+            os.remove(self.temporary)
+        for d in self.created_dirs:  # deepest first
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+
+def _stage_preprocessed_splits(preprocessed_root: str, folder_name: str, splits: list,
+                               dataset_id: int) -> _StagedSplits:
+    """nnU-Net's trainer reads the split from the preprocessed folder; its planner copies the
+    raw one there only when none exists and otherwise asserts that both agree, so a split
+    left from an earlier conversion of this id must be replaced, not kept."""
+    preprocessed_folder = os.path.join(preprocessed_root, folder_name)
+    target = os.path.join(preprocessed_folder, "splits_final.json")
+    if os.path.isfile(target):
+        try:
+            with open(target) as f:
+                previous = json.load(f)
+        except (ValueError, OSError) as e:
+            previous, reason = None, f"it was not a readable split ({type(e).__name__}: {e})"
+        else:
+            reason = "it came from an earlier conversion"
+        if previous != splits:
+            warnings.warn(f"replaced {target}: {reason}; preprocessed data in {preprocessed_folder} may be stale: "
+                          f"rerun nnUNetv2_plan_and_preprocess -d {int(dataset_id)} --clean", ConversionWarning,
+                          stacklevel=3)
+    staged = _StagedSplits("", target, _missing_ancestors(preprocessed_folder))
+    try:
+        os.makedirs(preprocessed_folder, exist_ok=True)
+        handle, staged.temporary = tempfile.mkstemp(prefix=".splits_final.", suffix=".incomplete",
+                                                    dir=preprocessed_folder)
+        os.close(handle)
+        _write_json(splits, staged.temporary)
+        os.chmod(staged.temporary, 0o666 & ~_current_umask())
+    except OSError as e:
+        staged.discard()
+        raise ConversionError(f"cannot write {target} ({e.strerror or e}): make {preprocessed_folder} writable, "
+                              f"or unset nnUNet_preprocessed (the split is also written to the raw dataset)") from None
+    return staged
+
+
 def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder: str, dataset_id: int,
                    name: str, modalities: Sequence[str], scheme: LabelScheme, output_root: str | None = None,
                    description: str = "", reference: str = "", licence: str = "see the challenge's terms",
@@ -649,6 +652,7 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
     os.makedirs(output_root, exist_ok=True)
     temp_folder = tempfile.mkdtemp(prefix=f".{folder_name}.incomplete-", dir=output_root)
     committed = False
+    staged_splits = None
     try:
         os.chmod(temp_folder, 0o777 & ~_current_umask())  # mkdtemp makes it private (0700)
         jobs = []
@@ -709,25 +713,38 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
         _write_json(dataset_json, os.path.join(temp_folder, "dataset.json"))
         _write_json(splits, os.path.join(temp_folder, "splits_final.json"))
 
+        # the split for nnU-Net_preprocessed is staged too: raw dataset and split land together or not at all
+        if preprocessed_root:
+            staged_splits = _stage_preprocessed_splits(preprocessed_root, folder_name, splits, dataset_id)
+
         # commit: the old dataset (if --overwrite) moves aside only now that the new one is complete
         set_aside = []
+        moved = False
         try:
             for old in existing:
                 aside = tempfile.mkdtemp(prefix=f".{os.path.basename(old)}.replaced-", dir=output_root)
                 os.replace(old, os.path.join(aside, "old"))
                 set_aside.append((old, aside))
             os.replace(temp_folder, final_folder)
+            moved = True
+            if staged_splits is not None:
+                os.replace(staged_splits.temporary, staged_splits.target)
             committed = True
-        except OSError:
+        except OSError as e:
+            if moved:
+                os.replace(final_folder, temp_folder)
             for old, aside in set_aside:
                 os.replace(os.path.join(aside, "old"), old)
                 os.rmdir(aside)
-            raise
+            raise ConversionError(f"could not move the converted dataset into place ({e}); nothing was "
+                                  f"changed") from None
         for _, aside in set_aside:
             shutil.rmtree(aside, ignore_errors=True)
     finally:
         if not committed:
             shutil.rmtree(temp_folder, ignore_errors=True)
+            if staged_splits is not None:
+                staged_splits.discard()
             for d in created_dirs:  # deepest first
                 try:
                     os.rmdir(d)
@@ -735,21 +752,8 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
                     break
 
     splits_written = [os.path.join(final_folder, "splits_final.json")]
-    if preprocessed_root:
-        # nnU-Net's trainer reads the split from the preprocessed folder; its planner copies the
-        # raw one there only when none exists and otherwise asserts that both agree, so a split
-        # left from an earlier conversion of this id must be replaced, not kept.
-        preprocessed_folder = os.path.join(preprocessed_root, folder_name)
-        target = os.path.join(preprocessed_folder, "splits_final.json")
-        if os.path.isfile(target):
-            with open(target) as f:
-                if json.load(f) != splits:
-                    warnings.warn(f"replaced {target} from an earlier conversion; preprocessed data in "
-                                  f"{preprocessed_folder} may be stale: rerun nnUNetv2_plan_and_preprocess "
-                                  f"-d {int(dataset_id)} --clean", ConversionWarning, stacklevel=2)
-        os.makedirs(preprocessed_folder, exist_ok=True)
-        _write_json(splits, target)
-        splits_written.append(target)
+    if staged_splits is not None:
+        splits_written.append(staged_splits.target)
 
     print_summary(final_folder, labelled, unlabelled, modalities, splits, splits_written, other_modality)
     return final_folder

@@ -54,6 +54,7 @@ the modality ``"all"``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -67,6 +68,8 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import stats
 from tqdm import tqdm
+
+from nnunetv2_csa.image_files import check_file_complete
 
 METRICS = ("dice", "hd", "hd95", "assd")
 ALL_MODALITIES = "all"
@@ -88,6 +91,7 @@ ROW_COLUMNS = ("case", "class_name", "label", "dice", "hd", "hd95", "assd",
 def _read_label_map(path: str, labels: Mapping[str, int], role: str) -> sitk.Image:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{role} file {path} does not exist")
+    check_file_complete(path)  # a truncated file would be read as zeros and scored
     image = sitk.ReadImage(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"{role} file {path} has {image.GetNumberOfComponentsPerPixel()} components "
@@ -297,11 +301,17 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
     _foreground_classes(labels)  # fail before starting workers
 
     jobs = [(predictions[c], references[c], labels, file_ending) for c in cases]
-    if num_processes > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
-            per_case = list(tqdm(pool.imap(_evaluate_case_star, jobs), total=len(jobs), desc="evaluating"))
-    else:
-        per_case = [evaluate_case(*job) for job in tqdm(jobs, desc="evaluating")]
+    # the bar is closed (its line ended) also when a case fails, so that the error gets a line of its own
+    per_case = []
+    with tqdm(total=len(jobs), desc="evaluating") as bar, contextlib.ExitStack() as stack:
+        if num_processes > 1 and len(jobs) > 1:
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))))
+            results = pool.imap(_evaluate_case_star, jobs)
+        else:
+            results = (evaluate_case(*job) for job in jobs)
+        for rows in results:
+            per_case.append(rows)
+            bar.update()
 
     df = pd.DataFrame([row for rows in per_case for row in rows], columns=list(ROW_COLUMNS))
     if case_modality is not None:
@@ -530,7 +540,13 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 def main(argv: Sequence[str] | None = None) -> None:
     # a console script's return value becomes its exit status: return nothing on success
-    run_cli(argv)
+    try:
+        run_cli(argv)
+    except (ValueError, OSError) as e:  # bad input: files, labels, geometry; the message names the file
+        if os.environ.get("NNUNETV2_CSA_TRACEBACK") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -16,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 from scipy import ndimage, stats
 from scipy.spatial.distance import cdist
 
+from nnunetv2_csa.image_files import IncompleteFileError
 from nnunetv2_csa.evaluation import (evaluate_case, evaluate_folder, main, run_cli, summarize,
                                      symmetric_surface_distances, wilcoxon_between_methods)
 
@@ -238,6 +240,41 @@ def test_unknown_label_value_is_an_error(tmp_path):
     prediction = write_label_map(tmp_path / "pred.nii.gz", square(4, 4))
     with pytest.raises(ValueError, match=r"ref\.nii\.gz holds label values \[200\]"):
         evaluate_case(prediction, reference, LABELS)
+
+
+def _truncate(path):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) * 2 // 3])
+
+
+@pytest.mark.parametrize("role", ["reference", "prediction"])
+def test_truncated_file_is_an_error_not_a_score(tmp_path, role):
+    # SimpleITK would read the missing voxels as zeros and the case would be scored wrong
+    big = np.zeros((4, 64, 64), dtype=np.uint8)
+    big[:, 10:40, 12:44] = 1
+    reference = write_label_map(tmp_path / "ref.nii.gz", big)
+    prediction = write_label_map(tmp_path / "pred.nii.gz", big)
+    _truncate(reference if role == "reference" else prediction)
+    name = "ref" if role == "reference" else "pred"
+    with pytest.raises(IncompleteFileError, match=rf"{name}\.nii\.gz is (truncated|corrupt)"):
+        evaluate_case(prediction, reference, LABELS)
+
+
+def test_cli_reports_a_truncated_reference_in_one_line_and_fails(tmp_path, capsys):
+    pred, ref = make_folders(tmp_path, ["p1_LGE", "p2_LGE"], ["p1_LGE", "p2_LGE"])
+    big = np.zeros((4, 64, 64), dtype=np.uint8)
+    big[:, 10:40, 12:44] = 1
+    write_label_map(os.path.join(ref, "p2_LGE.nii.gz"), big)
+    write_label_map(os.path.join(pred, "p2_LGE.nii.gz"), big)
+    _truncate(os.path.join(ref, "p2_LGE.nii.gz"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-pred", pred, "-ref", ref, "-l", "myo=1", "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    # one line (after the interrupted progress bar), no traceback
+    assert re.search(r"(^|[\r\n])error: [^\n]*p2_LGE\.nii\.gz is[^\n]*\n$", err) and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_region_labels_are_rejected(tmp_path):

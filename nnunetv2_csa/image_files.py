@@ -1,0 +1,65 @@
+"""Whether an image file is complete, before SimpleITK reads it.
+
+SimpleITK reads a truncated .nii.gz without complaint and fills the missing voxels with
+zeros (measured with SimpleITK 2.5): a truncated reference once moved a myocardium Dice
+from 0.18 to 0.03 with exit status 0. Every reader of this package (the converters, the
+evaluation, the benchmark) checks files here first.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+
+import numpy as np
+
+
+class IncompleteFileError(ValueError):
+    """The file is truncated or its compressed stream is corrupt; the message names it."""
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Bytes a complete NIfTI-1/2 file holds (vox_offset + voxel data), from its header;
+    None for anything that is not NIfTI (then sitk's own reader is the only check)."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", header[16:80])
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    n_dims = dims[0]
+    if not 1 <= n_dims <= 7:
+        return None
+    n_voxels = int(np.prod([max(d, 1) for d in dims[1:n_dims + 1]], dtype=np.int64))
+    return max(vox_offset, 348) + n_voxels * bitpix // 8
+
+
+def check_file_complete(path: str) -> None:
+    """Raise :class:`IncompleteFileError` if a NIfTI file is truncated or its gzip stream is
+    corrupt, judged by the header's own promise of how many bytes follow."""
+    try:
+        if path.endswith(".gz"):
+            total, header = 0, b""
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    if len(header) < 540:
+                        header += chunk[:540 - len(header)]
+                    total += len(chunk)
+        else:
+            total = os.path.getsize(path)
+            with open(path, "rb") as f:
+                header = f.read(540)
+    except (EOFError, OSError, zlib.error) as e:
+        raise IncompleteFileError(f"{path} is corrupt or truncated ({e}); download or copy it again") from None
+    expected = _nifti_expected_bytes(header)
+    if expected is not None and total < expected:
+        raise IncompleteFileError(f"{path} is truncated: its header promises {expected} bytes, the file holds "
+                                  f"{total}; download or copy it again")
