@@ -620,8 +620,8 @@ def plot_dice_boxplots(results: pd.DataFrame, modalities: Sequence[str], classes
 
 
 def load_training_log(checkpoint: str) -> dict:
-    import torch
-    return torch.load(checkpoint, map_location="cpu", weights_only=False).get("logging", {})
+    from nnunetv2_csa.checkpoints import load_checkpoint
+    return load_checkpoint(checkpoint).get("logging", {})
 
 
 def _model_modalities(row: RowResult, count: int) -> list[str]:

@@ -23,6 +23,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunetv2_csa.checkpoints import CheckpointError, load_checkpoint
 from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError
 from nnunetv2_csa.modality_norm import fold_modality
 from nnunetv2_csa.modality_order import without_modality_order
@@ -42,8 +43,11 @@ def _fold_folders(model_folder: str, folds) -> list[str]:
 
 
 def export_modality(model_folder: str, modality: str, output_folder: str, folds=None,
-                    checkpoint_name: str = "checkpoint_final.pth") -> str:
-    """Write a stock nnU-Net model folder for ``modality``; returns ``output_folder``."""
+                    checkpoint_name: str = "checkpoint_final.pth", trust_checkpoint: bool = False) -> str:
+    """Write a stock nnU-Net model folder for ``modality``; returns ``output_folder``.
+
+    Checkpoints are read without executing code from them (``nnunetv2_csa.checkpoints``);
+    ``trust_checkpoint`` lifts that for a file from a trusted source that holds more."""
     plans_file = join(model_folder, "plans.json")
     if not os.path.isfile(plans_file):
         raise ExportError(f"{plans_file} does not exist: -m must be a trained model folder "
@@ -67,7 +71,7 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
             if not os.path.isfile(checkpoint_file):
                 raise ExportError(f"{checkpoint_file} does not exist (train the fold to the end, or pick "
                                   f"another checkpoint with -chk)")
-            checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+            checkpoint = load_checkpoint(checkpoint_file, trust=trust_checkpoint)
             trainer_class = recursive_find_trainer_class_by_name(checkpoint["trainer_name"])
             stock_trainer_name = getattr(trainer_class, "stock_trainer_name", None)
             if stock_trainer_name is None:
@@ -119,10 +123,14 @@ def main(argv=None) -> None:
     parser.add_argument("-o", "--output", required=True, help="new folder for the exported model")
     parser.add_argument("-f", "--folds", nargs="+", default=None, help="folds to export (default: all present)")
     parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load checkpoints with full pickle (can run code from the file): only for files from "
+                             "a source you trust that hold more than an nnU-Net checkpoint does")
     args = parser.parse_args(argv)
     try:
-        out = export_modality(args.model_folder, args.modality, args.output, args.folds, args.checkpoint)
-    except (ExportError, ModalityTagError) as e:
+        out = export_modality(args.model_folder, args.modality, args.output, args.folds, args.checkpoint,
+                              trust_checkpoint=args.trust_checkpoint)
+    except (ExportError, ModalityTagError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"exported modality {args.modality} to {out}; predict it with "

@@ -250,6 +250,20 @@ def test_results_csv_and_json_are_complete_and_finite(benchmark_run):
 
 
 @pytest.mark.integration
+def test_every_rows_checkpoint_loads_without_full_pickle(benchmark_run):
+    from nnunetv2_csa.checkpoints import load_checkpoint
+    env, dataset_name, _, _ = benchmark_run
+    results = os.path.join(env["nnUNet_results"], dataset_name)
+    trainers = {folder.split("__")[0] for folder in os.listdir(results) if "__" in folder}
+    assert {"nnUNetTrainerSingleModality0_1epochs_5its", "nnUNetTrainerJoint_1epochs_5its",
+            "nnUNetTrainerCSA_1epochs_5its"} <= trainers
+    for folder in os.listdir(results):
+        checkpoint = os.path.join(results, folder, "fold_0", "checkpoint_final.pth")
+        if os.path.isfile(checkpoint):
+            assert load_checkpoint(checkpoint)["trainer_name"] == folder.split("__")[0]
+
+
+@pytest.mark.integration
 def test_plots_are_written(benchmark_run):
     _, _, report, _ = benchmark_run
     files = ["dice_boxplots.png", "overlay.png"] + [f"training_curves_{row}.png" for row in RUN_ROWS]

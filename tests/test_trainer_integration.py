@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import TINY_DATASET_ID, run_command
+from nnunetv2_csa.checkpoints import load_checkpoint
 from nnunetv2_csa.modality import read_modality_tags
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,8 @@ def test_training_writes_model_with_modalities_and_consistency_log(trained_csa_m
     tags = read_modality_tags(model_folder)
     assert tags.modalities == ("LGE", "C0") and tags.modality_of_case("patient001_C0") == "C0"
 
-    checkpoint = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    # a real checkpoint of the CSA trainer loads without full pickle (nothing outside the allow-list)
+    checkpoint = load_checkpoint(os.path.join(fold, "checkpoint_final.pth"))
     logged = checkpoint["logging"]
     assert len(logged["train_consistency_losses"]) == 2
     assert np.all(np.isfinite(logged["train_consistency_losses"]))
