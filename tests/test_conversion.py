@@ -453,6 +453,50 @@ def test_splits_copied_to_nnunet_preprocessed(myops_source, tmp_path, monkeypatc
     assert load_json(str(stale)) == load_json(os.path.join(folder, "splits_final.json"))
 
 
+@pytest.mark.parametrize("content", ["", "{not json"])
+def test_a_malformed_preprocessed_split_is_named_and_replaced(myops_source, tmp_path, monkeypatch, content):
+    preprocessed = tmp_path / "preprocessed"
+    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
+    broken = preprocessed / "Dataset019_MyoPS2020" / "splits_final.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text(content)
+    with pytest.warns(ConversionWarning, match=r"replaced .*Dataset019_MyoPS2020/splits_final\.json: it was not a "
+                                               r"readable split"):
+        folder = convert_myops(myops_source, 19, str(tmp_path / "raw"))
+    assert load_json(str(broken)) == load_json(os.path.join(folder, "splits_final.json"))
+
+
+def test_an_unwritable_preprocessed_folder_leaves_no_raw_dataset_behind(myops_source, tmp_path, monkeypatch):
+    # a plain file where nnU-Net's preprocessed dataset folder should be: unwritable even for root
+    preprocessed = tmp_path / "preprocessed"
+    preprocessed.mkdir()
+    (preprocessed / "Dataset020_MyoPS2020").write_text("not a folder")
+    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
+    for attempt in range(2):  # a rerun meets the same clean state, not a half-written dataset
+        with pytest.raises(ConversionError, match=r"cannot write .*Dataset020_MyoPS2020/splits_final\.json"):
+            convert_myops(myops_source, 20, str(tmp_path / "raw"))
+        assert_nothing_written(str(tmp_path / "raw"))
+    assert os.listdir(preprocessed) == ["Dataset020_MyoPS2020"]
+
+
+def test_a_failed_split_commit_rolls_the_raw_dataset_back(myops_source, tmp_path, monkeypatch):
+    # the last step of the transaction fails: the raw dataset that was just moved into place goes back
+    import dataset_conversion.common as common
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    real_replace = os.replace
+
+    def failing_replace(source, target):
+        if str(target).endswith("splits_final.json"):
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(common.os, "replace", failing_replace)
+    with pytest.raises(ConversionError, match="No space left on device.*nothing was changed"):
+        convert_myops(myops_source, 21, str(tmp_path / "raw"))
+    assert_nothing_written(str(tmp_path / "raw"))
+    assert not (tmp_path / "preprocessed").exists()
+
+
 def test_preprocessed_folder_of_another_name_is_refused(myops_source, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
     (tmp_path / "pre" / "Dataset018_Other").mkdir(parents=True)
