@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
@@ -36,7 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnunetv2_csa.image_files import IncompleteFileError, check_file_complete
+from nnunetv2_csa.image_files import IncompleteFileError, check_file_complete, count_non_finite_voxels
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
                                    OTHER_MODALITY_LABELS, ModalityTags)
 
@@ -109,22 +110,35 @@ class SourceCase:
 # ---------------------------------------------------------------------------------------
 # Finding files
 # ---------------------------------------------------------------------------------------
+_LOOKS_LIKE_IMAGE = re.compile(r"\.nii(\.gz)?\s*$", re.IGNORECASE)
+
+
 def scan_input(input_folder: str, filename_pattern: re.Pattern) -> list[tuple[re.Match, str]]:
     """Every file under ``input_folder`` (recursively, sorted) whose name matches."""
     if not os.path.isdir(input_folder):
         raise ConversionError(f"input folder {input_folder} does not exist or is not a folder; "
                               f"point -i/--input at the folder that holds the challenge's files")
-    found = []
+    found, skipped = [], []
     visited = {os.path.realpath(input_folder)}
     # symbolic links are followed (data folders are often linked in), each real folder once
     for root, dirs, files in os.walk(input_folder, followlinks=True):
         real = [os.path.realpath(os.path.join(root, d)) for d in dirs]
         dirs[:] = sorted(d for d, r in zip(dirs, real) if r not in visited)
         visited.update(real)
+        skipped += [f"{os.path.join(root, d)!r} (a folder)" for d in dirs if _LOOKS_LIKE_IMAGE.search(d)]
         for name in sorted(files):
             match = filename_pattern.fullmatch(name)
             if match:
                 found.append((match, os.path.join(root, name)))
+            elif _LOOKS_LIKE_IMAGE.search(name):
+                skipped.append(repr(os.path.join(root, name)))
+    if skipped:
+        # a near miss ("Case3002_C0 (1).nii.gz", a trailing space) is data the user meant to convert
+        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10
+                                                             else "")
+        warnings.warn(f"{len(skipped)} image-like name(s) under {input_folder} do not follow the dataset's file "
+                      f"naming and were skipped: {shown}; rename them if they belong to the dataset",
+                      ConversionWarning, stacklevel=2)
     return found
 
 
@@ -279,12 +293,21 @@ def convert_case(job: CaseJob) -> CaseResult:
     """Check, remap, reorient, crop and write one case."""
     messages: list[str] = []
     image = read_image(job.image_path)
+    n_bad = count_non_finite_voxels(job.image_path)
+    if n_bad:
+        raise ConversionError(f"{job.image_path} holds {n_bad} NaN/Inf voxel(s): they would reach nnU-Net (its "
+                              f"normalisation then makes the whole image NaN); repair the file (or leave the case out)")
     label_classes = None
+    label_is_empty = False
     if job.label_path is not None:
         label = read_image(job.label_path)
         check_same_geometry(image, label, job.image_path, job.label_path)
         classes, found = remap_labels(sitk.GetArrayViewFromImage(label), job.scheme, job.label_path)
         messages += found
+        label_is_empty = not classes.any()
+        if label_is_empty:
+            messages.append(f"{job.label_path} holds no foreground at all: {job.case_id} trains as background "
+                            f"only; check the file, or leave the case out")
         label_classes = sitk.GetImageFromArray(classes)
         # the label takes the image's exact header, so nnU-Net's exact comparisons pass
         label_classes.CopyInformation(image)
@@ -303,9 +326,9 @@ def convert_case(job: CaseJob) -> CaseResult:
         else:
             messages.append(f"{job.image_path} has no label: cropped around the image centre")
         start, heart_size = crop_box(foreground, size_yx, job.crop_yx)
-        if label_classes is not None and not foreground.any():
+        if label_is_empty:
             messages.append(f"{job.label_path} is empty: {job.case_id} cropped around the image centre")
-        if heart_size[0] > job.crop_yx[0] or heart_size[1] > job.crop_yx[1]:
+        elif heart_size[0] > job.crop_yx[0] or heart_size[1] > job.crop_yx[1]:
             messages.append(f"{job.case_id}: the labelled heart ({heart_size[0]} x {heart_size[1]} pixels) is "
                             f"larger than the crop {job.crop_yx[0]} x {job.crop_yx[1]}; part of it is cut off")
         minimum = float(sitk.GetArrayViewFromImage(image).min())
@@ -831,6 +854,12 @@ def run_main(convert: Callable[..., str], args: argparse.Namespace, **kwargs) ->
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
 
+    def stop(signum, frame):
+        # unwinds like Ctrl-C, so that the all-or-nothing cleanup runs: no hidden
+        # .Dataset*.incomplete-* folder is left behind by a terminated conversion
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     with warnings.catch_warnings():
         warnings.simplefilter("always", ConversionWarning)
         warnings.showwarning = show
@@ -839,4 +868,6 @@ def run_main(convert: Callable[..., str], args: argparse.Namespace, **kwargs) ->
         except ConversionError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -1,5 +1,7 @@
-"""The paper's comparison as one command: train every row, evaluate the fold's held-out
-cases, time each trainer, and write a report folder (Table 1 layout, Wilcoxon, plots).
+"""The paper's comparison as one command: train every row on one fold or on several
+(cross-validation), evaluate the held-out cases, time each trainer, and write a report
+folder (Table 1 layout, per-fold table, Wilcoxon with bootstrap intervals and Holm's
+correction, plots).
 
 Rows (trainer names of this package, found by stock ``nnUNetv2_train -tr``):
 
@@ -14,6 +16,14 @@ CSA    ``nnUNetTrainerCSA``
 
 ``--norm bn`` takes the ``_BN`` twins; ``--budget E I`` the short-budget variants
 ``<name>_<E>epochs_<I>its``; ``--full-budget`` the plain names (nnU-Net's 1000 x 250).
+Ablation rows (not run by default): ``CSA_Lambda0p25``, ``CSA_Lambda1`` and ``UMMKD_Lambda1``
+(half and double the paper's weight, in the paper's units), ``CSA_RampUp`` (λ ramped up
+linearly over the first quarter of the epochs). ``--single-budget equal-data`` trains Single
+for 1/n of the iterations, so that it sees as many slices of its modality as the joint rows.
+
+``--folds 0 1 2 3 4`` (or ``all``) trains every row on every fold (resumable per row and
+fold) and scores each held-out patient once, with the models of the fold that holds it out;
+means, stds and tests pool all folds, and a per-fold table shows the spread between folds.
 
 Per row: training runs as the stock command in a subprocess, its output in
 ``logs/train_<trainer>.log`` of the report folder. A model whose ``checkpoint_final.pth``
@@ -52,14 +62,16 @@ import pandas as pd
 from tqdm import tqdm
 
 from nnunetv2_csa.evaluation import evaluate_case, wilcoxon_between_methods
+from nnunetv2_csa.statistics import bootstrap_mean_ci, holm_adjust
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
-                                   OTHER_MODALITY_LABELS, modality_tags_from_dataset_json)
+                                   OTHER_MODALITY_LABELS, check_case_name, modality_tags_from_dataset_json)
 from nnunetv2_csa.training.short_budget import short_budget_name
 
 #: the paper's rows (the default)
 ROWS = ("Single", "Joint", "MSBN", "Affinity", "UMMKD", "CSA")
-#: ablations of the consistency weight, in the paper's units (λ = 0.5 is CSA itself); InstanceNorm only
-LAMBDA_ROWS = ("CSA_Lambda0p25", "CSA_Lambda1", "UMMKD_Lambda1")
+#: ablations of the consistency weight, in the paper's units (λ = 0.5 is CSA itself), and of its
+#: schedule (a linear ramp-up of λ); InstanceNorm only
+LAMBDA_ROWS = ("CSA_Lambda0p25", "CSA_Lambda1", "UMMKD_Lambda1", "CSA_RampUp")
 ALL_ROWS = ROWS + LAMBDA_ROWS
 #: trainer class of each row (Single: ``{index}`` is the modality index); the ``_BN`` twin adds "_BN"
 ROW_TRAINERS = {
@@ -80,8 +92,12 @@ FAILED = "FAILED"
 NOT_AVAILABLE = "n/a"
 TABLE_METRICS = (("dice", "Dice", True), ("hd", "HD", False))
 SECOND_TABLE_METRICS = (("hd95", "HD95", False), ("assd", "ASSD", False))
-RESULT_COLUMNS = ("row", "trainer", "modality", "patient", "case", "source", "class_name", "label", "dice", "hd",
-                  "hd95", "assd", "n_ref_voxels", "n_pred_voxels", "flag")
+RESULT_COLUMNS = ("row", "trainer", "fold", "modality", "patient", "case", "source", "class_name", "label", "dice",
+                  "hd", "hd95", "assd", "n_ref_voxels", "n_pred_voxels", "flag")
+#: the metrics of the paired tests of CSA against every other row
+TEST_METRICS = (("dice", "Dice"), ("hd", "HD"), ("hd95", "HD95"))
+#: how Single's budget is chosen: the joint rows' iterations, or the slices of its modality they see
+SINGLE_BUDGETS = ("equal-iterations", "equal-data")
 #: ``source`` of a test case: a validation case of the fold, or the other modality of a held-out patient
 VALIDATION_SOURCE = "validation"
 OTHER_MODALITY_SOURCE = "other_modality"
@@ -117,6 +133,20 @@ def trainer_name(row: str, norm: str = "instance", budget: tuple[int, int] | Non
     return name
 
 
+def row_budget(row: str, budget: tuple[int, int] | None, n_modalities: int,
+               single_budget: str = "equal-iterations") -> tuple[int, int] | None:
+    """The (epochs, iterations) a row trains for. ``equal-data`` gives Single 1/n of the
+    iterations: the joint rows see B/n slices of each modality per iteration, Single B of its own."""
+    if single_budget not in SINGLE_BUDGETS:
+        raise BenchmarkError(f"single budget must be one of {list(SINGLE_BUDGETS)}, not {single_budget!r}")
+    if row != "Single" or single_budget == "equal-iterations":
+        return budget
+    if budget is None or budget[1] % n_modalities:
+        raise BenchmarkError(f"--single-budget equal-data needs a --budget whose iterations per epoch divide by "
+                             f"the {n_modalities} modalities (e.g. --budget 30 20 gives Single 30 x 10)")
+    return budget[0], budget[1] // n_modalities
+
+
 @dataclass
 class Model:
     """One trained network of a row (Single has one per modality)."""
@@ -126,6 +156,7 @@ class Model:
     fold_folder: str
     log_file: str
     other_modality_predictions: str = ""  # where nnUNetv2_predict writes the other-modality test cases
+    fold: int = 0
 
     @property
     def checkpoint(self) -> str:
@@ -313,6 +344,7 @@ def fold_test_set(validation_cases: Sequence[str], case_modality: Mapping[str, s
             other = json.load(f).get(OTHER_MODALITY_KEY, {})
         held_out = set(patient.values())
         for case, tag in sorted(other.items()):
+            check_case_name(case, raw_json)
             if tag["patient"] not in held_out or case in modality:
                 continue
             modality[case], patient[case] = tag["modality"], tag["patient"]
@@ -343,7 +375,7 @@ def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str
         except FileNotFoundError as e:
             result.fail(str(e))
             return
-        input_folder = os.path.join(report_folder, "other_modality_inputs", modality)
+        input_folder = os.path.join(report_folder, "other_modality_inputs", f"fold_{model.fold}", modality)
         os.makedirs(input_folder, exist_ok=True)
         for case in cases:
             link = os.path.join(input_folder, os.path.basename(test_set.other_modality_images[case]))
@@ -353,7 +385,7 @@ def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str
                    "-d", str(dataset_id), "-c", configuration, "-p", plans, "-tr", model.trainer, "-f", str(fold),
                    "-device", device, "-npp", "1", "-nps", "1"]
         call_env = dict(env, nnUNet_csa_modality=modality) if result.row in CSA_FAMILY else env
-        log_file = os.path.join(report_folder, "logs", f"predict_{model.trainer}_{modality}.log")
+        log_file = os.path.join(report_folder, "logs", f"predict_{model.trainer}_{modality}_fold{model.fold}.log")
         with open(log_file, "w") as log:
             log.write(" ".join(command) + "\n")
             log.flush()
@@ -381,9 +413,9 @@ def evaluate_rows(rows: Sequence[RowResult], test_set: TestSet, labels: dict, fi
                 predicted = prediction_file(row, case, modality, file_ending, test_set.other_modality_images)
                 if not os.path.isfile(predicted):
                     raise FileNotFoundError(f"prediction {predicted} is missing")
-                trainer = model_for(row, modality).trainer
+                model = model_for(row, modality)
                 for record in evaluate_case(predicted, test_set.references[case], labels, file_ending):
-                    record.update(row=row.row, trainer=trainer, modality=modality,
+                    record.update(row=row.row, trainer=model.trainer, fold=model.fold, modality=modality,
                                   patient=test_set.case_patient[case], source=test_set.source(case))
                     row_records.append(record)
         except (OSError, ValueError, RuntimeError) as e:
@@ -500,8 +532,9 @@ def modality_table(results: pd.DataFrame, modality: str, rows: Sequence[RowResul
 
 
 def wilcoxon_table(results: pd.DataFrame, rows: Sequence[RowResult], modalities: Sequence[str]) -> pd.DataFrame:
-    """Patient-level Wilcoxon signed-rank p-values of CSA vs every other row, per modality,
-    for Dice and HD (mean over classes per case, then per patient)."""
+    """Patient-level paired tests of CSA vs every other row, per modality, for Dice, HD and
+    HD95 (mean over classes per case, then per patient): Wilcoxon p, the 95 % bootstrap
+    interval of the mean difference, and p adjusted by Holm over every test of the table."""
     records = []
     proposed = next((r for r in rows if r.row == PROPOSED_ROW and not r.failed), None)
     if proposed is None:
@@ -511,18 +544,29 @@ def wilcoxon_table(results: pd.DataFrame, rows: Sequence[RowResult], modalities:
         if row.row == PROPOSED_ROW or row.failed:
             continue
         other = results[results["row"] == row.row]
-        for metric in ("dice", "hd"):
+        for metric, _ in TEST_METRICS:
             test = wilcoxon_between_methods(csa, other, metric=metric, by=("modality",), pair_on="patient")
             for record in test.to_dict("records"):
                 if record["modality"] in modalities:
                     records.append(dict(record, comparison=f"{PROPOSED_ROW} vs {row.row}", other=row.row))
-    return pd.DataFrame(records)
+    table = pd.DataFrame(records)
+    if not table.empty:
+        table["p_holm"] = holm_adjust(table["p_value"].to_numpy(dtype=float))
+    return table
+
+
+def smallest_two_sided_p(n: int) -> float:
+    """The smallest p an exact two-sided Wilcoxon signed-rank test can give with n pairs: 2 / 2^n."""
+    return 2.0 / 2 ** n if n >= 1 else math.nan
 
 
 def _format_p(record: Mapping) -> str:
     if not _finite(record.get("p_value")):
         return f"{NOT_AVAILABLE} ({_escape(record.get('reason') or 'no test')})"
-    return (f"{record['p_value']:.3g} (n={int(record['n'])}, Δ={record['mean_difference']:+.3f}"
+    interval = (f" [{record['ci_low']:+.3f}, {record['ci_high']:+.3f}]"
+                if _finite(record.get("ci_low")) and _finite(record.get("ci_high")) else "")
+    return (f"{record['p_value']:.3g} (Holm {record['p_holm']:.3g}; n={int(record['n'])}, "
+            f"Δ={record['mean_difference']:+.3f}{interval}"
             + (f"; {_escape(record['reason'])}" if record.get("reason") else "") + ")")
 
 
@@ -532,16 +576,58 @@ def wilcoxon_markdown(wilcoxon: pd.DataFrame, rows: Sequence[RowResult], modalit
         reason = ("the CSA row was not run" if not proposed else
                   "the CSA row failed" if proposed[0].failed else "no other row succeeded")
         return f"No test: {reason}."
-    columns = [f"{m} {title}" for m in modalities for title in ("Dice", "HD")]
+    columns = [f"{m} {title}" for m in modalities for _, title in TEST_METRICS]
     lines = ["| Comparison | " + " | ".join(columns) + " |", "|---|" + "|".join([":---:"] * len(columns)) + "|"]
     for comparison, group in wilcoxon.groupby("comparison", sort=False):
         cells = []
         for modality in modalities:
-            for metric in ("dice", "hd"):
+            for metric, _ in TEST_METRICS:
                 match = group[(group["modality"] == modality) & (group["metric"] == metric)]
                 cells.append(_format_p(match.iloc[0].to_dict()) if len(match) else NOT_AVAILABLE)
         lines.append(f"| {comparison} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def per_fold_table(results: pd.DataFrame, modality: str, rows: Sequence[RowResult], folds: Sequence[int]
+                   ) -> tuple[pd.DataFrame, dict]:
+    """Mean Dice (over classes per case, then over the fold's test cases of ``modality``), one
+    column per fold."""
+    columns = [f"fold {f}" for f in folds]
+    means = pd.DataFrame(np.nan, index=[r.row for r in rows], columns=columns)
+    subset = results[results["modality"] == modality]
+    for row in rows:
+        for fold in folds:
+            data = subset[(subset["row"] == row.row) & (subset["fold"] == fold)]
+            if not data.empty:
+                means.at[row.row, f"fold {fold}"] = data.groupby("case")["dice"].mean().mean()
+    return means, {c: True for c in columns}
+
+
+def budget_table(rows: Sequence[RowResult], budget, single_budget: str, modalities: Sequence[str],
+                 batch_size: int, fold_runs: Sequence[FoldRun], tags) -> list[dict]:
+    """Per row: training iterations and the slices of each modality it sees (batch size times
+    iterations; unpaired rows draw B/n of each modality, Joint draws cases uniformly, so it
+    sees each modality in proportion to its training cases, averaged over the folds)."""
+    epochs, iterations = budget if budget else FULL_BUDGET
+    n = len(modalities)
+    shares = {m: [] for m in modalities}
+    for run in fold_runs:
+        training = [c for c in run.training_cases if c in tags.case_modality]
+        for m in modalities:
+            shares[m].append(sum(tags.case_modality[c] == m for c in training) / max(1, len(training)))
+    table = []
+    for row in rows:
+        e, i = row_budget(row.row, (epochs, iterations), n, single_budget)
+        entry = {"row": row.row, "iterations": e * i, "slices": {}}
+        for m in modalities:
+            if row.row == "Single":
+                entry["slices"][m] = e * i * batch_size
+            elif row.row in CSA_FAMILY:
+                entry["slices"][m] = e * i * batch_size / n
+            else:
+                entry["slices"][m] = e * i * batch_size * float(np.mean(shares[m]))
+        table.append(entry)
+    return table
 
 
 def _mib(value) -> str:
@@ -591,11 +677,29 @@ def _pyplot():
     return plt
 
 
-def plot_dice_boxplots(results: pd.DataFrame, modalities: Sequence[str], classes: Sequence[str],
-                       row_names: Sequence[str], path: str) -> None:
+def _modality_class_grid(modalities: Sequence[str], classes: Sequence[str]):
+    """A figure with one panel per modality (rows) and class (columns)."""
     plt = _pyplot()
     fig, axes = plt.subplots(len(modalities), len(classes), figsize=(3.2 * len(classes) + 1, 3 * len(modalities)),
                              squeeze=False)
+    return plt, fig, axes
+
+
+def _label_panel(ax, modality: str, class_name: str, ylabel: str | None) -> None:
+    ax.set_title(f"{modality}: {class_name}", fontsize=9)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+
+
+def _save_figure(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_dice_boxplots(results: pd.DataFrame, modalities: Sequence[str], classes: Sequence[str],
+                       row_names: Sequence[str], path: str) -> None:
+    plt, fig, axes = _modality_class_grid(modalities, classes)
     for i, modality in enumerate(modalities):
         for j, class_name in enumerate(classes):
             ax = axes[i][j]
@@ -608,15 +712,46 @@ def plot_dice_boxplots(results: pd.DataFrame, modalities: Sequence[str], classes
                 if not len(d):
                     ax.text(k, 0.5, FAILED, rotation=90, ha="center", va="center", fontsize=8, color="red")
             ax.set_xticks(range(len(row_names)))
-            ax.set_xticklabels(row_names, rotation=45, ha="right", fontsize=8)
+            ax.set_xticklabels([f"{r} (n={len(d)})" for r, d in zip(row_names, data)], rotation=45, ha="right",
+                               fontsize=8)
             ax.set_xlim(-0.5, len(row_names) - 0.5)
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{modality}: {class_name}", fontsize=9)
-            if j == 0:
-                ax.set_ylabel("Dice")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+            _label_panel(ax, modality, class_name, "Dice" if j == 0 else None)
+    _save_figure(plt, fig, path)
+
+
+def plot_paired_differences(results: pd.DataFrame, modalities: Sequence[str], classes: Sequence[str],
+                            rows: Sequence[RowResult], path: str) -> bool:
+    """Per modality and class: CSA's Dice minus each other row's, one dot per patient (mean over
+    the patient's test cases), and the 95 % bootstrap interval of the mean difference."""
+    others = [r.row for r in rows if r.row != PROPOSED_ROW and not r.failed]
+    if PROPOSED_ROW not in set(results["row"]) or not others:
+        return False
+    plt, fig, axes = _modality_class_grid(modalities, classes)
+    per_patient = results.groupby(["row", "modality", "class_name", "patient"])["dice"].mean()
+    for i, modality in enumerate(modalities):
+        for j, class_name in enumerate(classes):
+            ax = axes[i][j]
+            for k, other in enumerate(others):
+                try:
+                    a = per_patient.loc[(PROPOSED_ROW, modality, class_name)]
+                    b = per_patient.loc[(other, modality, class_name)]
+                except KeyError:
+                    continue
+                differences = (a - b).dropna().to_numpy()
+                jitter = np.linspace(-0.15, 0.15, len(differences)) if len(differences) > 1 else [0.0]
+                ax.plot(k + np.asarray(jitter), differences, "o", ms=3, alpha=0.6, color="tab:blue")
+                low, high = bootstrap_mean_ci(differences)
+                if _finite(low) and _finite(high):
+                    mean = float(np.mean(differences))
+                    ax.errorbar([k + 0.3], [mean], yerr=[[mean - low], [high - mean]], fmt="s", color="black",
+                                capsize=3, ms=4)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xticks(range(len(others)))
+            ax.set_xticklabels([f"CSA − {o}" for o in others], rotation=45, ha="right", fontsize=8)
+            _label_panel(ax, modality, class_name, "Dice difference" if j == 0 else None)
+    _save_figure(plt, fig, path)
+    return True
 
 
 def load_training_log(checkpoint: str) -> dict:
@@ -791,11 +926,11 @@ def _json_safe(value):
     return value
 
 
-def write_report(report_folder: str, *, dataset_name: str, fold: int, budget, norm: str, seed, plan: dict,
-                 machine: dict, rows: Sequence[RowResult], results: pd.DataFrame, wilcoxon: pd.DataFrame,
+def write_report(report_folder: str, *, dataset_name: str, folds: Sequence[int], budget, norm: str, seed,
+                 plan: dict, machine: dict, rows: Sequence[RowResult], results: pd.DataFrame, wilcoxon: pd.DataFrame,
                  timing: Mapping[str, dict], modalities: Sequence[str], classes: Sequence[str],
-                 test_set: TestSet, figures: Mapping[str, str], overlay_cases: Mapping, timing_iterations: int
-                 ) -> str:
+                 test_set: TestSet, figures: Mapping[str, str], overlay_cases: Mapping, timing_iterations: int,
+                 budgets: Sequence[dict]) -> str:
     failed = {r.row: r.error for r in rows if r.failed}
     budget_text = (f"{budget[0]} epochs × {budget[1]} training iterations per epoch "
                    f"(validation {max(1, budget[1] // 5)} iterations per epoch; short-budget trainers "
@@ -811,9 +946,13 @@ def write_report(report_folder: str, *, dataset_name: str, fold: int, budget, no
     n_per_modality = per_modality(test_set.cases)
     other = list(test_set.other_modality_images)
     n_patients = len(set(test_set.case_patient.values()))
-    out = [f"# CSA benchmark: {dataset_name}, fold {fold}", ""]
+    fold_text = f"fold {folds[0]}" if len(folds) == 1 else f"folds {', '.join(map(str, folds))}"
+    out = [f"# CSA benchmark: {dataset_name}, {fold_text}" + (" (cross-validation, pooled)" if len(folds) > 1
+                                                                else ""), ""]
     out += [f"**Test cases.** {len(test_set.cases)} cases ({count(test_set.cases)}) of the {n_patients} patients "
-            f"that fold {fold} of `splits_final.json` holds out: their validation cases "
+            f"that {fold_text} of `splits_final.json` hold{'s' if len(folds) == 1 else ''} out"
+            + (", each scored once, by the models of the fold that holds it out (`results.csv` column `fold`)"
+               if len(folds) > 1 else "") + ": their validation cases "
             f"({count(test_set.validation_cases)}), scored from each row's own final-validation predictions"
             + (f", and the other modality of the same patients ({count(other)}; left out of training by the "
                f"converter's `--unpaired`, kept in `{OTHER_MODALITY_IMAGES}`), predicted by this benchmark with "
@@ -827,7 +966,8 @@ def write_report(report_folder: str, *, dataset_name: str, fold: int, budget, no
               "best per column in **bold** (max Dice, min distance).", ""]
     out += ["## Setup", "",
             f"- budget: {budget_text}",
-            f"- fold: {fold}; split seed (dataset.json `csa_conversion`): {seed if seed is not None else NOT_AVAILABLE}",
+            f"- {fold_text}; split seed (dataset.json `csa_conversion`): "
+            f"{seed if seed is not None else NOT_AVAILABLE}",
             "- norm: " + ("modality-specific BatchNorm (`_BN` trainers)" if norm == "bn" else
                           "InstanceNorm (the plan's norm; modality-specific for the CSA family)"),
             f"- plan: `{os.path.basename(plan['plans_file'])}` configuration `{plan['configuration']}`, patch "
@@ -841,7 +981,18 @@ def write_report(report_folder: str, *, dataset_name: str, fold: int, budget, no
         done = ", ".join([f"trained {t} ({r.training_seconds.get(t, 0):.0f} s)" for t in r.trained]
                          + [f"reused {t}" for t in r.reused]) or "-"
         status = f"{FAILED}: {_escape(r.error)}" if r.failed else "ok"
-        out.append(f"| {r.row} | {', '.join(m.trainer for m in r.models)} | {done} | {status} |")
+        out.append(f"| {r.row} | {', '.join(dict.fromkeys(m.trainer for m in r.models))} | {done} | {status} |")
+    out += ["", "Budget per row (per fold): training iterations and the 2D slices of each modality seen "
+            "(iterations × batch size; the unpaired rows draw B/n of each modality per batch, Joint draws "
+            "cases uniformly, so its share follows the training cases; Single trains on its modality alone"
+            + (", here for 1/n of the iterations: equal data" if any(b["row"] == "Single" and b["iterations"] !=
+                                                                     budgets[0]["iterations"] for b in budgets)
+               else ", here for the same iterations: equal iterations") + ").", "",
+            "| Method | iterations | " + " | ".join(f"{m} slices seen" for m in modalities) + " |",
+            "|---|:---:|" + ":---:|" * len(modalities)]
+    for b in budgets:
+        out.append(f"| {b['row']} | {b['iterations']} | "
+                   + " | ".join(f"{b['slices'][m]:.0f}" for m in modalities) + " |")
     out.append("")
     out += ["## Results per modality (paper's Table 1 layout)", ""]
     for modality in modalities:
@@ -851,9 +1002,20 @@ def write_report(report_folder: str, *, dataset_name: str, fold: int, budget, no
         out += [format_table(means, higher, stds, failed), "", "HD95 and ASSD (mm) per class:", ""]
         means, stds, higher = modality_table(results, modality, rows, classes, SECOND_TABLE_METRICS)
         out += [format_table(means, higher, stds, failed), ""]
+    if len(folds) > 1:
+        out += ["## Per fold", "", "Mean Dice over the classes and the fold's test cases, per modality:", ""]
+        for modality in modalities:
+            means, higher = per_fold_table(results, modality, rows, folds)
+            out += [f"{modality}:", "", format_table(means, higher, failed=failed), ""]
+    n_pairs = sorted({int(n) for n in wilcoxon["n"]}) if not wilcoxon.empty else []
     out += ["## Wilcoxon signed-rank test, CSA vs each other row", "",
             "Patient level: per patient the mean over classes (and over the patient's test cases of the "
-            "modality); paired two-sided test (`scipy.stats.wilcoxon`), Δ = mean(CSA) − mean(other).", "",
+            "modality); paired two-sided test (`scipy.stats.wilcoxon`), Δ = mean(CSA) − mean(other) with its "
+            "95 % percentile-bootstrap interval (`scipy.stats.bootstrap`, 9999 resamples, seed 0) in brackets. "
+            f"Holm: p adjusted by Holm's step-down method over all {int(np.isfinite(wilcoxon['p_value']).sum()) if not wilcoxon.empty else 0} "
+            "tests of this table (family-wise error rate). "
+            + ("Smallest p an exact test can reach: " + ", ".join(f"n={n}: {smallest_two_sided_p(n):.2g}"
+                                                                  for n in n_pairs) + "." if n_pairs else ""), "",
             wilcoxon_markdown(wilcoxon, rows, modalities), ""]
     out += ["## Training cost (measured in this run)", "",
             f"Seconds per training iteration including data loading, {timing_iterations} timed iterations after "
@@ -882,22 +1044,101 @@ def write_report(report_folder: str, *, dataset_name: str, fold: int, budget, no
 
 # --------------------------------------------------------------------------- the run
 
-def default_report_folder(results_root: str, dataset_name: str, configuration: str, plans: str, fold: int,
-                          budget, norm: str) -> str:
+def default_report_folder(results_root: str, dataset_name: str, configuration: str, plans: str,
+                          folds: Sequence[int], budget, norm: str) -> str:
     budget_part = f"{budget[0]}epochs_{budget[1]}its" if budget else "full"
+    fold_part = f"fold{folds[0]}" if len(folds) == 1 else "folds" + "-".join(map(str, folds))
     return os.path.join(results_root, dataset_name,
-                        f"csa_benchmark__{plans}__{configuration}__fold{fold}__{budget_part}__{norm}")
+                        f"csa_benchmark__{plans}__{configuration}__{fold_part}__{budget_part}__{norm}")
 
 
-def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPlans", fold: int = 0,
+@dataclass
+class FoldRun:
+    """One fold of the benchmark: its test cases, its rows' models, their scores."""
+    fold: int
+    test_set: TestSet
+    rows: list[RowResult]
+    training_cases: list[str]
+    results: pd.DataFrame | None = None
+
+
+def _fold_rows(rows: Sequence[str], fold: int, modalities: Sequence[str], norm: str, budget, single_budget: str,
+               results_root: str, dataset_name: str, plans: str, configuration: str, report_folder: str,
+               n_folds: int) -> list[RowResult]:
+    suffix = "" if n_folds == 1 else f"_fold{fold}"
+    row_results = []
+    for row in rows:
+        models = []
+        for k in (range(len(modalities)) if row == "Single" else [0]):
+            name = trainer_name(row, norm, row_budget(row, budget, len(modalities), single_budget), k)
+            models.append(Model(row, name, modalities[k] if row == "Single" else None,
+                                os.path.join(results_root, dataset_name, f"{name}__{plans}__{configuration}",
+                                             f"fold_{fold}"),
+                                os.path.join(report_folder, "logs", f"train_{name}{suffix}.log"),
+                                os.path.join(report_folder, "predictions", *([f"fold_{fold}"] if suffix else []),
+                                             name), fold))
+        row_results.append(RowResult(row, models))
+    return row_results
+
+
+def merge_fold_rows(fold_runs: Sequence[FoldRun]) -> list[RowResult]:
+    """One RowResult per row over all folds: failed if it failed in any fold (a row missing a
+    fold would be pooled over other patients than the rest)."""
+    if len(fold_runs) == 1:
+        return fold_runs[0].rows
+    merged = []
+    for parts in zip(*(run.rows for run in fold_runs)):
+        row = RowResult(parts[0].row, [m for part in parts for m in part.models])
+        for run, part in zip(fold_runs, parts):
+            row.trained += [f"{t} (fold {run.fold})" for t in part.trained]
+            row.reused += [f"{t} (fold {run.fold})" for t in part.reused]
+            row.training_seconds.update({f"{t} (fold {run.fold})": v for t, v in part.training_seconds.items()})
+        errors = [f"fold {run.fold}: {part.error}" for run, part in zip(fold_runs, parts) if part.failed]
+        if errors:
+            row.fail("; ".join(errors))
+        else:
+            row.status = "ok"
+        merged.append(row)
+    return merged
+
+
+def merge_test_sets(test_sets: Sequence[TestSet]) -> TestSet:
+    """The test cases of all folds together; every held-out patient belongs to one fold."""
+    merged = TestSet({}, {}, {}, {})
+    for test_set in test_sets:
+        for name in ("case_modality", "case_patient", "references", "other_modality_images"):
+            overlap = set(getattr(merged, name)) & set(getattr(test_set, name))
+            if overlap:
+                raise BenchmarkError(f"cases {sorted(overlap)[:5]} are held out by more than one of the chosen "
+                                     f"folds: splits_final.json is not a cross-validation")
+            getattr(merged, name).update(getattr(test_set, name))
+    return merged
+
+
+def _parse_folds(folds, n_splits: int, splits_file: str) -> list[int]:
+    if folds == "all" or folds == ["all"]:
+        return list(range(n_splits))
+    folds = [folds] if isinstance(folds, int) else [int(f) for f in folds]
+    if not folds:
+        raise BenchmarkError("no fold chosen")
+    bad = [f for f in folds if not 0 <= f < n_splits]
+    if bad:
+        raise BenchmarkError(f"fold(s) {bad} not in {splits_file} ({n_splits} folds)")
+    return list(dict.fromkeys(folds))
+
+
+def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPlans", folds=(0,),
                   budget: tuple[int, int] | None = None, rows: Sequence[str] = ROWS, norm: str = "instance",
                   device: str = "cpu", report_folder: str | None = None, rerun: bool = False,
-                  timing_iterations: int = 10) -> str:
-    """Train, evaluate and time ``rows`` and write the report folder; returns its path.
+                  timing_iterations: int = 10, single_budget: str = "equal-iterations") -> str:
+    """Train, evaluate and time ``rows`` on each of ``folds`` (an int, a list, or "all") and
+    write the report folder; returns its path.
 
     ``budget`` (epochs, iterations per epoch) selects the short-budget trainers; None is
-    nnU-Net's full budget. ``timing_iterations`` 0 skips the timing. Needs nnUNet_raw,
-    nnUNet_preprocessed and nnUNet_results in the environment."""
+    nnU-Net's full budget. With several folds every held-out patient is scored once, by the
+    models of the fold that holds it out, and the tables and tests pool all folds.
+    ``timing_iterations`` 0 skips the timing. Needs nnUNet_raw, nnUNet_preprocessed and
+    nnUNet_results in the environment."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     rows = list(dict.fromkeys(rows))
@@ -924,55 +1165,55 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
                              f"(it writes the patient-grouped splits), or run nnU-Net once to create them")
     with open(splits_file) as f:
         splits = json.load(f)
-    if not 0 <= fold < len(splits):
-        raise BenchmarkError(f"fold {fold} is not in {splits_file} ({len(splits)} folds)")
-    validation_cases = sorted(splits[fold]["val"])
-    test_set = fold_test_set(validation_cases, {c: tags.modality_of_case(c) for c in validation_cases},
-                             dataset_json.get(CASE_PATIENT_KEY, {}),
-                             os.path.join(preprocessed_folder, "gt_segmentations"),
-                             os.path.join(raw_root, dataset_name) if raw_root else None, file_ending)
-    test_cases, case_modality = test_set.cases, test_set.case_modality
+    folds = _parse_folds(folds, len(splits), splits_file)
     if budget is not None:
         budget = (int(budget[0]), int(budget[1]))
         trainer_name("Joint", norm, budget)  # validates the budget before anything runs
+    for row in rows:  # every trainer name and budget is checked before anything runs
+        trainer_name(row, norm, row_budget(row, budget, len(modalities), single_budget))
 
     report_folder = report_folder or default_report_folder(results_root, dataset_name, configuration, plans,
-                                                           fold, budget, norm)
+                                                           folds, budget, norm)
     os.makedirs(os.path.join(report_folder, "logs"), exist_ok=True)
     env = subprocess_environment(device)
-    log_stage(f"{dataset_name}, fold {fold}, {len(test_cases)} test cases ({len(test_set.other_modality_images)} of "
-              f"them the other modality of held-out patients), rows {rows}, report {report_folder}")
-
-    row_results = []
-    for row in rows:
-        indices = range(len(modalities)) if row == "Single" else [0]
-        models = []
-        for k in indices:
-            name = trainer_name(row, norm, budget, k)
-            models.append(Model(row, name, modalities[k] if row == "Single" else None,
-                                os.path.join(results_root, dataset_name, f"{name}__{plans}__{configuration}",
-                                             f"fold_{fold}"),
-                                os.path.join(report_folder, "logs", f"train_{name}.log"),
-                                os.path.join(report_folder, "predictions", name)))
-        row_results.append(RowResult(row, models))
+    fold_runs = []
+    for fold in folds:
+        validation_cases = sorted(splits[fold]["val"])
+        test_set = fold_test_set(validation_cases, {c: tags.modality_of_case(c) for c in validation_cases},
+                                 dataset_json.get(CASE_PATIENT_KEY, {}),
+                                 os.path.join(preprocessed_folder, "gt_segmentations"),
+                                 os.path.join(raw_root, dataset_name) if raw_root else None, file_ending)
+        fold_runs.append(FoldRun(fold, test_set, _fold_rows(rows, fold, modalities, norm, budget, single_budget,
+                                                            results_root, dataset_name, plans, configuration,
+                                                            report_folder, len(folds)),
+                                 list(splits[fold]["train"])))
+    test_set = merge_test_sets([run.test_set for run in fold_runs])
+    log_stage(f"{dataset_name}, fold(s) {folds}, {len(test_set.cases)} test cases ({len(test_set.other_modality_images)} "
+              f"of them the other modality of held-out patients), rows {rows}, report {report_folder}")
 
     # 1. training
     log_stage("stage 1/4: training")
-    for result in tqdm(row_results, desc="rows", file=sys.stderr):
-        for model in result.models:
-            if result.failed:
-                break
-            train_model(model, str(dataset_id), configuration, plans, fold, device, rerun, env, result)
+    for run in fold_runs:
+        for result in tqdm(run.rows, desc=f"rows, fold {run.fold}", file=sys.stderr):
+            for model in result.models:
+                if result.failed:
+                    break
+                train_model(model, str(dataset_id), configuration, plans, run.fold, device, rerun, env, result)
 
     # 2. evaluation
-    if test_set.other_modality_images:
-        log_stage(f"stage 2/4: predicting the {len(test_set.other_modality_images)} other-modality test cases "
-                  f"with nnUNetv2_predict")
-        for result in tqdm([r for r in row_results if not r.failed], desc="predict", file=sys.stderr):
-            predict_other_modality(result, test_set, str(dataset_id), configuration, plans, fold, device, env,
-                                   report_folder)
-    log_stage("stage 2/4: evaluating the predictions of the test cases")
-    results = evaluate_rows(row_results, test_set, labels, file_ending)
+    for run in fold_runs:
+        if run.test_set.other_modality_images:
+            log_stage(f"stage 2/4: fold {run.fold}: predicting the {len(run.test_set.other_modality_images)} "
+                      f"other-modality test cases with nnUNetv2_predict")
+            for result in tqdm([r for r in run.rows if not r.failed], desc="predict", file=sys.stderr):
+                predict_other_modality(result, run.test_set, str(dataset_id), configuration, plans, run.fold,
+                                       device, env, report_folder)
+        log_stage(f"stage 2/4: fold {run.fold}: evaluating the predictions of the test cases")
+        run.results = evaluate_rows(run.rows, run.test_set, labels, file_ending)
+    row_results = merge_fold_rows(fold_runs)
+    failed_rows = {r.row for r in row_results if r.failed}
+    results = pd.concat([run.results for run in fold_runs], ignore_index=True)
+    results = results[~results["row"].isin(failed_rows)].reset_index(drop=True)
     wilcoxon = wilcoxon_table(results, row_results, modalities)
 
     # 3. timing
@@ -983,8 +1224,8 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
         if REFERENCE_ROW not in [r for r, _ in to_time] and REFERENCE_ROW not in [r.row for r in row_results]:
             to_time.append((REFERENCE_ROW, trainer_name(REFERENCE_ROW, norm, budget)))
         for row, trainer in tqdm(to_time, desc="timing", file=sys.stderr):
-            entry = time_trainer(str(dataset_id), configuration, plans, trainer, device, timing_iterations, fold,
-                                 env, os.path.join(report_folder, "logs", f"timing_{trainer}.log"))
+            entry = time_trainer(str(dataset_id), configuration, plans, trainer, device, timing_iterations,
+                                 folds[0], env, os.path.join(report_folder, "logs", f"timing_{trainer}.log"))
             timing[row] = entry
             log_stage(f"{row}: timing " + (f"FAILED ({entry['error']})" if "error" in entry else
                                            f"{entry['seconds_per_iteration_median']:.3f} s/iteration"))
@@ -998,36 +1239,46 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
     if not results.empty:
         plot_dice_boxplots(results, modalities, classes, [r.row for r in row_results],
                            os.path.join(report_folder, "dice_boxplots.png"))
-        figures["Dice box plots per class and modality"] = "dice_boxplots.png"
-    for result in row_results:
+        figures["Dice box plots per class and modality (n: test cases per box)"] = "dice_boxplots.png"
+        if plot_paired_differences(results, modalities, classes, row_results,
+                                   os.path.join(report_folder, "paired_differences.png")):
+            figures["paired Dice differences, CSA minus each row, one dot per patient, with the 95 % bootstrap "
+                    "interval of the mean"] = "paired_differences.png"
+    first = fold_runs[0]
+    for result in first.rows:
         file = f"training_curves_{result.row}.png"
         if plot_training_curves(result, os.path.join(report_folder, file)):
-            figures[f"training curves {result.row}"] = file
-    overlay_cases = plot_overlay(row_results, test_set.validation_cases, case_modality, modalities,
-                                 os.path.join(preprocessed_folder, "gt_segmentations"),
+            figures[f"training curves {result.row}" + (f" (fold {first.fold})" if len(folds) > 1 else "")] = file
+    overlay_cases = plot_overlay(first.rows, first.test_set.validation_cases, first.test_set.case_modality,
+                                 modalities, os.path.join(preprocessed_folder, "gt_segmentations"),
                                  os.path.join(raw_root, dataset_name, "imagesTr"),
                                  [(n, labels[n]) for n in classes], file_ending,
                                  os.path.join(report_folder, "overlay.png"))
-    figures["overlay (ground truth and each row's prediction)"] = "overlay.png"
+    figures["overlay (ground truth and each row's prediction)"
+            + (f", fold {first.fold}" if len(folds) > 1 else "")] = "overlay.png"
 
     seed = dataset_json.get("csa_conversion", {}).get("seed")
     plan = plan_description(preprocessed_folder, plans, configuration)
     machine = machine_description(device)
-    write_report(report_folder, dataset_name=dataset_name, fold=fold, budget=budget, norm=norm, seed=seed,
+    budgets = budget_table(row_results, budget, single_budget, modalities, plan["batch_size"], fold_runs, tags)
+    write_report(report_folder, dataset_name=dataset_name, folds=folds, budget=budget, norm=norm, seed=seed,
                  plan=plan, machine=machine, rows=row_results, results=results, wilcoxon=wilcoxon, timing=timing,
                  modalities=modalities, classes=classes, test_set=test_set, figures=figures,
-                 overlay_cases=overlay_cases, timing_iterations=timing_iterations)
+                 overlay_cases=overlay_cases, timing_iterations=timing_iterations, budgets=budgets)
     summary = {
-        "dataset": dataset_name, "configuration": configuration, "plans": plans, "fold": fold,
+        "dataset": dataset_name, "configuration": configuration, "plans": plans, "folds": folds,
         "budget": {"epochs": budget[0], "iterations_per_epoch": budget[1]} if budget else
         {"epochs": FULL_BUDGET[0], "iterations_per_epoch": FULL_BUDGET[1], "full": True},
+        "single_budget": single_budget, "budgets": budgets,
         "norm": norm, "device": device, "seed": seed, "plan": plan, "machine": machine,
-        "test_cases": {"cases": test_cases, "case_modality": case_modality, "case_patient": test_set.case_patient,
-                       "case_source": {c: test_set.source(c) for c in test_cases},
+        "test_cases": {"cases": test_set.cases, "case_modality": test_set.case_modality,
+                       "case_patient": test_set.case_patient,
+                       "case_fold": {c: run.fold for run in fold_runs for c in run.test_set.cases},
+                       "case_source": {c: test_set.source(c) for c in test_set.cases},
                        "sources": {VALIDATION_SOURCE: "final-validation predictions of the fold's held-out cases",
                                    OTHER_MODALITY_SOURCE: "nnUNetv2_predict on the other modality of the held-out "
                                                           "patients (left out of training by --unpaired)"}},
-        "rows": [{"row": r.row, "status": r.status, "error": r.error, "trainers": [m.trainer for m in r.models],
+        "rows": [{"row": r.row, "status": r.status, "error": r.error, "trainers": sorted({m.trainer for m in r.models}),
                   "trained": r.trained, "reused": r.reused, "training_seconds": r.training_seconds}
                  for r in row_results],
         "timing": timing, "wilcoxon": wilcoxon.to_dict("records"), "cases": results.to_dict("records"),
@@ -1040,6 +1291,13 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
     return report_folder
 
 
+def _fold_numbers(values: Sequence[str]) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise BenchmarkError(f"--folds takes fold numbers or 'all', not {' '.join(values)}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console script; returns nothing (a console script's return value becomes its exit status)."""
     parser = argparse.ArgumentParser(
@@ -1050,8 +1308,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("-d", required=True, help="dataset ID or name")
     parser.add_argument("-c", default="2d", help="configuration (default 2d)")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    parser.add_argument("-f", type=int, default=0, help="fold; with a converter's --split 80-20, fold 0 is the "
-                                                        "paper's 80/20 split (default 0)")
+    folds = parser.add_mutually_exclusive_group()
+    folds.add_argument("-f", type=int, default=None, help="one fold; with a converter's --split 80-20, fold 0 is "
+                                                          "the paper's 80/20 split (default 0)")
+    folds.add_argument("--folds", nargs="+", default=None, metavar="FOLD",
+                       help="several folds (e.g. 0 1 2 3 4, or 'all'): every held-out patient is scored once and "
+                            "the report pools them (means, per-fold table, Wilcoxon, bootstrap intervals, Holm)")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
                         help="short budget: the trainers' _<EPOCHS>epochs_<ITERATIONS>its variants")
@@ -1063,14 +1325,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="instance: the plan's InstanceNorm; bn: the _BN trainers (default instance)")
     parser.add_argument("-device", default="cuda", choices=("cpu", "cuda"), help="default cuda, as nnUNetv2_train")
     parser.add_argument("-o", default=None, help="report folder (default: $nnUNet_results/<Dataset>/"
-                                                 "csa_benchmark__<plans>__<config>__fold<f>__<budget>__<norm>)")
+                                                 "csa_benchmark__<plans>__<config>__fold<f>__<budget>__<norm>, "
+                                                 "folds<a>-<b>-... for several folds)")
+    parser.add_argument("--single-budget", default="equal-iterations", choices=SINGLE_BUDGETS,
+                        help="Single's budget: the joint rows' iterations (default), or equal-data: as many slices "
+                             "of its modality as the joint rows see (1/n of the iterations)")
     parser.add_argument("--rerun", action="store_true", help="train finished rows again")
     parser.add_argument("--timing-iterations", type=int, default=10,
                         help="timed training iterations per trainer (default 10; 0 skips the timing)")
     args = parser.parse_args(argv)
     try:
-        run_benchmark(args.d, args.c, args.p, args.f, None if args.full_budget else tuple(args.budget),
-                             args.rows, args.norm, args.device, args.o, args.rerun, args.timing_iterations)
+        if args.folds is not None:
+            folds = "all" if args.folds == ["all"] else _fold_numbers(args.folds)
+        else:
+            folds = [0 if args.f is None else args.f]
+        run_benchmark(args.d, args.c, args.p, folds, None if args.full_budget else tuple(args.budget),
+                      args.rows, args.norm, args.device, args.o, args.rerun, args.timing_iterations,
+                      single_budget=args.single_budget)
     except BenchmarkError as e:
         raise SystemExit(f"nnUNetv2_csa_benchmark: {e}") from None
 

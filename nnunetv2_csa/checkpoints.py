@@ -54,3 +54,18 @@ def load_checkpoint(path: str, trust: bool = False, map_location="cpu") -> dict:
             raise CheckpointError(f"{path} does not exist") from None
         raise CheckpointError(f"{path} is not a readable checkpoint ({str(e).strip().splitlines()[0][:200]}); "
                               f"it may be truncated or corrupt: copy it again, or retrain") from None
+
+
+def check_checkpoint_readable(path: str) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` unless it is a complete torch checkpoint
+    (a zip archive whose members pass their CRC check); reads the file once, runs nothing."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        broken = f"not a complete zip archive ({e})"
+    if broken is not None:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({broken}); it may be truncated or corrupt: "
+                              f"delete it to start again from an earlier checkpoint, or copy it again")

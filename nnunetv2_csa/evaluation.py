@@ -70,6 +70,7 @@ from scipy import stats
 from tqdm import tqdm
 
 from nnunetv2_csa.image_files import check_file_complete
+from nnunetv2_csa.statistics import bootstrap_mean_ci
 
 METRICS = ("dice", "hd", "hd95", "assd")
 ALL_MODALITIES = "all"
@@ -408,7 +409,8 @@ def wilcoxon_between_methods(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str
     the (case, class) rows that both tables hold; ``n_unmatched`` counts the others), and with
     ``pair_on="patient"`` further over a patient's cases within the group; the two methods are
     paired on ``pair_on``. Returns one row per group: n, statistic, p_value, mean_a, mean_b,
-    mean_difference (A - B), n_unmatched, reason. Degenerate groups do not raise:
+    mean_difference (A - B), ci_low, ci_high (95 % percentile-bootstrap interval of the mean
+    difference, ``nnunetv2_csa.statistics``), n_unmatched, reason. Degenerate groups do not raise:
     n < 2 gives statistic and p_value NaN with a reason; all differences zero gives
     statistic 0 and p_value 1.0 (no evidence of a difference) with a reason."""
     by = list(by)
@@ -441,6 +443,7 @@ def wilcoxon_between_methods(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str
                    mean_b=float(paired["b"].mean()) if n else np.nan,
                    mean_difference=float(differences.mean()) if n else np.nan,
                    n_unmatched=n_unmatched, reason="")
+        row["ci_low"], row["ci_high"] = bootstrap_mean_ci(differences)
         if n < 2:
             row["reason"] = f"fewer than 2 pairs (n={n}): no test"
         elif np.all(differences == 0):
@@ -450,7 +453,7 @@ def wilcoxon_between_methods(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str
             row.update(statistic=float(result.statistic), p_value=float(result.pvalue))
         results.append(row)
     return pd.DataFrame(results, columns=by + ["metric", "n", "statistic", "p_value", "mean_a", "mean_b",
-                                               "mean_difference", "n_unmatched", "reason"])
+                                               "mean_difference", "ci_low", "ci_high", "n_unmatched", "reason"])
 
 
 # --------------------------------------------------------------------------- command line

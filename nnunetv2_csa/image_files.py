@@ -63,3 +63,19 @@ def check_file_complete(path: str) -> None:
     if expected is not None and total < expected:
         raise IncompleteFileError(f"{path} is truncated: its header promises {expected} bytes, the file holds "
                                   f"{total}; download or copy it again")
+
+
+def count_non_finite_voxels(path: str) -> int:
+    """NaN/Inf voxels stored in a NIfTI file (0 for integer data and other formats).
+
+    Read with nibabel, because SimpleITK's NIfTI reader turns NaN and Inf into 0 (measured
+    with SimpleITK 2.5): a file that looks clean through SimpleITK can still hand NaN to a
+    nibabel-based reader, such as nnU-Net's NibabelIO."""
+    if not path.endswith((".nii", ".nii.gz")):
+        return 0
+    import nibabel
+
+    data = np.asanyarray(nibabel.load(path).dataobj)
+    if not np.issubdtype(data.dtype, np.floating):
+        return 0
+    return int(np.count_nonzero(~np.isfinite(data)))

@@ -47,6 +47,8 @@ class ModalityTags:
             raise ModalityTagError("no modality names given")
         if len(set(self.modalities)) != len(self.modalities):
             raise ModalityTagError(f"modality names repeat: {list(self.modalities)}")
+        for case in self.case_modality:
+            check_case_name(case)
         unknown = sorted({m for m in self.case_modality.values() if m not in self.modalities})
         if unknown:
             raise ModalityTagError(
@@ -76,6 +78,16 @@ class ModalityTags:
     def to_dataset_json_entries(self) -> dict:
         return {MODALITIES_KEY: list(self.modalities),
                 CASE_MODALITY_KEY: dict(sorted(self.case_modality.items()))}
+
+
+def check_case_name(case: str, source: str = "dataset.json") -> str:
+    """A case name is joined into file paths: it must be a plain file name stem, never a path
+    (``../x``, ``/abs``, ``a/b``) that would read or write outside the dataset."""
+    if (not isinstance(case, str) or not case or case in (".", "..") or "/" in case or "\\" in case
+            or os.sep in case or (os.altsep and os.altsep in case) or "\x00" in case):
+        raise ModalityTagError(f"case name {case!r} in {source} is not a plain file name (no folders, no '..'); "
+                               f"fix the entry or convert the dataset again")
+    return case
 
 
 def modality_tags_from_dataset_json(dataset_json: Mapping, source: str = "dataset.json") -> ModalityTags:

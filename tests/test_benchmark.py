@@ -13,10 +13,12 @@ import pytest
 
 from conftest import TINY_DATASET_ID, nnunet_environment, run_command
 from nnunetv2_csa import benchmark
+from nnunetv2_csa.modality import ModalityTagError
 from nnunetv2_csa.benchmark import (BenchmarkError, RESULT_COLUMNS, best_marks, error_from_log, format_table,
                                     trainer_name)
 
 RUN_ROWS = ["Single", "Joint", "CSA"]
+FOLDS = [0, 1]
 BUDGET = ("1", "5")
 CLASSES = ["myocardium", "left_ventricle", "right_ventricle"]
 MODALITIES = ["LGE", "C0"]
@@ -96,10 +98,53 @@ def test_test_set_adds_the_other_modality_of_held_out_patients_only(tmp_path):
     # a paired dataset (no key) or no raw folder: the validation cases alone
     assert benchmark.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {}, "/gt", None,
                                    ".nii.gz").cases == ["p1_LGE", "p2_C0"]
+    # a case name from dataset.json that is a path would read outside the dataset
+    (raw / "dataset.json").write_text(json.dumps({"csa_other_modality_cases": {
+        "../../p1_C0": {"modality": "C0", "patient": "p1"}}}))
+    with pytest.raises(ModalityTagError, match="not a plain file name"):
+        benchmark.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {"p1_LGE": "p1", "p2_C0": "p2"}, "/gt",
+                                str(raw), ".nii.gz")
+    (raw / "dataset.json").write_text(json.dumps({"csa_other_modality_cases": other}))
     (raw / "labelsOtherModality" / "p2_LGE.nii.gz").unlink()
     with pytest.raises(BenchmarkError, match=r"p2_LGE.nii.gz is listed under 'csa_other_modality_cases'.*--overwrite"):
         benchmark.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {"p1_LGE": "p1", "p2_C0": "p2"}, "/gt",
                                 str(raw), ".nii.gz")
+
+
+def test_single_equal_data_budget_halves_the_iterations():
+    assert benchmark.row_budget("Single", (30, 20), 2, "equal-data") == (30, 10)
+    assert benchmark.row_budget("Single", (30, 20), 2) == (30, 20)
+    assert benchmark.row_budget("CSA", (30, 20), 2, "equal-data") == (30, 20)
+    with pytest.raises(BenchmarkError, match="equal-data needs a --budget"):
+        benchmark.row_budget("Single", None, 2, "equal-data")
+
+
+def test_smallest_two_sided_wilcoxon_p():
+    from scipy import stats
+    for n in (2, 3, 6):
+        assert benchmark.smallest_two_sided_p(n) == pytest.approx(stats.wilcoxon(np.arange(1, n + 1)).pvalue)
+
+
+def _row(name, status="ok", error=""):
+    row = benchmark.RowResult(name, [benchmark.Model(name, f"tr{name}", None, "/x", "/log")], status=status)
+    row.error = error
+    return row
+
+
+def test_a_row_failed_in_one_fold_fails_as_a_whole():
+    runs = [benchmark.FoldRun(0, benchmark.TestSet({}, {}, {}), [_row("Joint"), _row("CSA")], []),
+            benchmark.FoldRun(1, benchmark.TestSet({}, {}, {}), [_row("Joint"), _row("CSA", "failed", "boom")], [])]
+    merged = {r.row: r for r in benchmark.merge_fold_rows(runs)}
+    assert merged["Joint"].status == "ok" and len(merged["Joint"].models) == 2
+    assert merged["CSA"].failed and merged["CSA"].error == "fold 1: boom"
+
+
+def test_test_sets_of_folds_must_not_share_a_case():
+    a = benchmark.TestSet({"p1_LGE": "LGE"}, {"p1_LGE": "p1"}, {"p1_LGE": "/a"})
+    b = benchmark.TestSet({"p2_C0": "C0"}, {"p2_C0": "p2"}, {"p2_C0": "/b"})
+    assert benchmark.merge_test_sets([a, b]).cases == ["p1_LGE", "p2_C0"]
+    with pytest.raises(BenchmarkError, match="held out by more than one"):
+        benchmark.merge_test_sets([a, a])
 
 
 # --------------------------------------------------------------------------- end to end
@@ -124,30 +169,33 @@ def _section(text: str, heading: str) -> str:
 
 @pytest.fixture(scope="module")
 def unpaired_dataset(tmp_path_factory):
-    """8 phantom patients, each contributing one modality (--unpaired), 80/20 split: 2 held-out
-    patients, whose other modality the benchmark must predict and score too."""
+    """10 phantom patients, each contributing one modality (--unpaired), 5 folds stratified by
+    modality: each fold holds out one patient per modality, whose other modality the benchmark
+    must predict and score too."""
     from nnunetv2_csa.phantom import write_mscmrseg_phantom
 
     root = tmp_path_factory.mktemp("nnunet_unpaired")
     env = nnunet_environment(root)
     source = root / "phantom"
-    write_mscmrseg_phantom(str(source), n_patients=8, modalities=("LGE", "C0"), seed=5, in_plane_size=48)
+    write_mscmrseg_phantom(str(source), n_patients=10, modalities=("LGE", "C0"), seed=5, in_plane_size=48)
     run_command(["nnUNetv2_csa_convert_mscmrseg", "-i", str(source), "-d", str(UNPAIRED_DATASET_ID),
-                 "--modalities", "LGE", "C0", "--unpaired", "--split", "80-20"], env)
+                 "--modalities", "LGE", "C0", "--unpaired"], env)
     run_command(["nnUNetv2_plan_and_preprocess", "-d", str(UNPAIRED_DATASET_ID), "-c", "2d", "-np", "2"], env)
     name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{UNPAIRED_DATASET_ID}_"))
     return env, name
 
 
 def expected_test_cases(env, dataset_name) -> dict:
-    """case -> source: the fold's validation cases and the other modality of their patients."""
+    """case -> source: the validation cases of folds 0 and 1 and the other modality of their patients."""
     with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "splits_final.json")) as f:
-        validation = json.load(f)[0]["val"]
+        splits = json.load(f)
+    validation = [c for fold in FOLDS for c in splits[fold]["val"]]
+    assert len(validation) == len(set(validation))  # every held-out patient once
     with open(os.path.join(env["nnUNet_raw"], dataset_name, "dataset.json")) as f:
         dataset_json = json.load(f)
     held_out = {dataset_json["csa_case_patient"][c] for c in validation}
     other = [c for c, tag in dataset_json["csa_other_modality_cases"].items() if tag["patient"] in held_out]
-    assert len(held_out) == 2 and len(other) == 2
+    assert len(held_out) == 4 and len(other) == 4
     return {**{c: "validation" for c in validation}, **{c: "other_modality" for c in other}}
 
 
@@ -156,7 +204,7 @@ def benchmark_run(unpaired_dataset, tmp_path_factory):
     env, dataset_name = unpaired_dataset
     report = tmp_path_factory.mktemp("benchmark") / "report"
     result = run_command(["nnUNetv2_csa_benchmark", "-d", str(UNPAIRED_DATASET_ID), "--budget", *BUDGET,
-                          "--rows", *RUN_ROWS, "-device", "cpu", "--timing-iterations", "2", "-o", str(report)],
+                          "--folds", *map(str, FOLDS), "--rows", *RUN_ROWS, "-device", "cpu", "--timing-iterations", "2", "-o", str(report)],
                          env, timeout=1800)
     return env, dataset_name, report, result.stdout
 
@@ -169,7 +217,8 @@ def test_report_has_every_row_bold_best_wilcoxon_and_timing(benchmark_run):
     assert re.search(r"\bnan\b|\binf\b", text, re.I) is None
     assert "1 epochs × 5 training iterations" in text and "seed (dataset.json `csa_conversion`): 12345" in text
     assert "final-validation predictions" in text and "patch [48, 48]" in text
-    assert "4 cases (2 LGE, 2 C0) of the 2 patients that fold 0" in text
+    assert "8 cases (4 LGE, 4 C0) of the 4 patients that folds 0, 1 hold out, each scored once" in text
+    assert "# CSA benchmark: Dataset993_MSCMRSeg2019, folds 0, 1 (cross-validation, pooled)" in text
     assert "the other modality of the same patients" in text and "`nnUNetv2_predict`" in text
 
     for modality in MODALITIES:
@@ -191,13 +240,27 @@ def test_report_has_every_row_bold_best_wilcoxon_and_timing(benchmark_run):
                 bold = [cells[column].startswith("**") for cells in table]
                 assert bold == [round(v, 3) == round(max(values), 3) for v in values]
 
-    wilcoxon = _markdown_tables(_section(text, "## Wilcoxon"))[0]
+    for modality in MODALITIES:  # per fold: one column per fold, every row
+        section = _section(text, "## Per fold")
+        table = _markdown_tables(section.split(f"{modality}:", 1)[1])[0]
+        assert [cells[0] for cells in table] == RUN_ROWS
+        assert all(0 <= float(c.replace("**", "")) <= 1 for cells in table for c in cells[1:])
+        assert "| Method | fold 0 | fold 1 |" in section
+
+    wilcoxon_section = _section(text, "## Wilcoxon")
+    assert "Holm's step-down method over all 12 tests" in wilcoxon_section
+    assert "Smallest p an exact test can reach: n=4: 0.12" in wilcoxon_section
+    wilcoxon = _markdown_tables(wilcoxon_section)[0]
     assert [cells[0] for cells in wilcoxon] == ["CSA vs Single", "CSA vs Joint"]
     for cells in wilcoxon:
-        assert len(cells) == 1 + 2 * len(MODALITIES)
+        assert len(cells) == 1 + 3 * len(MODALITIES)  # Dice, HD, HD95 per modality
         for cell in cells[1:]:
-            p = cell.split(" ")[0]
-            assert p == "n/a" or 0.0 <= float(p) <= 1.0, cell
+            match = re.match(r"([\d.e-]+) \(Holm ([\d.e-]+); n=4, Δ=([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", cell)
+            if match is None:  # identical predictions: no interval, p = 1
+                assert "all differences are zero" in cell, cell
+                continue
+            p, holm, delta, low, high = map(float, match.groups())
+            assert 0 < p <= holm <= 1 and low <= delta <= high, cell
 
     timing = _markdown_tables(_section(text, "## Training cost"))[0]
     assert [cells[0] for cells in timing] == RUN_ROWS
@@ -223,15 +286,18 @@ def test_results_csv_and_json_are_complete_and_finite(benchmark_run):
     for row in RUN_ROWS:
         assert sorted(df.loc[df["row"] == row, "case"].unique()) == test_cases
     assert dict(zip(df["case"], df["source"])) == case_source
-    # each held-out patient is scored in both modalities, so the Wilcoxon test pairs 2 patients per modality
-    assert (df.groupby("modality")["patient"].nunique() == 2).all()
+    # each held-out patient is scored in both modalities, so the Wilcoxon test pairs 4 patients per modality
+    assert (df.groupby("modality")["patient"].nunique() == 4).all()
+    assert sorted(df["fold"].unique()) == FOLDS
+    assert (df.groupby("patient")["fold"].nunique() == 1).all()  # a patient is scored by one fold's models
     for row in RUN_ROWS:
         for case, source in case_source.items():
             if source == "other_modality":
                 modality = case.rsplit("_", 1)[1]
-                trainer = df.loc[(df["row"] == row) & (df["case"] == case), "trainer"].iloc[0]
-                assert (report / "predictions" / trainer / f"{case}.nii.gz").is_file()
-                assert (report / "logs" / f"predict_{trainer}_{modality}.log").is_file()
+                scored = df.loc[(df["row"] == row) & (df["case"] == case)].iloc[0]
+                trainer, fold = scored["trainer"], scored["fold"]
+                assert (report / "predictions" / f"fold_{fold}" / trainer / f"{case}.nii.gz").is_file()
+                assert (report / "logs" / f"predict_{trainer}_{modality}_fold{fold}.log").is_file()
     assert np.isfinite(df[["dice", "hd", "hd95", "assd"]].to_numpy()).all()
     assert df["dice"].between(0, 1).all() and (df["hd"] >= df["hd95"] - 1e-9).all()
     # Single scores each modality with the model trained on it
@@ -246,7 +312,7 @@ def test_results_csv_and_json_are_complete_and_finite(benchmark_run):
         summary = json.load(f, parse_constant=no_nan)
     assert [r["status"] for r in summary["rows"]] == ["ok"] * len(RUN_ROWS)
     assert len(summary["cases"]) == len(df) and summary["budget"] == {"epochs": 1, "iterations_per_epoch": 5}
-    assert summary["test_cases"]["case_source"] == case_source
+    assert summary["test_cases"]["case_source"] == case_source and summary["folds"] == FOLDS
 
 
 @pytest.mark.integration
@@ -266,7 +332,8 @@ def test_every_rows_checkpoint_loads_without_full_pickle(benchmark_run):
 @pytest.mark.integration
 def test_plots_are_written(benchmark_run):
     _, _, report, _ = benchmark_run
-    files = ["dice_boxplots.png", "overlay.png"] + [f"training_curves_{row}.png" for row in RUN_ROWS]
+    files = ["dice_boxplots.png", "overlay.png", "paired_differences.png"] + [f"training_curves_{row}.png"
+                                                                            for row in RUN_ROWS]
     for name in files:
         data = (report / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name

@@ -72,3 +72,34 @@ def test_export_refuses_a_crafted_checkpoint_in_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "--trust-checkpoint" in err and len(err.splitlines()) == 1
     assert not marker.exists() and not (tmp_path / "exported").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".export_")]
+
+
+def test_resume_names_a_truncated_checkpoint_before_nnunet_reads_it(tmp_path):
+    from nnunetv2_csa.training.resume import ReadableCheckpointMixin
+
+    class _Trainer:
+        def load_checkpoint(self, filename_or_checkpoint):
+            self.loaded = filename_or_checkpoint
+
+    class _Checked(ReadableCheckpointMixin, _Trainer):
+        pass
+
+    good = tmp_path / "checkpoint_final.pth"
+    torch.save(_nnunet_like_checkpoint(), good)
+    trainer = _Checked()
+    trainer.load_checkpoint(str(good))
+    assert trainer.loaded == str(good)
+    bad = tmp_path / "checkpoint_latest.pth"
+    bad.write_bytes(good.read_bytes()[:-200])
+    with pytest.raises(CheckpointError, match=r"checkpoint_latest\.pth is not a readable checkpoint.*delete it"):
+        _Checked().load_checkpoint(str(bad))
+    in_memory = {"already": "loaded"}
+    trainer.load_checkpoint(in_memory)  # a dict is nnU-Net's business
+    assert trainer.loaded is in_memory
+
+
+def test_nnunet_load_checkpoint_hook_still_takes_a_path_or_a_dict():
+    # the mixin overrides this hook; a change of nnU-Net's signature must show up here
+    import inspect
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    assert list(inspect.signature(nnUNetTrainer.load_checkpoint).parameters) == ["self", "filename_or_checkpoint"]

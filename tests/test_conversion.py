@@ -787,3 +787,66 @@ def test_too_few_patients_for_five_folds(myops_source, tmp_path):
     _expect_failure(convert_myops, source, str(tmp_path / "raw"), "5-fold split needs at least 5 patients")
     folder = _convert_isolated(convert_myops, source, 33, str(tmp_path / "raw"), split="80-20")
     assert len(load_json(os.path.join(folder, "splits_final.json"))) == 1
+
+
+def test_nan_intensities_are_an_error_naming_the_file(myops_copy, tmp_path):
+    import nibabel  # SimpleITK reads NaN and Inf of a NIfTI file as 0: write and check with nibabel
+
+    path = os.path.join(myops_copy, "train", "Case3002", "Case3002_C0.nii.gz")
+    image = nibabel.load(path)
+    array = np.asarray(image.dataobj, dtype=np.float32)
+    array[:3, 0, 0] = [np.nan, np.inf, -np.inf]
+    header = image.header.copy()
+    header.set_data_dtype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(array, image.affine, header), path)
+    _expect_failure(convert_myops, myops_copy, str(tmp_path / "raw"), r"Case3002_C0\.nii\.gz holds 3 NaN/Inf voxel")
+
+
+@pytest.mark.parametrize("crop", [None, (32, 32)])
+def test_an_empty_label_is_named_and_never_called_too_large(myops_copy, tmp_path, crop):
+    _rewrite(os.path.join(myops_copy, "train", "Case3003", "Case3003_gd.nii.gz"), lambda im: im * 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert_myops(myops_copy, 31, str(tmp_path / "raw"), crop=crop, split="80-20")
+    messages = [str(w.message) for w in caught if issubclass(w.category, ConversionWarning)]
+    assert any("Case3003_gd.nii.gz holds no foreground at all" in m for m in messages), messages
+    assert not any("larger than the crop" in m for m in messages), messages
+
+
+def test_near_miss_file_names_are_listed_not_skipped_silently(myops_copy, tmp_path):
+    case = os.path.join(myops_copy, "train", "Case3002")
+    shutil.copy(os.path.join(case, "Case3002_C0.nii.gz"), os.path.join(case, "Case3002_C0 (1).nii.gz"))
+    shutil.copy(os.path.join(case, "Case3002_C0.nii.gz"), os.path.join(case, "Case3002_T2.nii.gz "))
+    os.makedirs(os.path.join(myops_copy, "train", "Case3009_LGE.nii.gz"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert_myops(myops_copy, 32, str(tmp_path / "raw"), split="80-20")
+    skipped = [str(w.message) for w in caught if "were skipped" in str(w.message)]
+    assert len(skipped) == 1 and skipped[0].startswith("3 image-like name(s)")
+    for name in ("Case3002_C0 (1).nii.gz", "Case3002_T2.nii.gz ", "Case3009_LGE.nii.gz' (a folder)"):
+        assert name in skipped[0], name
+
+
+def test_sigterm_leaves_no_hidden_partial_dataset(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source = tmp_path / "src"
+    write_myops_phantom(str(source / "train"), n_patients=30, in_plane_size=96)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    command = [os.path.join(os.path.dirname(sys.executable), "nnUNetv2_csa_convert_myops"), "-i", str(source),
+               "-o", str(raw), "-d", "40", "--crop", "64", "64", "--split", "80-20", "-np", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in NNUNET_VARIABLES}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(p.startswith(".Dataset040") for p in os.listdir(raw)):
+        assert process.poll() is None, "the conversion ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert os.listdir(raw) == []

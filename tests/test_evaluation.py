@@ -18,6 +18,7 @@ from scipy import ndimage, stats
 from scipy.spatial.distance import cdist
 
 from nnunetv2_csa.image_files import IncompleteFileError
+from nnunetv2_csa.statistics import bootstrap_mean_ci
 from nnunetv2_csa.evaluation import (evaluate_case, evaluate_folder, main, run_cli, summarize,
                                      symmetric_surface_distances, wilcoxon_between_methods)
 
@@ -419,6 +420,8 @@ def test_wilcoxon_matches_scipy_on_case_means():
     assert row["statistic"] == pytest.approx(expected.statistic)
     assert row["p_value"] == pytest.approx(expected.pvalue)
     assert row["mean_difference"] == pytest.approx((a_means - b_means).mean())
+    # the bootstrap interval is of the same per-unit differences the test pairs
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(bootstrap_mean_ci(a_means - b_means), rel=1e-6)
     assert row["reason"] == ""
 
 

@@ -249,3 +249,15 @@ def test_progress_panel_is_drawn_from_the_log_without_reading_nnunets_png(tmp_pa
     from PIL import Image
     assert Image.open(tmp_path / "progress.png").size == (3000, 5400)  # nnU-Net's own figure, unchanged
     assert Image.open(tmp_path / PROGRESS_FILE).size == (800, 320)
+
+
+def test_lambda_rampup_is_linear_over_its_fraction_of_the_epochs():
+    from nnunetv2_csa.training.nnUNetTrainerCSA import lambda_rampup
+    assert [lambda_rampup(e, 20, 0.25) for e in (0, 1, 4, 5, 19)] == [0.0, 0.2, 0.8, 1.0, 1.0]
+    assert lambda_rampup(0, 20, 0.0) == 1.0
+
+
+@pytest.mark.parametrize("bad", ["../p1_LGE", "/etc/passwd", "a/b_LGE", "..", "", "p1\\..\\x"])
+def test_case_names_that_are_paths_are_refused(bad):
+    with pytest.raises(ModalityTagError, match="not a plain file name"):
+        ModalityTags(("LGE",), {bad: "LGE"})

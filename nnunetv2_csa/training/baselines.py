@@ -15,13 +15,14 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerBN import nnUNetTrainerBN
 
 from nnunetv2_csa.modality import ModalityTagError, modality_tags_from_dataset_json
+from nnunetv2_csa.training.resume import ReadableCheckpointMixin
 
 
-class nnUNetTrainerJoint(nnUNetTrainer):
+class nnUNetTrainerJoint(ReadableCheckpointMixin, nnUNetTrainer):
     """Stock nnU-Net on both modalities (the paper's Joint row)."""
 
 
-class nnUNetTrainerJoint_BN(nnUNetTrainerBN):
+class nnUNetTrainerJoint_BN(ReadableCheckpointMixin, nnUNetTrainerBN):
     """Stock nnU-Net with BatchNorm on both modalities."""
 
 
@@ -48,7 +49,7 @@ class _SingleModalityMixin:
 
 def _single(index: int, base: type, suffix: str = "") -> type:
     name = f"nnUNetTrainerSingleModality{index}{suffix}"
-    return type(name, (_SingleModalityMixin, base), {
+    return type(name, (ReadableCheckpointMixin, _SingleModalityMixin, base), {
         "single_modality_index": index, "__module__": __name__, "__qualname__": name,
         "__doc__": f"Stock nnU-Net trained on modality #{index} of csa_modalities only (the paper's Single row)."})
 

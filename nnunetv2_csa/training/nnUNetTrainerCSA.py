@@ -57,6 +57,7 @@ from nnunetv2_csa.modality_norm import convert_to_modality_specific_norms, set_m
 from nnunetv2_csa.modality_order import record_modality_order
 from nnunetv2_csa.sampler import UnpairedModalityDataLoader
 from nnunetv2_csa.training.progress import ModalityAwareLocalLogger
+from nnunetv2_csa.training.resume import ReadableCheckpointMixin
 
 #: environment variable naming the modality that ``nnUNetv2_predict`` segments
 INFERENCE_MODALITY_ENV = "nnUNet_csa_modality"
@@ -81,6 +82,14 @@ def weight_on_nnunet_loss(paper_lambda: float) -> float:
     """The weight on top of nnU-Net's Dice + CE that gives the paper's λ (see the module
     docstring): nnU-Net's loss is the mean of the two modalities' losses, the paper's their sum."""
     return paper_lambda / 2
+
+
+def lambda_rampup(epoch: int, num_epochs: int, fraction: float) -> float:
+    """The factor on λ at ``epoch``: linear from 0 at epoch 0 to 1 at ``fraction`` of the
+    epochs, 1 after (a common schedule for consistency terms, which are unreliable while the
+    network's features are still random)."""
+    ramp_epochs = fraction * num_epochs
+    return 1.0 if ramp_epochs <= 0 else min(1.0, epoch / ramp_epochs)
 
 
 def plans_modalities(plans_manager: PlansManager) -> list[str]:
@@ -127,7 +136,7 @@ def _gathered_nanmean(trainer: nnUNetTrainer, values) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
 
 
-class nnUNetTrainerCSA(nnUNetTrainer):
+class nnUNetTrainerCSA(ReadableCheckpointMixin, nnUNetTrainer):
     """Shared convolutions, modality-specific norms, unpaired batches and the class-specific
     affinity (CSA) consistency of Chen et al., MICCAI 2020.
 
@@ -138,6 +147,8 @@ class nnUNetTrainerCSA(nnUNetTrainer):
     consistency_kind = "csa"
     #: λ of Eq. 5 in the paper's units (its loss sums the modalities' Dice + CE)
     paper_lambda = 0.5
+    #: λ grows linearly from 0 to its value over this fraction of the epochs (0: constant λ)
+    lambda_rampup_fraction = 0.0
     #: log the affinity term of every validation batch (also for λ = 0, the MSBN row, so that
     #: its curve can be compared with the rows that minimise it; outside the training step)
     monitor_consistency = True
@@ -279,6 +290,10 @@ class nnUNetTrainerCSA(nnUNetTrainer):
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         self.loss.active = True
+        if self.lambda_rampup_fraction > 0:
+            self.loss.weight = self.consistency_weight * lambda_rampup(self.current_epoch, self.num_epochs,
+                                                                       self.lambda_rampup_fraction)
+            self.print_to_log_file(f"consistency weight (ramp-up): {self.loss.weight:.4g}")
 
     def train_step(self, batch: dict) -> dict:
         # routing reads the modality on the host: handing it the CPU tensor avoids a device sync
@@ -472,6 +487,11 @@ class nnUNetTrainerCSA_Lambda1(nnUNetTrainerCSA):
 class nnUNetTrainerCSA_Lambda0p25(nnUNetTrainerCSA):
     """CSA with λ = 0.25 in the paper's units (0.125 on nnU-Net's loss): half the paper's weight."""
     paper_lambda = 0.25
+
+
+class nnUNetTrainerCSA_RampUp(nnUNetTrainerCSA):
+    """CSA with the paper's λ reached by a linear ramp-up over the first quarter of the epochs."""
+    lambda_rampup_fraction = 0.25
 
 
 class nnUNetTrainerUMMKD_Lambda1(nnUNetTrainerUMMKD):

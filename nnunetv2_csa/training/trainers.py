@@ -8,6 +8,7 @@ from nnunetv2_csa.training.nnUNetTrainerCSA import (nnUNetTrainerAffinity, nnUNe
                                                     nnUNetTrainerCSA, nnUNetTrainerCSA_AreaFraction,
                                                     nnUNetTrainerCSA_AreaPixels, nnUNetTrainerCSA_BN,
                                                     nnUNetTrainerCSA_Lambda0p25, nnUNetTrainerCSA_Lambda1,
+                                                    nnUNetTrainerCSA_RampUp,
                                                     nnUNetTrainerUMMKD_Lambda1,
                                                     nnUNetTrainerCSA_Literal, nnUNetTrainerMSBN, nnUNetTrainerMSBN_BN,
                                                     nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN)
@@ -17,6 +18,7 @@ BASE_TRAINERS = (nnUNetTrainerCSA, nnUNetTrainerCSA_BN, nnUNetTrainerMSBN, nnUNe
                  nnUNetTrainerAffinity, nnUNetTrainerAffinity_BN, nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN,
                  nnUNetTrainerCSA_AreaPixels, nnUNetTrainerCSA_AreaFraction, nnUNetTrainerCSA_Literal,
                  nnUNetTrainerCSA_Lambda1, nnUNetTrainerCSA_Lambda0p25, nnUNetTrainerUMMKD_Lambda1,
+                 nnUNetTrainerCSA_RampUp,
                  nnUNetTrainerJoint, nnUNetTrainerJoint_BN,
                  nnUNetTrainerSingleModality0, nnUNetTrainerSingleModality0_BN,
                  nnUNetTrainerSingleModality1, nnUNetTrainerSingleModality1_BN,
