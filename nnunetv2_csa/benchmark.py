@@ -1023,7 +1023,8 @@ def write_report(report_folder: str, *, dataset_name: str, folds: Sequence[int],
             "A timed iteration is nnU-Net's `train_step` (forward, loss, backward, optimizer step) plus the "
             "loading of its batch; the consistency term is in it only for rows that train with it (λ > 0): MSBN "
             "logs its CSA term on the validation batches, outside the timed step. Epoch-end overhead: the median "
-            "wall time of `on_epoch_end` (checkpoint, progress plots, log) over 3 epochs' bookkeeping. "
+            "wall time of `on_epoch_end` (checkpoint, progress plots, log) over up to 3 epochs (the first "
+            "includes the first best-checkpoint save). "
             + ("Peak memory: `torch.cuda.max_memory_allocated`." if machine["device"] == "cuda" else
                "Peak memory on CPU: increase of the process' peak RSS over its value before `on_train_start` "
                "(augmentation workers not counted)."), ""]

@@ -211,9 +211,12 @@ def main(argv=None) -> None:
                         help="rows of the paper's table to train (Single Joint MSBN Affinity UMMKD CSA)")
     parser.add_argument("--budget", nargs=2, type=int, default=list(DEFAULT_BUDGET), metavar=("EPOCHS", "ITERATIONS"),
                         help="short budget per row (default: 10 epochs x 10 iterations)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dataset-id", type=int, default=DEMO_DATASET_ID)
-    parser.add_argument("--timing-iterations", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="device of training and prediction (default cpu)")
+    parser.add_argument("--dataset-id", type=int, default=DEMO_DATASET_ID,
+                        help=f"nnU-Net dataset ID the demo converts into (default {DEMO_DATASET_ID})")
+    parser.add_argument("--timing-iterations", type=int, default=5,
+                        help="timed training iterations per trainer (default 5; 0 skips the timing)")
     parser.add_argument("--phantom-patients", type=int, default=10, help="phantom patients (default 10)")
     parser.add_argument("--phantom-size", type=int, default=48, help="phantom in-plane matrix (default 48)")
     args = parser.parse_args(argv)

@@ -122,7 +122,8 @@ def main(argv=None) -> None:
     parser.add_argument("--modality", required=True, help="modality name as in the model's plans.json")
     parser.add_argument("-o", "--output", required=True, help="new folder for the exported model")
     parser.add_argument("-f", "--folds", nargs="+", default=None, help="folds to export (default: all present)")
-    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth",
+                        help="checkpoint file name in each fold folder (default checkpoint_final.pth)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load checkpoints with full pickle (can run code from the file): only for files from "
                              "a source you trust that hold more than an nnU-Net checkpoint does")
@@ -133,8 +134,9 @@ def main(argv=None) -> None:
     except (ExportError, ModalityTagError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"exported modality {args.modality} to {out}; predict it with "
-          f"nnUNetv2_predict_from_modelfolder -m {out} -i INPUT -o OUTPUT")
+    folds = sorted(d.removeprefix("fold_") for d in os.listdir(out) if d.startswith("fold_"))
+    print(f"exported modality {args.modality} (fold(s) {', '.join(folds)}) to {out}; predict it with "
+          f"nnUNetv2_predict_from_modelfolder -m {out} -f {' '.join(folds)} -i INPUT -o OUTPUT")
 
 
 if __name__ == "__main__":

@@ -76,17 +76,21 @@ def _shut_down_augmenters(trainer) -> None:
     trainer.dataloader_train = trainer.dataloader_val = None
 
 
-def _epoch_end_seconds(trainer, epochs: int = EPOCH_END_REPEATS) -> list[float]:
-    """Wall time of ``on_epoch_end`` (checkpoint, progress plots, log lines) after the
-    bookkeeping of a short epoch (two training steps, one validation step), ``epochs`` times:
-    the per-epoch overhead a row adds besides its steps."""
+def _epoch_end_seconds(trainer, first_epoch_outputs: list, repeats: int = EPOCH_END_REPEATS) -> list[float]:
+    """Wall time of ``on_epoch_end`` (checkpoint, progress plots, log lines) after an epoch's
+    bookkeeping (its training steps, one validation step): the per-epoch overhead a row adds
+    besides its steps. The first epoch is the timed one; later ones run two training steps.
+    At most ``num_epochs`` epochs (nnU-Net's learning-rate schedule ends there)."""
     import torch
 
     durations = []
-    for _ in range(epochs):
-        trainer.on_epoch_start()
-        trainer.on_train_epoch_start()
-        outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(2)]
+    for repeat in range(max(1, min(repeats, trainer.num_epochs))):
+        if repeat:
+            trainer.on_epoch_start()
+            trainer.on_train_epoch_start()
+            outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(2)]
+        else:
+            outputs = first_epoch_outputs
         trainer.on_train_epoch_end(outputs)
         with torch.no_grad():
             trainer.on_validation_epoch_start()
@@ -131,19 +135,19 @@ def measure_step_time(dataset_id, configuration: str = "2d", plans: str = "nnUNe
         try:
             trainer.on_train_start()
             # network.train(), learning rate, and the consistency loss of the CSA family switched on
+            trainer.on_epoch_start()
             trainer.on_train_epoch_start()
-            for _ in range(warmup):
-                trainer.train_step(next(trainer.dataloader_train))
+            outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(warmup)]
             durations = []
             for _ in range(iterations):
                 if device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                trainer.train_step(next(trainer.dataloader_train))
+                outputs.append(trainer.train_step(next(trainer.dataloader_train)))
                 if device == "cuda":
                     torch.cuda.synchronize()
                 durations.append(time.perf_counter() - start)
-            epoch_end = _epoch_end_seconds(trainer)
+            epoch_end = _epoch_end_seconds(trainer, outputs)
             if device == "cuda":
                 peak, kind = int(torch.cuda.max_memory_allocated()), "cuda_max_memory_allocated"
             else:

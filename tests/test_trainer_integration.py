@@ -141,7 +141,10 @@ def test_predict_each_modality_and_exported_stock_model_agrees(trained_csa_model
             assert set(np.unique(seg)) <= {0, 1, 2, 3}
 
     exported = str(tmp_path / "exported_LGE")
-    run_command(["nnUNetv2_csa_export_modality", "-m", model_folder, "--modality", "LGE", "-o", exported], env)
+    export = run_command(["nnUNetv2_csa_export_modality", "-m", model_folder, "--modality", "LGE", "-o", exported],
+                         env)
+    # the printed hint works as printed: it names the exported fold
+    assert f"nnUNetv2_predict_from_modelfolder -m {exported} -f 0 -i INPUT -o OUTPUT" in export.stdout
     checkpoint = torch.load(os.path.join(exported, "fold_0", "checkpoint_final.pth"), map_location="cpu",
                             weights_only=False)
     assert checkpoint["trainer_name"] == "nnUNetTrainer"

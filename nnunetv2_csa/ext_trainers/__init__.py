@@ -8,6 +8,12 @@ import os
 TRAINER_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def print_trainer_dir() -> None:
+def print_trainer_dir(argv=None) -> None:
     """``export nnUNet_extTrainer=$(nnUNetv2_csa_trainer_dir)``"""
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="nnUNetv2_csa_trainer_dir",
+        description="Prints the folder of this package's trainers, for nnU-Net's nnUNet_extTrainer variable: "
+                    "export nnUNet_extTrainer=$(nnUNetv2_csa_trainer_dir)").parse_args(argv)
     print(TRAINER_DIR)
