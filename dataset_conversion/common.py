@@ -456,7 +456,8 @@ def check_splits_cover_modalities(splits: Sequence[Mapping[str, Sequence[str]]],
             present = {case_modality[c] for c in fold[part]}
             missing = [m for m in modalities if m not in present]
             if missing:
-                problems.append(f"fold {k} {'training' if part == 'train' else 'validation'} has no {'/'.join(missing)}")
+                part_name = "training" if part == "train" else "validation"
+                problems.append(f"fold {k} {part_name} has no {'/'.join(missing)}")
     if problems:
         patients_per_modality = {m: len({c for c, cm in case_modality.items() if cm == m}) for m in modalities}
         raise ConversionError(

@@ -1008,12 +1008,13 @@ def write_report(report_folder: str, *, dataset_name: str, folds: Sequence[int],
             means, higher = per_fold_table(results, modality, rows, folds)
             out += [f"{modality}:", "", format_table(means, higher, failed=failed), ""]
     n_pairs = sorted({int(n) for n in wilcoxon["n"]}) if not wilcoxon.empty else []
+    n_tests = int(np.isfinite(wilcoxon["p_value"].to_numpy(dtype=float)).sum()) if not wilcoxon.empty else 0
     out += ["## Wilcoxon signed-rank test, CSA vs each other row", "",
             "Patient level: per patient the mean over classes (and over the patient's test cases of the "
             "modality); paired two-sided test (`scipy.stats.wilcoxon`), Δ = mean(CSA) − mean(other) with its "
             "95 % percentile-bootstrap interval (`scipy.stats.bootstrap`, 9999 resamples, seed 0) in brackets. "
-            f"Holm: p adjusted by Holm's step-down method over all {int(np.isfinite(wilcoxon['p_value']).sum()) if not wilcoxon.empty else 0} "
-            "tests of this table (family-wise error rate). "
+            f"Holm: p adjusted by Holm's step-down method over all {n_tests} tests of this table (family-wise "
+            "error rate). "
             + ("Smallest p an exact test can reach: " + ", ".join(f"n={n}: {smallest_two_sided_p(n):.2g}"
                                                                   for n in n_pairs) + "." if n_pairs else ""), "",
             wilcoxon_markdown(wilcoxon, rows, modalities), ""]
@@ -1189,8 +1190,9 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
                                                             report_folder, len(folds)),
                                  list(splits[fold]["train"])))
     test_set = merge_test_sets([run.test_set for run in fold_runs])
-    log_stage(f"{dataset_name}, fold(s) {folds}, {len(test_set.cases)} test cases ({len(test_set.other_modality_images)} "
-              f"of them the other modality of held-out patients), rows {rows}, report {report_folder}")
+    log_stage(f"{dataset_name}, fold(s) {folds}, {len(test_set.cases)} test cases "
+              f"({len(test_set.other_modality_images)} of them the other modality of held-out patients), rows {rows}, "
+              f"report {report_folder}")
 
     # 1. training
     log_stage("stage 1/4: training")

@@ -204,7 +204,8 @@ def benchmark_run(unpaired_dataset, tmp_path_factory):
     env, dataset_name = unpaired_dataset
     report = tmp_path_factory.mktemp("benchmark") / "report"
     result = run_command(["nnUNetv2_csa_benchmark", "-d", str(UNPAIRED_DATASET_ID), "--budget", *BUDGET,
-                          "--folds", *map(str, FOLDS), "--rows", *RUN_ROWS, "-device", "cpu", "--timing-iterations", "2", "-o", str(report)],
+                          "--folds", *map(str, FOLDS), "--rows", *RUN_ROWS, "-device", "cpu", "--timing-iterations",
+                          "2", "-o", str(report)],
                          env, timeout=1800)
     return env, dataset_name, report, result.stdout
 

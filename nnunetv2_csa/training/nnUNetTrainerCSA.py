@@ -16,7 +16,7 @@ L_consistency]``: the term is added with the weight ``λ/2`` (0.25 for the paper
 top of nnU-Net's loss, which gives the paper's balance between the segmentation loss and
 the consistency term. ``paper_lambda`` is the row's λ in the paper's units;
 ``consistency_weight`` is the weight actually applied. The ``_Lambda1`` variants keep the
-weighting of releases before 0.2 (0.5 on nnU-Net's loss, λ = 1 in the paper's units).
+weighting of this package's first version (0.5 on nnU-Net's loss, λ = 1 in the paper's units).
 The consistency term is added once per step and only in training mode, so nnU-Net's
 validation loss stays comparable between all rows.
 
@@ -308,8 +308,8 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, nnUNetTrainer):
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
-        self.logger.log("train_consistency_losses", _gathered_nanmean(self, [o["consistency_loss"] for o in train_outputs]),
-                        self.current_epoch)
+        terms = [o["consistency_loss"] for o in train_outputs]
+        self.logger.log("train_consistency_losses", _gathered_nanmean(self, terms), self.current_epoch)
 
     # ---------------------------------------------------------------- validation
     def on_validation_epoch_start(self):
@@ -375,8 +375,8 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, nnUNetTrainer):
             dice = 2 * tp / (2 * tp + fp + fn)
         mean_per_modality = [float(np.nanmean(d)) if np.isfinite(d).any() else math.nan for d in dice]
         self.logger.log("mean_fg_dice_per_modality", mean_per_modality, self.current_epoch)
-        self.logger.log("val_consistency_losses", _gathered_nanmean(self, [o["consistency_loss"] for o in val_outputs]),
-                        self.current_epoch)
+        terms = [o["consistency_loss"] for o in val_outputs]
+        self.logger.log("val_consistency_losses", _gathered_nanmean(self, terms), self.current_epoch)
 
     def on_epoch_end(self):
         names = self.modality_tags.modalities
@@ -480,7 +480,7 @@ class nnUNetTrainerUMMKD_BN(nnUNetTrainerCSA_BN):
 
 class nnUNetTrainerCSA_Lambda1(nnUNetTrainerCSA):
     """CSA with λ = 1 in the paper's units (0.5 on nnU-Net's loss): twice the paper's weight,
-    the default of releases before 0.2."""
+    the default of this package's first version."""
     paper_lambda = 1.0
 
 
@@ -495,8 +495,8 @@ class nnUNetTrainerCSA_RampUp(nnUNetTrainerCSA):
 
 
 class nnUNetTrainerUMMKD_Lambda1(nnUNetTrainerUMMKD):
-    """UMMKD with weight 1 in the paper's units (0.5 on nnU-Net's loss), the default of releases
-    before 0.2."""
+    """UMMKD with weight 1 in the paper's units (0.5 on nnU-Net's loss), the default of this
+    package's first version."""
     paper_lambda = 1.0
 
 
