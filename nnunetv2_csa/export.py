@@ -42,6 +42,18 @@ def _fold_folders(model_folder: str, folds) -> list[str]:
     return [f"fold_{f}" for f in folds]
 
 
+def _trainer_class(name: str):
+    """The trainer class ``name``: this package's own trainers are found without
+    ``nnUNet_extTrainer`` (the export knows them), others through nnU-Net's search."""
+    import nnunetv2_csa.training.trainers as own_trainers
+
+    found = getattr(own_trainers, name, None) or recursive_find_trainer_class_by_name(name)
+    if found is None:
+        raise ExportError(f"trainer {name} (named by the checkpoint) was found neither in nnunetv2_csa nor by "
+                          f"nnU-Net's search; if it is a trainer of your own, add its folder to nnUNet_extTrainer")
+    return found
+
+
 def export_modality(model_folder: str, modality: str, output_folder: str, folds=None,
                     checkpoint_name: str = "checkpoint_final.pth", trust_checkpoint: bool = False) -> str:
     """Write a stock nnU-Net model folder for ``modality``; returns ``output_folder``.
@@ -54,6 +66,9 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
                           f"(…/DatasetXXX/<trainer>__<plans>__<configuration>)")
     if os.path.exists(output_folder):
         raise ExportError(f"{output_folder} exists already; choose a new output folder")
+    parent = os.path.dirname(os.path.abspath(output_folder))
+    if not os.path.isdir(parent):
+        raise ExportError(f"the folder {parent} that -o {output_folder} would go into does not exist; create it first")
     plans = load_json(plans_file)
     dataset_json = load_json(join(model_folder, "dataset.json"))
     modalities = plans.get(MODALITIES_KEY)
@@ -64,15 +79,23 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
         raise ModalityTagError(f"unknown modality {modality!r}; {model_folder} knows {modalities}")
     plans_manager = PlansManager(plans)
 
-    staging = tempfile.mkdtemp(prefix=".export_", dir=os.path.dirname(os.path.abspath(output_folder)) or ".")
+    staging = tempfile.mkdtemp(prefix=".export_", dir=parent)
     try:
-        for fold in _fold_folders(model_folder, folds):
+        fold_folders = _fold_folders(model_folder, folds)
+        for fold in fold_folders:
             checkpoint_file = join(model_folder, fold, checkpoint_name)
             if not os.path.isfile(checkpoint_file):
-                raise ExportError(f"{checkpoint_file} does not exist (train the fold to the end, or pick "
-                                  f"another checkpoint with -chk)")
+                finished = [f.removeprefix("fold_") for f in fold_folders
+                            if os.path.isfile(join(model_folder, f, checkpoint_name))]
+                raise ExportError(f"{checkpoint_file} does not exist: train the fold to the end, pick another "
+                                  f"checkpoint with -chk, or export the finished folds only"
+                                  + (f" (-f {' '.join(finished)})" if finished else ""))
             checkpoint = load_checkpoint(checkpoint_file, trust=trust_checkpoint)
-            trainer_class = recursive_find_trainer_class_by_name(checkpoint["trainer_name"])
+            missing = [k for k in ("trainer_name", "init_args", "network_weights") if k not in checkpoint]
+            if missing or "configuration" not in checkpoint.get("init_args", {}):
+                raise ExportError(f"{checkpoint_file} lacks {missing or ['init_args.configuration']}: it is not a "
+                                  f"checkpoint written by nnU-Net's trainer")
+            trainer_class = _trainer_class(checkpoint["trainer_name"])
             stock_trainer_name = getattr(trainer_class, "stock_trainer_name", None)
             if stock_trainer_name is None:
                 raise ExportError(f"{checkpoint_file} was written by {checkpoint['trainer_name']}, which has no "

@@ -1,0 +1,55 @@
+"""The export's answers to bad input, on a tiny model folder written here (no training)."""
+import json
+import os
+
+import pytest
+import torch
+
+from nnunetv2_csa.export import ExportError, export_modality
+from nnunetv2_csa.training.nnUNetTrainerCSA import nnUNetTrainerCSA
+from test_trainer_units import _plans
+
+DATASET_JSON = {"labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "channel_names": {"0": "zscore"},
+                "file_ending": ".nii.gz", "numTraining": 2}
+
+
+def _model_folder(root, folds=("0",), finished=("0",), checkpoint=None):
+    plans = _plans().plans
+    model = root / "nnUNetTrainerCSA__nnUNetPlans__2d"
+    model.mkdir()
+    (model / "plans.json").write_text(json.dumps(plans))
+    (model / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    network = nnUNetTrainerCSA.build_network_architecture(_plans(), _plans().get_configuration("2d"), 1, 4, True)
+    for fold in folds:
+        (model / f"fold_{fold}").mkdir()
+        if fold in finished:
+            torch.save(checkpoint if checkpoint is not None else
+                       {"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainerCSA",
+                        "init_args": {"configuration": "2d"}, "current_epoch": 1},
+                       model / f"fold_{fold}" / "checkpoint_final.pth")
+    return str(model)
+
+
+def test_export_finds_its_own_trainers_without_nnunet_exttrainer(tmp_path, monkeypatch):
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    out = export_modality(_model_folder(tmp_path), "C0", str(tmp_path / "exported"))
+    checkpoint = torch.load(os.path.join(out, "fold_0", "checkpoint_final.pth"), weights_only=False)
+    assert checkpoint["trainer_name"] == "nnUNetTrainer"
+    assert not any(".norms." in k or "csa_modality_order" in k for k in checkpoint["network_weights"])
+
+
+def test_output_in_a_missing_parent_is_named(tmp_path):
+    with pytest.raises(ExportError, match=r"missing/parent that -o .* does not exist; create it"):
+        export_modality(_model_folder(tmp_path), "C0", str(tmp_path / "missing" / "parent" / "out"))
+
+
+def test_an_unfinished_extra_fold_points_at_the_finished_ones(tmp_path):
+    with pytest.raises(ExportError, match=r"fold_1/checkpoint_final\.pth does not exist.*\(-f 0\)"):
+        export_modality(_model_folder(tmp_path, folds=("0", "1")), "C0", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".export_")]
+
+
+def test_a_checkpoint_without_init_args_is_named(tmp_path):
+    folder = _model_folder(tmp_path, checkpoint={"network_weights": {}, "trainer_name": "nnUNetTrainerCSA"})
+    with pytest.raises(ExportError, match=r"checkpoint_final\.pth lacks \['init_args'\]"):
+        export_modality(folder, "C0", str(tmp_path / "out"))
