@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from nnunetv2_csa.evaluation import evaluate_case, wilcoxon_between_methods
+from nnunetv2_csa.evaluation import DEFAULT_HD95, HD95_DEFINITIONS, evaluate_case, wilcoxon_between_methods
 from nnunetv2_csa.statistics import bootstrap_mean_ci, holm_adjust
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
                                    OTHER_MODALITY_LABELS, check_case_name, modality_tags_from_dataset_json)
@@ -960,7 +960,8 @@ def write_report(report_folder: str, *, dataset_name: str, folds: Sequence[int],
             + ". Source per case: `results.csv` column `source`. Both use nnU-Net's predictor (sliding "
               "window with mirroring); CSA-family rows predict each case with its own modality's norms; "
               "Single takes modality k's cases from its model trained on modality k. Metrics are 3D per "
-              "volume against the converted labels; distances in mm (see `nnunetv2_csa.evaluation`). "
+              "volume against the converted labels; distances in mm (see `nnunetv2_csa.evaluation`); HD95: the "
+              f"{HD95_DEFINITIONS[DEFAULT_HD95]}. "
               "Empty masks get defined values (Dice 0 and the image diagonal, or Dice 1 and 0), counted "
               "in `results.csv` column `flag`. Values: mean ± sample std over the modality's test cases; "
               "best per column in **bold** (max Dice, min distance).", ""]

@@ -72,7 +72,9 @@ def test_isolated_voxels_make_hd95_interpolate(tmp_path):
     # prediction = reference square + two isolated voxels: (x=10, y=5) is 3 x-steps = 1.5 mm from
     # the reference ring, (x=4, y=10) is 3 y-steps = 6 mm from it. Pooled distances: 24 zeros
     # (both 12-voxel rings coincide), 1.5 and 6.0.
-    # hd95 = percentile of 26 values at rank 0.95 * 25 = 23.75 -> 0 + 0.75 * (1.5 - 0) = 1.125.
+    # directed (default): prediction -> reference holds 12 zeros, 1.5 and 6.0: rank 0.95 * 13 = 12.35
+    # -> 1.5 + 0.35 * (6.0 - 1.5) = 3.075; reference -> prediction is 12 zeros: 0. HD95 = max = 3.075.
+    # pooled: the percentile of all 26 values at rank 0.95 * 25 = 23.75 -> 0 + 0.75 * (1.5 - 0) = 1.125.
     reference_array = square(4, 4)
     prediction_array = reference_array.copy()
     prediction_array[0, 5, 10] = 1
@@ -82,8 +84,9 @@ def test_isolated_voxels_make_hd95_interpolate(tmp_path):
     row = only_row(evaluate_case(prediction, reference, LABELS))
     assert row["dice"] == pytest.approx(32 / 34)
     assert row["hd"] == pytest.approx(6.0)
-    assert row["hd95"] == pytest.approx(1.125)
+    assert row["hd95"] == pytest.approx(3.075)
     assert row["assd"] == pytest.approx(7.5 / 26)
+    assert only_row(evaluate_case(prediction, reference, LABELS, hd95="pooled"))["hd95"] == pytest.approx(1.125)
 
 
 def test_cubes_offset_along_thick_axis_3d(tmp_path):
@@ -202,7 +205,8 @@ def test_surface_distances_match_brute_force(pair):
         row = only_row(evaluate_case(p, r, LABELS))
     pooled = np.concatenate([expected_pred_to_ref, expected_ref_to_pred])
     assert row["hd"] == pytest.approx(pooled.max(), rel=1e-5, abs=1e-5)
-    assert row["hd95"] == pytest.approx(np.percentile(pooled, 95), rel=1e-5, abs=1e-5)
+    directed = max(np.percentile(expected_pred_to_ref, 95), np.percentile(expected_ref_to_pred, 95))
+    assert row["hd95"] == pytest.approx(directed, rel=1e-5, abs=1e-5)
     assert row["assd"] == pytest.approx(pooled.mean(), rel=1e-5, abs=1e-5)
     assert row["dice"] == pytest.approx(2 * (prediction & reference).sum() / (prediction.sum() + reference.sum()))
 
@@ -359,6 +363,7 @@ def test_evaluate_folder_rows_and_summary_json(tmp_path):
     assert entry["reference_file"].endswith("p2_LGE.nii.gz")
     assert entry["metrics"]["lv"]["flag"] == "pred_empty"
     assert set(summary["mean"]) == {"myo", "lv"}
+    assert summary["hd95_definition"].startswith("max of the two directed 95th percentiles")
     assert summary["mean"]["myo"]["dice"] == pytest.approx(df.loc[df.class_name == "myo", "dice"].mean())
     assert set(summary["per_modality"]) == {"LGE", "C0"}
     lge_myo_dice = summary["per_modality"]["LGE"]["myo"]["dice"]
