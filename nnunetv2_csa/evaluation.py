@@ -289,6 +289,15 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
     ``output_folder`` writes ``metrics.csv`` and ``summary.json`` there."""
     predictions = _cases_in(prediction_folder, file_ending, "prediction")
     references = _cases_in(reference_folder, file_ending, "reference")
+    if case_modality is not None:
+        # a reference folder of several modalities (labelsTr) against the predictions of one:
+        # compare the references of the predictions' modalities only, and say so
+        predicted = {case_modality[c] for c in predictions if c in case_modality}
+        other = sorted(c for c in references if c in case_modality and case_modality[c] not in predicted)
+        if predicted and other:
+            references = {c: f for c, f in references.items() if c not in other}
+            print(f"comparing the {sorted(predicted)} reference cases of {reference_folder} (the modalities of the "
+                  f"predictions); {len(other)} reference case(s) of other modalities left aside", file=sys.stderr)
     missing_prediction = sorted(set(references) - set(predictions))
     missing_reference = sorted(set(predictions) - set(references))
     if (missing_prediction or missing_reference) and not allow_missing:
@@ -315,7 +324,7 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
             if untagged:
                 raise ValueError(f"{len(untagged)} case(s) have no {name} in the given case -> {name} map "
                                  f"(dataset.json 'csa_case_{name}'): {untagged}; add them to the map, or "
-                                 f"evaluate without {name}s")
+                                 f"evaluate without {name}s (--no-modality)")
     _foreground_classes(labels)  # fail before starting workers
 
     jobs = [(predictions[c], references[c], labels, file_ending, hd95) for c in cases]
@@ -500,8 +509,8 @@ def _read_dataset_json(path: str) -> dict:
 
 def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """The command line of ``nnUNetv2_csa_evaluate``; returns the per case/class table."""
-    from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY,
-                                       read_modality_tags)
+    from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, OTHER_MODALITY_KEY,
+                                       check_case_name, read_modality_tags)
 
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_csa_evaluate",
@@ -537,7 +546,12 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
         has_tags = MODALITIES_KEY in dataset_json or CASE_MODALITY_KEY in dataset_json
         if has_tags and not args.no_modality:
             case_modality = dict(read_modality_tags(args.djfile).case_modality)
-            case_patient = dataset_json.get(CASE_PATIENT_KEY)
+            case_patient = dict(dataset_json.get(CASE_PATIENT_KEY, {}))
+            # the images an --unpaired conversion left out (imagesOtherModality) are tagged too
+            for case, tag in dataset_json.get(OTHER_MODALITY_KEY, {}).items():
+                case_modality[check_case_name(case, args.djfile)] = tag["modality"]
+                case_patient[case] = tag["patient"]
+            case_patient = case_patient or None
         elif not has_tags:
             print(f"{args.djfile} has no modality tags: evaluating without modality", file=sys.stderr)
     else:

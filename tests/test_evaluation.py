@@ -514,3 +514,36 @@ def test_cli_missing_prediction_fails_unless_allowed(tmp_path):
     with pytest.warns(UserWarning):
         df = run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", str(tmp_path / "o"), "--allow-missing"])
     assert df["case"].tolist() == ["c1"] and df["class_name"].tolist() == ["label_1"]
+
+
+def _dataset_json(tmp_path, case_modality, other=None):
+    dataset_json = {"labels": {"background": 0, "myo": 1, "lv": 2}, "file_ending": ".nii.gz",
+                    "csa_modalities": ["LGE", "C0"], "csa_case_modality": case_modality,
+                    "csa_case_patient": {c: c.split("_")[0] for c in case_modality}}
+    if other:
+        dataset_json["csa_other_modality_cases"] = other
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(dataset_json))
+    return str(path)
+
+
+def test_cli_compares_the_references_of_the_predictions_modality_only(tmp_path, capsys):
+    # the natural reference folder (labelsTr) holds both modalities; the predictions one
+    pred, ref, _, case_modality, _ = tagged_folders(tmp_path)
+    for case in ("p1_C0", "p2_C0", "p3_C0"):
+        os.remove(os.path.join(pred, f"{case}.nii.gz"))
+    main(["-pred", pred, "-ref", ref, "-djfile", _dataset_json(tmp_path, case_modality), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "comparing the ['LGE'] reference cases" in err and "3 reference case(s) of other modalities" in err
+    metrics = pd.read_csv(tmp_path / "o" / "metrics.csv")
+    assert sorted(metrics["case"].unique()) == ["p1_LGE", "p2_LGE"] and set(metrics["modality"]) == {"LGE"}
+
+
+def test_cli_knows_the_cases_an_unpaired_conversion_left_out(tmp_path):
+    pred, ref, _, case_modality, _ = tagged_folders(tmp_path)
+    trained = {c: m for c, m in case_modality.items() if c != "p3_C0"}
+    djfile = _dataset_json(tmp_path, trained, other={"p3_C0": {"modality": "C0", "patient": "p3"}})
+    main(["-pred", pred, "-ref", ref, "-djfile", djfile, "-o", str(tmp_path / "o")])
+    metrics = pd.read_csv(tmp_path / "o" / "metrics.csv")
+    row = metrics[metrics["case"] == "p3_C0"].iloc[0]
+    assert row["modality"] == "C0" and row["patient"] == "p3"
