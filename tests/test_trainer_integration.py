@@ -6,6 +6,7 @@ import os
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 import torch
@@ -254,3 +255,25 @@ def test_batch_smaller_than_the_number_of_modalities_is_refused_before_training(
     assert result.returncode != 0
     assert "batch size 1 is smaller than the number of modalities (2" in result.stderr
     assert "background workers" not in result.stderr
+
+
+def test_heldout_folders_feed_predict_and_evaluate_as_the_readme_says(trained_csa_model, tmp_path):
+    env, dataset_name, _ = trained_csa_model
+    heldout = tmp_path / "heldout"
+    printed = run_command(["nnUNetv2_csa_heldout", "-d", str(TINY_DATASET_ID), "-f", "0", "-o", str(heldout)], env)
+    with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "splits_final.json")) as f:
+        validation = sorted(json.load(f)[0]["val"])
+    for modality in ("LGE", "C0"):
+        cases = [c for c in validation if c.endswith(f"_{modality}")]
+        assert sorted(os.listdir(heldout / modality / "images")) == [f"{c}_0000.nii.gz" for c in cases]
+        assert sorted(os.listdir(heldout / modality / "labels")) == [f"{c}.nii.gz" for c in cases]
+        assert f"nnUNet_csa_modality={modality} nnUNetv2_predict -i {heldout / modality / 'images'}" in printed.stdout
+    out = tmp_path / "pred_LGE"
+    _predict(env, TRAINER, str(heldout / "LGE" / "images"), str(out), "LGE")
+    run_command(["nnUNetv2_csa_evaluate", "-pred", str(out), "-ref", str(heldout / "LGE" / "labels"), "-djfile",
+                 os.path.join(env["nnUNet_raw"], dataset_name, "dataset.json"), "-o", str(tmp_path / "eval")], env)
+    metrics = pd.read_csv(tmp_path / "eval" / "metrics.csv")
+    assert set(metrics["modality"]) == {"LGE"} and len(metrics["case"].unique()) == len(
+        os.listdir(heldout / "LGE" / "images"))
+    again = run_command(["nnUNetv2_csa_heldout", "-d", str(TINY_DATASET_ID), "-o", str(heldout)], env, check=False)
+    assert again.returncode == 2 and "exists already" in again.stderr

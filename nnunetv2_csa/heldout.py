@@ -1,0 +1,113 @@
+"""``nnUNetv2_csa_heldout``: a fold's held-out cases, one folder per modality, ready for
+``nnUNetv2_predict`` (images with nnU-Net's ``_0000`` suffix) and ``nnUNetv2_csa_evaluate``
+(labels under the case name)::
+
+    nnUNetv2_csa_heldout -d 501 -f 0 -o heldout
+    # heldout/LGE/images/patient003_LGE_0000.nii.gz, heldout/LGE/labels/patient003_LGE.nii.gz, ...
+    nnUNet_csa_modality=LGE nnUNetv2_predict -d 501 -c 2d -f 0 -tr nnUNetTrainerCSA \\
+        -i heldout/LGE/images -o pred_LGE -device cpu
+    nnUNetv2_csa_evaluate -pred pred_LGE -ref heldout/LGE/labels -djfile $nnUNet_raw/Dataset501_X/dataset.json
+
+The held-out cases are the fold's validation cases in ``splits_final.json`` and, for an
+``--unpaired`` conversion, the other modality of the same patients (as the benchmark scores
+them). Files are copied from the raw dataset; the output folder is written all or nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Sequence
+
+from nnunetv2_csa.modality import modality_tags_from_dataset_json
+
+
+class HeldOutError(ValueError):
+    """Bad request; the message names the file or folder and the fix."""
+
+
+def _dataset_folder(root_variable: str, dataset_id: str) -> str:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    root = os.environ.get(root_variable)
+    if not root:
+        raise HeldOutError(f"{root_variable} is not set: export it as for nnUNetv2_train")
+    try:
+        name = maybe_convert_to_dataset_name(str(dataset_id))
+    except RuntimeError as e:
+        raise HeldOutError(str(e).splitlines()[0]) from None
+    return os.path.join(root, name)
+
+
+def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, list[str]]:
+    """Copy fold ``fold``'s held-out images and labels into ``output_folder``/<modality>/{images,labels};
+    returns the cases per modality."""
+    from nnunetv2_csa.benchmark import fold_test_set
+
+    raw = _dataset_folder("nnUNet_raw", dataset_id)
+    preprocessed = _dataset_folder("nnUNet_preprocessed", dataset_id)
+    if os.path.exists(output_folder):
+        raise HeldOutError(f"{output_folder} exists already; choose a new output folder")
+    with open(os.path.join(raw, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    tags = modality_tags_from_dataset_json(dataset_json, os.path.join(raw, "dataset.json"))
+    splits_file = os.path.join(preprocessed, "splits_final.json")
+    if not os.path.isfile(splits_file):
+        splits_file = os.path.join(raw, "splits_final.json")
+    if not os.path.isfile(splits_file):
+        raise HeldOutError(f"no splits_final.json in {preprocessed} or {raw}: convert with nnUNetv2_csa_convert_*")
+    with open(splits_file) as f:
+        splits = json.load(f)
+    if not 0 <= fold < len(splits):
+        raise HeldOutError(f"fold {fold} is not in {splits_file} ({len(splits)} folds)")
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    validation = sorted(splits[fold]["val"])
+    test_set = fold_test_set(validation, {c: tags.modality_of_case(c) for c in validation},
+                             dataset_json.get("csa_case_patient", {}), os.path.join(raw, "labelsTr"), raw, ending)
+    parent = os.path.dirname(os.path.abspath(output_folder))
+    if not os.path.isdir(parent):
+        raise HeldOutError(f"the folder {parent} that -o {output_folder} would go into does not exist; create it first")
+    staging = tempfile.mkdtemp(prefix=".heldout_", dir=parent)
+    by_modality: dict[str, list[str]] = {}
+    try:
+        for case in test_set.cases:
+            modality = test_set.case_modality[case]
+            image = test_set.other_modality_images.get(case, os.path.join(raw, "imagesTr", f"{case}_0000{ending}"))
+            for source, sub, name in ((image, "images", f"{case}_0000{ending}"),
+                                      (test_set.references[case], "labels", f"{case}{ending}")):
+                os.makedirs(os.path.join(staging, modality, sub), exist_ok=True)
+                shutil.copyfile(source, os.path.join(staging, modality, sub, name))
+            by_modality.setdefault(modality, []).append(case)
+        os.chmod(staging, 0o755)
+        os.replace(staging, output_folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return by_modality
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_csa_heldout",
+        description="Copy a fold's held-out cases (its validation cases and, for --unpaired conversions, the other "
+                    "modality of the same patients) into one folder per modality: <out>/<modality>/images (inputs "
+                    "for nnUNetv2_predict) and <out>/<modality>/labels (references for nnUNetv2_csa_evaluate).")
+    parser.add_argument("-d", required=True, help="dataset ID or name")
+    parser.add_argument("-f", type=int, default=0, help="fold of splits_final.json (default 0)")
+    parser.add_argument("-o", required=True, help="new output folder")
+    args = parser.parse_args(argv)
+    try:
+        by_modality = write_held_out(args.d, args.f, args.o)
+    except (HeldOutError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for modality, cases in sorted(by_modality.items()):
+        print(f"{modality}: {len(cases)} case(s) in {os.path.join(args.o, modality)}/images and /labels; predict with "
+              f"nnUNet_csa_modality={modality} nnUNetv2_predict -i {os.path.join(args.o, modality, 'images')} ...")
+
+
+if __name__ == "__main__":
+    main()
