@@ -559,6 +559,23 @@ def _write_json(obj, path: str) -> None:
 # ---------------------------------------------------------------------------------------
 # The whole conversion
 # ---------------------------------------------------------------------------------------
+def _staged_splits_prefix() -> str:
+    return f".splits_final.{os.getpid()}."
+
+
+def _remove_leftovers(folder: str, prefix: str) -> None:
+    """Removes this process' temporary files and folders (named ``prefix``...) in ``folder``."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(prefix):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+
 @dataclass
 class _StagedSplits:
     """``splits_final.json`` for nnUNet_preprocessed, written next to its target, not yet in place."""
@@ -599,7 +616,7 @@ def _stage_preprocessed_splits(preprocessed_root: str, folder_name: str, splits:
     staged = _StagedSplits("", target, _missing_ancestors(preprocessed_folder))
     try:
         os.makedirs(preprocessed_folder, exist_ok=True)
-        handle, staged.temporary = tempfile.mkstemp(prefix=".splits_final.", suffix=".incomplete",
+        handle, staged.temporary = tempfile.mkstemp(prefix=_staged_splits_prefix(), suffix=".incomplete",
                                                     dir=preprocessed_folder)
         os.close(handle)
         _write_json(splits, staged.temporary)
@@ -674,10 +691,13 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
     final_folder = os.path.join(output_root, folder_name)
     created_dirs = _missing_ancestors(output_root)
     os.makedirs(output_root, exist_ok=True)
-    temp_folder = tempfile.mkdtemp(prefix=f".{folder_name}.incomplete-", dir=output_root)
+    # the process id in the temporary names lets the cleanup find them even when a signal
+    # interrupts their creation before their names are known here
+    temp_prefix = f".{folder_name}.incomplete-{os.getpid()}-"
     committed = False
     staged_splits = None
     try:
+        temp_folder = tempfile.mkdtemp(prefix=temp_prefix, dir=output_root)
         os.chmod(temp_folder, 0o777 & ~_current_umask())  # mkdtemp makes it private (0700)
         jobs = []
         for sub in (("imagesTr", "labelsTr") + (("imagesTs",) if unlabelled else ())
@@ -766,9 +786,11 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
             shutil.rmtree(aside, ignore_errors=True)
     finally:
         if not committed:
-            shutil.rmtree(temp_folder, ignore_errors=True)
+            _remove_leftovers(output_root, temp_prefix)
             if staged_splits is not None:
                 staged_splits.discard()
+            elif preprocessed_root:
+                _remove_leftovers(os.path.join(preprocessed_root, folder_name), _staged_splits_prefix())
             for d in created_dirs:  # deepest first
                 try:
                     os.rmdir(d)

@@ -828,6 +828,8 @@ def test_near_miss_file_names_are_listed_not_skipped_silently(myops_copy, tmp_pa
 
 
 def test_sigterm_leaves_no_hidden_partial_dataset(tmp_path):
+    # the signal arrives as soon as the temporary folder appears, which is also the moment
+    # right after its creation, before the conversion holds its name
     import signal
     import subprocess
     import sys
