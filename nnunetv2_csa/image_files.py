@@ -75,7 +75,7 @@ def count_non_finite_voxels(path: str) -> int:
         return 0
     import nibabel
 
-    data = np.asanyarray(nibabel.load(path).dataobj)
-    if not np.issubdtype(data.dtype, np.floating):
-        return 0
-    return int(np.count_nonzero(~np.isfinite(data)))
+    image = nibabel.load(path)
+    if not np.issubdtype(image.get_data_dtype(), np.floating):
+        return 0  # integer storage holds no NaN: the header says so without reading the voxels again
+    return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))

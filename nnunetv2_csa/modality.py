@@ -83,8 +83,7 @@ class ModalityTags:
 def check_case_name(case: str, source: str = "dataset.json") -> str:
     """A case name is joined into file paths: it must be a plain file name stem, never a path
     (``../x``, ``/abs``, ``a/b``) that would read or write outside the dataset."""
-    if (not isinstance(case, str) or not case or case in (".", "..") or "/" in case or "\\" in case
-            or os.sep in case or (os.altsep and os.altsep in case) or "\x00" in case):
+    if not isinstance(case, str) or case in ("", ".", "..") or any(c in case for c in ("/", "\\", "\x00")):
         raise ModalityTagError(f"case name {case!r} in {source} is not a plain file name (no folders, no '..'); "
                                f"fix the entry or convert the dataset again")
     return case

@@ -1,7 +1,6 @@
 """Checkpoints are read without running code from them; what nnU-Net writes still loads."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest

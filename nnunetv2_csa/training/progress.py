@@ -43,13 +43,13 @@ class ModalityAwareLocalLogger(LocalLogger):
         super().plot_progress_png(output_folder)
         log = self.my_fantastic_logging
         epochs = min(len(v) for v in log.values())
-        x = np.arange(epochs)
         # nnU-Net's plot leaves seaborn's style (font scale 2.5) behind: draw in matplotlib's own
         with plt.style.context("default"):
-            self._plot_extra_series(x, epochs, os.path.join(output_folder, PROGRESS_FILE))
+            self._plot_extra_series(epochs, os.path.join(output_folder, PROGRESS_FILE))
 
-    def _plot_extra_series(self, x, epochs: int, path: str) -> None:
+    def _plot_extra_series(self, epochs: int, path: str) -> None:
         log = self.my_fantastic_logging
+        x = np.arange(epochs)
         fig, ax = plt.subplots(1, 1, figsize=(10, 4), dpi=80)
         ax.plot(x, log["train_consistency_losses"][:epochs], color="m", label="consistency term (train steps)")
         ax.plot(x, log["val_consistency_losses"][:epochs], color="m", ls=":", marker=".",
