@@ -1,0 +1,434 @@
+"""The GPU path of nnunetv2-csa, checked end to end (run it through ``scripts/gpu_check.sh``,
+whose header says what it does, how to carry it to a GPU machine and what ``--dry-run`` is).
+
+The orchestrator runs every step as the console command a user would run (converter,
+nnUNetv2_plan_and_preprocess, nnUNetv2_csa_heldout, nnUNetv2_predict, the export). Each
+training runs in a fresh process (``--train-one``) that builds the trainer the way
+``nnUNetv2_train`` does and wraps three of its methods on the instance to measure:
+``train_step`` (wall time, CUDA-synchronised; a window of steps under torch.profiler),
+``on_epoch_end`` (compiled graphs after the first epoch) and the loss's consistency term
+(a ``record_function`` label, so the profiler can attribute its kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATASET_ID = 990
+TRAINERS = {"Joint": "nnUNetTrainerJoint", "MSBN": "nnUNetTrainerMSBN", "CSA": "nnUNetTrainerCSA"}
+#: the trainer whose export is checked; the one without the consistency term is the baseline of its cost
+EXPORTED_ROW, WITHOUT_TERM_ROW, REFERENCE_ROW = "CSA", "MSBN", "Joint"
+TIMING_WINDOW = 50
+PROFILED_STEPS = 10
+CONSISTENCY_LABEL = "csa_consistency_term"
+STEP_LABEL = "csa_train_step"
+#: the issue's goals: CSA within 1.10x of Joint; no graph compiled after the first epoch
+GOAL_RATIO = 1.10
+GPU_ESTIMATE = "about 8 minutes on an H100 (wheels ~1 min, data and plan ~1 min, 3 trainings with compile " \
+               "~1.5 min each, export check ~1 min)"
+
+
+# ============================================================================ commands
+def console_command(name: str) -> list[str]:
+    """The argv prefix that runs console script ``name`` with this interpreter: from the installed
+    distributions' entry points, else from this checkout's pyproject.toml (the package runs from
+    the checkout on the GPU machine, uninstalled)."""
+    target = next((ep.value for ep in importlib.metadata.entry_points(group="console_scripts")
+                   if ep.name == name), None)
+    if target is None:
+        with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+            target = tomllib.load(f)["project"]["scripts"][name]
+    module, function = target.split(":")
+    return [sys.executable, "-c",
+            f"import sys; sys.argv[0] = {name!r}; from {module} import {function} as main; sys.exit(main())"]
+
+
+#: (step, seconds) of every command the check ran, in order: where its wall time went
+STEP_SECONDS: list[tuple[str, float]] = []
+
+
+def run(name: str, args: list, log, env: dict | None = None) -> float:
+    """Runs console command ``name``; its output goes to ``log``; returns its wall time."""
+    start = time.perf_counter()
+    print(f"[gpu_check] $ {name} {' '.join(map(str, args))}", file=log, flush=True)
+    completed = subprocess.run(console_command(name) + [str(a) for a in args], stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, **(env or {})})
+    if completed.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {completed.returncode}); its output is in {log.name}")
+    STEP_SECONDS.append((name, time.perf_counter() - start))
+    return STEP_SECONDS[-1][1]
+
+
+# ============================================================================ one training
+def _median_of_last(values: list[float], n: int) -> float | None:
+    return float(statistics.median(values[-n:])) if values else None
+
+
+def _profiled_share(profiler, on_cuda: bool) -> float | None:
+    """Time inside the consistency term's forward over time inside the profiled train_steps
+    (device time on CUDA: kernels launched inside each labelled region; CPU time on CPU)."""
+    def total(event):
+        if on_cuda:
+            return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        return event.cpu_time_total
+
+    events = {e.key: e for e in profiler.key_averages()}
+    if STEP_LABEL not in events or not total(events[STEP_LABEL]):
+        return None
+    term = total(events[CONSISTENCY_LABEL]) if CONSISTENCY_LABEL in events else 0.0
+    return float(term / total(events[STEP_LABEL]))
+
+
+def _validation_mean_dice(folder: str) -> dict:
+    """Mean Dice of nnU-Net's final validation: per modality where the trainer wrote it, else over all cases."""
+    per_modality = os.path.join(folder, "summary_per_modality.json")
+    if os.path.isfile(per_modality):
+        with open(per_modality) as f:
+            return {m: v["mean_Dice"] for m, v in json.load(f).items()}
+    with open(os.path.join(folder, "summary.json")) as f:
+        return {"all cases": json.load(f)["foreground_mean"]["Dice"]}
+
+
+def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from: int, profiled_steps: int) -> dict:
+    """Trains ``trainer_name`` on fold 0 with nnU-Net's defaults and returns the measurements."""
+    import torch
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    device = torch.device(device_name)
+    on_cuda = device.type == "cuda"
+    # what nnUNetv2_train (run_training) sets for each device
+    if on_cuda:
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+    trainer = get_trainer_from_args(str(dataset_id), "2d", 0, trainer_name, "nnUNetPlans", device=device)
+    durations: list[float] = []
+    graphs = {}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    profiler = profile(activities=activities)
+    original_step, original_epoch_end = trainer.train_step, trainer.on_epoch_end
+
+    def unique_graphs() -> int:
+        return int(counters["stats"]["unique_graphs"])
+
+    def synchronize():
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    def measured_step(batch):
+        index = len(durations)
+        if index == profile_from:
+            profiler.start()
+        synchronize()
+        start = time.perf_counter()
+        with record_function(STEP_LABEL) if profile_from <= index < profile_from + profiled_steps \
+                else contextlib.nullcontext():
+            result = original_step(batch)
+        synchronize()
+        durations.append(time.perf_counter() - start)
+        if index == profile_from + profiled_steps - 1:
+            profiler.stop()
+        return result
+
+    def measured_epoch_end():
+        original_epoch_end()
+        graphs.setdefault("after_first_epoch", unique_graphs())
+
+    trainer.train_step, trainer.on_epoch_end = measured_step, measured_epoch_end
+    trainer.initialize()  # on_train_start would; done here so that the loss exists to be labelled
+    labelled = hasattr(trainer.loss, "consistency")
+    if labelled:
+        term = trainer.loss.consistency
+
+        def labelled_term(output, target):
+            with record_function(CONSISTENCY_LABEL):
+                return term(output, target)
+        trainer.loss.consistency = labelled_term
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        trainer.run_training()
+    finally:
+        if profile_from <= len(durations) - 1 < profile_from + profiled_steps - 1:
+            profiler.stop()  # training ended inside the window: a running profiler crashes the interpreter's exit
+    training_seconds = time.perf_counter() - start
+    graphs["after_training"] = unique_graphs()
+    peak = int(torch.cuda.max_memory_allocated()) if on_cuda else None
+    start = time.perf_counter()
+    trainer.perform_actual_validation(False)
+    validation_seconds = time.perf_counter() - start
+    graphs["after_final_validation"] = unique_graphs()
+    validation = _validation_mean_dice(os.path.join(trainer.output_folder, "validation"))
+    profiled = profile_from + profiled_steps <= len(durations)
+    # the profiled steps are slower: the timing window is the last steps, after them
+    window = [d for i, d in enumerate(durations) if not profile_from <= i < profile_from + profiled_steps]
+    return {
+        "trainer": trainer_name, "device": str(device), "compiled": bool(trainer._do_i_compile()),
+        "amp": on_cuda,  # nnU-Net's train_step autocasts on CUDA only
+        "batch_size": int(trainer.batch_size), "patch_size": [int(p) for p in trainer.configuration_manager.patch_size],
+        "iterations": len(durations),
+        "seconds_per_iteration_median_last": _median_of_last(window, TIMING_WINDOW),
+        "timing_window": min(TIMING_WINDOW, len(window)),
+        "peak_memory_bytes": peak,
+        "unique_graphs": graphs, "graph_breaks": int(sum(counters["graph_break"].values())),
+        "consistency_forward_share_profiled": _profiled_share(profiler, on_cuda)
+        if profiled and labelled else None,
+        "profiled_steps": profiled_steps if profiled else 0,
+        "training_seconds": training_seconds, "final_validation_seconds": validation_seconds,
+        "validation_mean_dice": validation,
+        "output_folder": trainer.output_folder,
+    }
+
+
+# ============================================================================ the check
+def _data_source(dry_run: bool) -> str | None:
+    """The carried MyoPS cases, if any (never in a dry run: it stays small and phantom)."""
+    folder = os.path.join(ROOT, "gpu_data", "myops2020", "train")
+    return None if dry_run or not glob.glob(os.path.join(folder, "Case*")) else folder
+
+
+def prepare_dataset(work: str, dry_run: bool, log) -> dict:
+    source = _data_source(dry_run)
+    if source is None:
+        source = os.path.join(work, "phantom_myops")
+        run("nnUNetv2_csa_phantom", ["--layout", "myops", "-o", source, "-n", 10, "--size", 64 if dry_run else 160],
+            log)
+        description = "phantom (MyoPS layout, 10 patients)"
+    else:
+        description = f"MyoPS 2020, {len(glob.glob(os.path.join(source, 'Case*')))} patients from gpu_data/"
+    run("nnUNetv2_csa_convert_myops", ["-i", source, "-d", DATASET_ID, "--modalities", "C0", "LGE", "--unpaired",
+                                       "--split", "80-20", "-np", 2 if dry_run else 8], log)
+    run("nnUNetv2_plan_and_preprocess", ["-d", DATASET_ID, "-c", "2d", "-np", 2 if dry_run else 8], log)
+    return {"source": description}
+
+
+def _dataset_folder(root_variable: str) -> str:
+    return glob.glob(os.path.join(os.environ[root_variable], f"Dataset{DATASET_ID}_*"))[0]
+
+
+def train_all(args, log) -> dict:
+    results = {}
+    for row, trainer in TRAINERS.items():
+        name = f"{trainer}_{args.epochs}epochs_{args.iterations}its"
+        total = args.epochs * args.iterations
+        # profile a window that ends before the timing window (the last TIMING_WINDOW steps),
+        # after the first step (compilation, cudnn's autotuning)
+        profiled_steps = min(PROFILED_STEPS, max(1, total // 3))
+        profile_from = max(1, min(total - TIMING_WINDOW - profiled_steps, total - 2 * profiled_steps))
+        print(f"[gpu_check] training {row} ({name}, {total} iterations)", flush=True)
+        out_file = os.path.join(args.work, f"train_{row}.json")
+        command = [sys.executable, os.path.abspath(__file__), "--train-one", name, "--device", args.device,
+                   "--profile-from", str(profile_from), "--profile-steps", str(profiled_steps), "--result", out_file]
+        print(f"[gpu_check] $ {' '.join(command)}", file=log, flush=True)
+        # augmentation in the trainer's own process is the fastest on a few CPU cores
+        env = {**os.environ, "nnUNet_n_proc_DA": "0"} if args.dry_run else None
+        start = time.perf_counter()
+        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        STEP_SECONDS.append((f"train {row}", time.perf_counter() - start))
+        if completed.returncode != 0:
+            raise RuntimeError(f"training {name} failed (exit {completed.returncode}); its output is in {log.name}")
+        with open(out_file) as f:
+            results[row] = json.load(f)
+    return results
+
+
+def _read_segmentation(path: str):
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(sitk.ReadImage(path))
+
+
+def export_check(trained: dict, args, log) -> dict:
+    """For each modality: nnUNetv2_predict of the CSA model (nnUNet_csa_modality) and
+    nnUNetv2_predict_from_modelfolder of its export must give the same segmentations."""
+    import numpy as np
+
+    heldout = os.path.join(args.work, "heldout")
+    run("nnUNetv2_csa_heldout", ["-d", DATASET_ID, "-f", 0, "-o", heldout], log)
+    model_folder = os.path.dirname(trained[EXPORTED_ROW]["output_folder"])
+    trainer = trained[EXPORTED_ROW]["trainer"]
+    checks = {}
+    for modality in sorted(os.listdir(heldout)):
+        images = os.path.join(heldout, modality, "images")
+        exported = os.path.join(args.work, f"exported_{modality}")
+        outputs = {kind: os.path.join(args.work, f"pred_{kind}_{modality}") for kind in ("csa", "exported")}
+        common = ["-f", 0, "-device", args.device, "--disable_tta", "-npp", 1, "-nps", 1]
+        seconds = run("nnUNetv2_predict", ["-i", images, "-o", outputs["csa"], "-d", DATASET_ID, "-c", "2d",
+                                           "-tr", trainer] + common, log, env={"nnUNet_csa_modality": modality})
+        run("nnUNetv2_csa_export_modality", ["-m", model_folder, "--modality", modality, "-o", exported], log)
+        run("nnUNetv2_predict_from_modelfolder", ["-i", images, "-o", outputs["exported"], "-m", exported] + common,
+            log)
+        cases = sorted(os.path.basename(p) for p in glob.glob(os.path.join(outputs["csa"], "*.nii.gz")))
+        differing = 0
+        for case in cases:
+            a = _read_segmentation(os.path.join(outputs["csa"], case))
+            b = _read_segmentation(os.path.join(outputs["exported"], case))
+            differing += int(np.count_nonzero(a != b)) if a.shape == b.shape else int(a.size)
+        checks[modality] = {"cases": len(cases), "differing_voxels": differing,
+                            "identical": bool(cases) and differing == 0, "predict_seconds": seconds}
+    return checks
+
+
+def _ratio(trained: dict, key: str, row: str, reference: str):
+    a, b = trained[row].get(key), trained[reference].get(key)
+    return float(a / b) if a and b else None
+
+
+def summarise(trained: dict, exports: dict, dry_run: bool) -> dict:
+    after_first = {row: r["unique_graphs"]["after_training"] - r["unique_graphs"].get("after_first_epoch", 0)
+                   for row, r in trained.items()}
+    step_csa = trained[EXPORTED_ROW]["seconds_per_iteration_median_last"]
+    step_msbn = trained[WITHOUT_TERM_ROW]["seconds_per_iteration_median_last"]
+    summary = {
+        "step_time_ratio_CSA_to_Joint": _ratio(trained, "seconds_per_iteration_median_last", "CSA", REFERENCE_ROW),
+        "peak_memory_ratio_CSA_to_Joint": _ratio(trained, "peak_memory_bytes", "CSA", REFERENCE_ROW),
+        "consistency_share_by_step_difference": (step_csa - step_msbn) / step_csa if step_csa and step_msbn else None,
+        "graphs_compiled_after_first_epoch": after_first,
+        "export_identical": all(c["identical"] for c in exports.values()) and bool(exports),
+    }
+    def within_goal(ratio):
+        return None if dry_run or ratio is None else ratio <= GOAL_RATIO
+
+    # speed, memory and compilation goals are the GPU's: a CPU dry run has no compile and no CUDA memory
+    summary["goals"] = {
+        f"CSA step time within {GOAL_RATIO}x of Joint": within_goal(summary["step_time_ratio_CSA_to_Joint"]),
+        f"CSA peak memory within {GOAL_RATIO}x of Joint": within_goal(summary["peak_memory_ratio_CSA_to_Joint"]),
+        "no graph compiled after the first epoch": None if dry_run else all(v == 0 for v in after_first.values()),
+        "exported modalities predict identically": summary["export_identical"],
+    }
+    return summary
+
+
+def _format(value, digits=3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+_GOAL_WORDS = {True: "yes", False: "NO", None: "not evaluated (CPU dry run)"}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# gpu_check: {result['machine']['device']}", "",
+             f"{'dry run (CPU, tiny budget): the numbers say nothing about a GPU' if result['dry_run'] else ''}",
+             f"data: {result['data']['source']}; torch {result['machine']['torch']}, "
+             f"nnunetv2 {result['machine']['nnunetv2']}; {result['wall_seconds']:.0f} s in all ("
+             + ", ".join(f"{s['step']} {s['seconds']:.0f} s" for s in result["step_seconds"]) + ")", "",
+             "| row | compile | batch | patch | s/iteration (median, last steps) | peak memory (GiB) | graphs after "
+             "epoch 1 / training / final validation | consistency forward share (profiled) | validation Dice |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row, r in result["trainers"].items():
+        graphs = r["unique_graphs"]
+        dice = ", ".join(f"{m} {v:.3f}" for m, v in r["validation_mean_dice"].items())
+        memory = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2 ** 30
+        lines.append(f"| {row} | {'on' if r['compiled'] else 'off'} | {r['batch_size']} | "
+                     f"{'x'.join(map(str, r['patch_size']))} | {_format(r['seconds_per_iteration_median_last'], 4)} "
+                     f"(n={r['timing_window']}) | {_format(memory, 2)} | {graphs.get('after_first_epoch', 'n/a')} / "
+                     f"{graphs['after_training']} / {graphs['after_final_validation']} | "
+                     f"{_format(r['consistency_forward_share_profiled'])} | {dice} |")
+    s = result["summary"]
+    lines += ["", f"- CSA / Joint step time: {_format(s['step_time_ratio_CSA_to_Joint'])}; peak memory: "
+                  f"{_format(s['peak_memory_ratio_CSA_to_Joint'])}",
+              f"- the CSA term's share of the step by difference to MSBN (the same network without it): "
+              f"{_format(s['consistency_share_by_step_difference'])}",
+              "- export check: " + "; ".join(f"{m}: {c['cases']} cases, {c['differing_voxels']} differing voxels"
+                                             for m, c in result["export_check"].items())]
+    lines += ["", "| goal | met |", "| --- | --- |"] + [f"| {g} | {_GOAL_WORDS[ok]} |"
+                                                       for g, ok in s["goals"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def machine(device: str) -> dict:
+    import torch
+    name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, " \
+                                                                     f"{os.cpu_count()} cores)"
+    return {"device": name, "torch": torch.__version__, "nnunetv2": importlib.metadata.version("nnunetv2"),
+            "python": platform.python_version()}
+
+
+def check(args) -> dict:
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: torch sees no CUDA device; on a machine without a GPU run "
+                         "`bash scripts/gpu_check.sh --dry-run`")
+    print(f"[gpu_check] {'dry run on CPU, tiny budget' if args.dry_run else 'takes ' + GPU_ESTIMATE}; "
+          f"{args.epochs} epochs x {args.iterations} iterations per trainer; results in {args.out}", flush=True)
+    start = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[variable] = os.path.join(args.work, variable)
+        os.makedirs(os.environ[variable], exist_ok=True)
+    from nnunetv2_csa.ext_trainers import TRAINER_DIR
+    os.environ["nnUNet_extTrainer"] = TRAINER_DIR
+    if args.dry_run:
+        os.environ.setdefault("nnUNet_def_n_proc", "2")
+    with open(os.path.join(args.out, "gpu_check.log"), "w") as log:
+        print("[gpu_check] converting and planning", flush=True)
+        data = prepare_dataset(args.work, args.dry_run, log)
+        trained = train_all(args, log)
+        print("[gpu_check] predicting held-out cases with the CSA model and its exports", flush=True)
+        exports = export_check(trained, args, log)
+    result = {"dry_run": args.dry_run, "machine": machine(args.device), "data": data,
+              "budget": {"epochs": args.epochs, "iterations_per_epoch": args.iterations},
+              "trainers": trained, "export_check": exports, "summary": summarise(trained, exports, args.dry_run),
+              "wall_seconds": time.perf_counter() - start,
+              "step_seconds": [{"step": step, "seconds": round(seconds, 1)} for step, seconds in STEP_SECONDS]}
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    report = markdown(result)
+    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+        f.write(report)
+    print(report, flush=True)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, phantom, 1 epoch x 5 iterations per trainer")
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.getcwd(), "gpu_check_out"))
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed after)")
+    parser.add_argument("--epochs", type=int, default=None, help="default 5 (dry run 1)")
+    parser.add_argument("--iterations", type=int, default=None, help="per epoch; default 50 (dry run 5)")
+    parser.add_argument("--train-one", metavar="TRAINER", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-from", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-steps", type=int, default=PROFILED_STEPS, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.train_one:
+        result = train_one(DATASET_ID, args.train_one, args.device, args.profile_from, args.profile_steps)
+        with open(args.result, "w") as f:
+            json.dump(result, f)
+        return
+    args.device = "cpu" if args.dry_run else "cuda"
+    args.epochs = args.epochs or (1 if args.dry_run else 5)
+    args.iterations = args.iterations or (5 if args.dry_run else 50)
+    scratch = args.work is None
+    args.work = args.work or tempfile.mkdtemp(prefix="gpu_check_")
+    try:
+        result = check(args)
+    finally:
+        if scratch:
+            shutil.rmtree(args.work, ignore_errors=True)
+    if not result["summary"]["export_identical"]:
+        raise SystemExit("gpu_check: an exported modality predicts differently from the CSA model (see "
+                         "export_check in gpu_check.json)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""scripts/gpu_check.sh: its CPU dry run (so the GPU script cannot rot) and its command lookup."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
+
+
+def _load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "scripts", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_console_command_falls_back_to_the_checkouts_pyproject_when_the_package_is_not_installed(monkeypatch):
+    # on the GPU machine the package runs from the checkout: its console scripts are not installed
+    gpu_check = _load_gpu_check()
+    monkeypatch.setattr(gpu_check.importlib.metadata, "entry_points", lambda group: [])
+    command = gpu_check.console_command("nnUNetv2_csa_heldout")
+    assert command[:2] == [sys.executable, "-c"]
+    assert "from nnunetv2_csa.heldout import main as main" in command[2]
+    completed = subprocess.run(command + ["--help"], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 0 and "held-out" in completed.stdout
+
+
+@pytest.mark.integration
+def test_dry_run_trains_the_three_rows_measures_them_and_checks_the_exports(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
+    env.pop("OUT", None)
+    completed = subprocess.run(["bash", SCRIPT, "--dry-run", "--out", str(out), "--work", str(work)],
+                               env=env, capture_output=True, text=True, timeout=900)
+    log = out / "gpu_check.log"
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:] + (
+        log.read_text()[-3000:] if log.exists() else "")
+
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["dry_run"] is True and result["data"]["source"].startswith("phantom")
+    assert set(result["trainers"]) == {"Joint", "MSBN", "CSA"}
+    for row, trainer in result["trainers"].items():
+        assert trainer["trainer"].endswith("_1epochs_5its") and trainer["iterations"] == 5
+        assert trainer["compiled"] is False and trainer["device"] == "cpu"  # nnU-Net never compiles on CPU
+        assert 0 < trainer["seconds_per_iteration_median_last"] < 600 and trainer["timing_window"] == 4
+        assert set(trainer["unique_graphs"]) == {"after_first_epoch", "after_training", "after_final_validation"}
+        assert all(0 <= v <= 1 for v in trainer["validation_mean_dice"].values())
+    # the modality-specific rows report nnU-Net's final validation per modality
+    assert set(result["trainers"]["CSA"]["validation_mean_dice"]) == {"C0", "LGE"}
+    # the profiler found the labelled term: inside CSA's step, never evaluated in MSBN's (λ = 0), absent in Joint
+    assert 0 < result["trainers"]["CSA"]["consistency_forward_share_profiled"] < 1
+    assert result["trainers"]["MSBN"]["consistency_forward_share_profiled"] == 0
+    assert result["trainers"]["Joint"]["consistency_forward_share_profiled"] is None
+    exports = result["export_check"]
+    assert set(exports) == {"C0", "LGE"}
+    assert all(c["cases"] > 0 and c["differing_voxels"] == 0 and c["identical"] for c in exports.values())
+    summary = result["summary"]
+    assert math.isfinite(summary["step_time_ratio_CSA_to_Joint"]) and summary["peak_memory_ratio_CSA_to_Joint"] is None
+    assert summary["goals"]["exported modalities predict identically"] is True
+    assert summary["goals"]["no graph compiled after the first epoch"] is None  # a GPU goal: not judged on CPU
+    report = (out / "gpu_check.md").read_text()
+    assert "dry run" in report and "| CSA | off |" in report and "not evaluated (CPU dry run)" in report
