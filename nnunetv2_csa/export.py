@@ -17,16 +17,12 @@ import shutil
 import sys
 import tempfile
 
-import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
-from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_csa.checkpoints import CheckpointError, load_checkpoint
 from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError
-from nnunetv2_csa.modality_norm import fold_modality
-from nnunetv2_csa.modality_order import without_modality_order
+
+# torch, nnU-Net and the modules that need them are imported where they are used, so that
+# `nnUNetv2_csa_export_modality --help` and argument errors answer at once
 
 
 class ExportError(RuntimeError):
@@ -45,6 +41,7 @@ def _fold_folders(model_folder: str, folds) -> list[str]:
 def _trainer_class(name: str):
     """The trainer class ``name``: this package's own trainers are found without
     ``nnUNet_extTrainer`` (the export knows them), others through nnU-Net's search."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     import nnunetv2_csa.training.trainers as own_trainers
 
     found = getattr(own_trainers, name, None) or recursive_find_trainer_class_by_name(name)
@@ -60,6 +57,14 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
 
     Checkpoints are read without executing code from them (``nnunetv2_csa.checkpoints``);
     ``trust_checkpoint`` lifts that for a file from a trusted source that holds more."""
+    import torch
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_csa.checkpoints import load_checkpoint
+    from nnunetv2_csa.modality_norm import fold_modality
+    from nnunetv2_csa.modality_order import without_modality_order
+
     plans_file = join(model_folder, "plans.json")
     if not os.path.isfile(plans_file):
         raise ExportError(f"{plans_file} does not exist: -m must be a trained model folder "
@@ -151,6 +156,8 @@ def main(argv=None) -> None:
                         help="load checkpoints with full pickle (can run code from the file): only for files from "
                              "a source you trust that hold more than an nnU-Net checkpoint does")
     args = parser.parse_args(argv)
+    from nnunetv2_csa.checkpoints import CheckpointError
+
     try:
         out = export_modality(args.model_folder, args.modality, args.output, args.folds, args.checkpoint,
                               trust_checkpoint=args.trust_checkpoint)

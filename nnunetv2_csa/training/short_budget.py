@@ -7,8 +7,6 @@ Names: ``<trainer>_<E>epochs_<I>its`` with E in EPOCHS and I in ITERATIONS, e.g.
 """
 from __future__ import annotations
 
-import torch
-
 EPOCHS = (1, 2, 5, 10, 20, 30, 50, 100)
 ITERATIONS = (5, 10, 20, 50)
 
@@ -21,10 +19,13 @@ def short_budget_name(base_name: str, epochs: int, iterations: int) -> str:
 
 
 def _budget_init(base: type, epochs: int, iterations: int):
+    # torch only here: the benchmark's --help imports this module for the names alone
+    import torch
+
     # the signature must stay nnU-Net's own: the trainer records its __init__ parameters
     # by name to re-create itself from a checkpoint
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: "torch.device" = torch.device("cuda")):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
         self.num_epochs = epochs
         self.num_iterations_per_epoch = iterations
