@@ -98,6 +98,8 @@ RESULT_COLUMNS = ("row", "trainer", "fold", "modality", "patient", "case", "sour
 TEST_METRICS = (("dice", "Dice"), ("hd", "HD"), ("hd95", "HD95"))
 #: how Single's budget is chosen: the joint rows' iterations, or the slices of its modality they see
 SINGLE_BUDGETS = ("equal-iterations", "equal-data")
+#: the report folder's record of each trainer's timing and its date, kept across reruns
+TIMING_FILE = "timing.json"
 #: ``source`` of a test case: a validation case of the fold, or the other modality of a held-out patient
 VALIDATION_SOURCE = "validation"
 OTHER_MODALITY_SOURCE = "other_modality"
@@ -429,6 +431,34 @@ def evaluate_rows(rows: Sequence[RowResult], test_set: TestSet, labels: dict, fi
 
 # --------------------------------------------------------------------------- timing
 
+def kept_or_new_timings(to_time: Sequence[tuple[str, str]], cache_file: str, iterations: int, retime: bool,
+                        measure) -> dict:
+    """The timing of each (row, trainer): the one kept in ``cache_file`` from an earlier run
+    of this report (same number of timed iterations, no error), unless ``retime``; else
+    ``measure(trainer)``, stamped with its date and kept. A rerun under other load would
+    otherwise silently replace the first measurement."""
+    kept = {}
+    if os.path.isfile(cache_file):
+        with open(cache_file) as f:
+            kept = json.load(f)
+    timing = {}
+    for row, trainer in tqdm(to_time, desc="timing", file=sys.stderr):
+        entry = kept.get(trainer)
+        if not retime and entry and "error" not in entry and entry.get("iterations") == iterations:
+            log_stage(f"{row}: timing kept from {entry.get('measured_at', 'an earlier run')} (--retime measures again)")
+        else:
+            entry = {**measure(trainer), "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+            kept[trainer] = entry
+            log_stage(f"{row}: timing " + (f"FAILED ({entry['error']})" if "error" in entry else
+                                           f"{entry['seconds_per_iteration_median']:.3f} s/iteration"))
+        timing[row] = entry
+    staging = f"{cache_file}.{os.getpid()}.tmp"
+    with open(staging, "w") as f:
+        json.dump(_json_safe(kept), f, indent=1, allow_nan=False)
+    os.replace(staging, cache_file)  # a run stopped while writing keeps the old record whole
+    return timing
+
+
 def time_trainer(dataset_id: str, configuration: str, plans: str, trainer: str, device: str, iterations: int,
                  fold: int, env: dict, log_file: str) -> dict:
     """``python -m nnunetv2_csa.timing`` in a fresh process (nnU-Net reads settings at import)."""
@@ -643,8 +673,8 @@ def _ratio(value, reference) -> str:
 def timing_markdown(timing: Mapping[str, dict], rows: Sequence[RowResult]) -> str:
     reference = timing.get(REFERENCE_ROW, {})
     lines = ["| Method | trainer timed | s/iteration (median) | s/iteration (mean) | time ratio to Joint "
-             "(median) | peak memory (MiB) | memory ratio to Joint | epoch-end overhead (s) |",
-             "|---|---|:---:|:---:|:---:|:---:|:---:|:---:|"]
+             "(median) | peak memory (MiB) | memory ratio to Joint | epoch-end overhead (s) | measured |",
+             "|---|---|:---:|:---:|:---:|:---:|:---:|:---:|:---:|"]
     names = [r.row for r in rows] + ([REFERENCE_ROW] if REFERENCE_ROW not in [r.row for r in rows]
                                      and REFERENCE_ROW in timing else [])
     for name in names:
@@ -652,11 +682,11 @@ def timing_markdown(timing: Mapping[str, dict], rows: Sequence[RowResult]) -> st
         label = name if name in [r.row for r in rows] else f"{name} (reference only)"
         if entry is None:
             lines.append(f"| {label} | {NOT_AVAILABLE} | " + " | ".join(
-                [f"{NOT_AVAILABLE} (not measured)"] + [NOT_AVAILABLE] * 5) + " |")
+                [f"{NOT_AVAILABLE} (not measured)"] + [NOT_AVAILABLE] * 6) + " |")
             continue
         if "error" in entry:
             lines.append(f"| {label} | {entry['trainer']} | {FAILED}: {_escape(entry['error'])} | "
-                         + " | ".join([FAILED] * 5) + " |")
+                         + " | ".join([FAILED] * 5) + f" | {entry.get('measured_at', NOT_AVAILABLE)} |")
             continue
         epoch_end = entry.get("epoch_end_seconds_median")
         median, mean = entry["seconds_per_iteration_median"], entry["seconds_per_iteration_mean"]
@@ -664,7 +694,8 @@ def timing_markdown(timing: Mapping[str, dict], rows: Sequence[RowResult]) -> st
         lines.append(f"| {label} | {entry['trainer']} | {median:.3f} | {mean:.3f} | "
                      f"{_ratio(median, reference.get('seconds_per_iteration_median'))} | {_mib(memory)} | "
                      f"{_ratio(memory, reference.get('peak_memory_bytes'))} | "
-                     f"{f'{epoch_end:.2f}' if _finite(epoch_end) else NOT_AVAILABLE} |")
+                     f"{f'{epoch_end:.2f}' if _finite(epoch_end) else NOT_AVAILABLE} | "
+                     f"{entry.get('measured_at', NOT_AVAILABLE)} |")
     return "\n".join(lines)
 
 
@@ -1019,14 +1050,15 @@ def write_report(report_folder: str, *, dataset_name: str, folds: Sequence[int],
             + ("Smallest p an exact test can reach: " + ", ".join(f"n={n}: {smallest_two_sided_p(n):.2g}"
                                                                   for n in n_pairs) + "." if n_pairs else ""), "",
             wilcoxon_markdown(wilcoxon, rows, modalities), ""]
-    out += ["## Training cost (measured in this run)", "",
+    out += ["## Training cost", "",
             f"Seconds per training iteration including data loading, {timing_iterations} timed iterations after "
             "2 warm-up iterations, each trainer in a fresh process; Single is timed with its modality-0 model. "
             "A timed iteration is nnU-Net's `train_step` (forward, loss, backward, optimizer step) plus the "
             "loading of its batch; the consistency term is in it only for rows that train with it (λ > 0): MSBN "
             "logs its CSA term on the validation batches, outside the timed step. Epoch-end overhead: the median "
             "wall time of `on_epoch_end` (checkpoint, progress plots, log) over up to 3 epochs (the first "
-            "includes the first best-checkpoint save). "
+            "includes the first best-checkpoint save). Measured: when; a rerun of this report keeps each trainer's "
+            "first timing (`--retime` measures again). "
             + ("Peak memory: `torch.cuda.max_memory_allocated`." if machine["device"] == "cuda" else
                "Peak memory on CPU: increase of the process' peak RSS over its value before `on_train_start` "
                "(augmentation workers not counted)."), ""]
@@ -1133,14 +1165,15 @@ def _parse_folds(folds, n_splits: int, splits_file: str) -> list[int]:
 def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPlans", folds=(0,),
                   budget: tuple[int, int] | None = None, rows: Sequence[str] = ROWS, norm: str = "instance",
                   device: str = "cpu", report_folder: str | None = None, rerun: bool = False,
-                  timing_iterations: int = 10, single_budget: str = "equal-iterations") -> str:
+                  timing_iterations: int = 10, single_budget: str = "equal-iterations", retime: bool = False) -> str:
     """Train, evaluate and time ``rows`` on each of ``folds`` (an int, a list, or "all") and
     write the report folder; returns its path.
 
     ``budget`` (epochs, iterations per epoch) selects the short-budget trainers; None is
     nnU-Net's full budget. With several folds every held-out patient is scored once, by the
     models of the fold that holds it out, and the tables and tests pool all folds.
-    ``timing_iterations`` 0 skips the timing. Needs nnUNet_raw, nnUNet_preprocessed and
+    ``timing_iterations`` 0 skips the timing; a trainer timed by an earlier run of the same
+    report keeps that timing unless ``retime``. Needs nnUNet_raw, nnUNet_preprocessed and
     nnUNet_results in the environment."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
@@ -1227,12 +1260,13 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
         to_time = [(r.row, r.models[0].trainer) for r in row_results if not r.failed]
         if REFERENCE_ROW not in [r for r, _ in to_time] and REFERENCE_ROW not in [r.row for r in row_results]:
             to_time.append((REFERENCE_ROW, trainer_name(REFERENCE_ROW, norm, budget)))
-        for row, trainer in tqdm(to_time, desc="timing", file=sys.stderr):
-            entry = time_trainer(str(dataset_id), configuration, plans, trainer, device, timing_iterations,
-                                 folds[0], env, os.path.join(report_folder, "logs", f"timing_{trainer}.log"))
-            timing[row] = entry
-            log_stage(f"{row}: timing " + (f"FAILED ({entry['error']})" if "error" in entry else
-                                           f"{entry['seconds_per_iteration_median']:.3f} s/iteration"))
+
+        def measure(trainer):
+            return time_trainer(str(dataset_id), configuration, plans, trainer, device, timing_iterations, folds[0],
+                                env, os.path.join(report_folder, "logs", f"timing_{trainer}.log"))
+
+        timing = kept_or_new_timings(to_time, os.path.join(report_folder, TIMING_FILE), timing_iterations, retime,
+                                     measure)
     else:
         log_stage("stage 3/4: timing skipped (--timing-iterations 0)")
 
@@ -1337,6 +1371,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rerun", action="store_true", help="train finished rows again")
     parser.add_argument("--timing-iterations", type=int, default=10,
                         help="timed training iterations per trainer (default 10; 0 skips the timing)")
+    parser.add_argument("--retime", action="store_true",
+                        help="time every trainer again; by default a rerun keeps the first timing (and its date) "
+                             "of each trainer, so a rerun under other load does not silently replace it")
     args = parser.parse_args(argv)
     try:
         if args.folds is not None:
@@ -1345,7 +1382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             folds = [0 if args.f is None else args.f]
         run_benchmark(args.d, args.c, args.p, folds, None if args.full_budget else tuple(args.budget),
                       args.rows, args.norm, args.device, args.o, args.rerun, args.timing_iterations,
-                      single_budget=args.single_budget)
+                      single_budget=args.single_budget, retime=args.retime)
     except BenchmarkError as e:
         raise SystemExit(f"nnUNetv2_csa_benchmark: {e}") from None
 

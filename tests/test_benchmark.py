@@ -125,6 +125,31 @@ def test_smallest_two_sided_wilcoxon_p():
         assert benchmark.smallest_two_sided_p(n) == pytest.approx(stats.wilcoxon(np.arange(1, n + 1)).pvalue)
 
 
+def test_a_rerun_keeps_each_trainers_first_timing_unless_retimed(tmp_path):
+    cache = str(tmp_path / benchmark.TIMING_FILE)
+    measured = []
+
+    def measure(trainer):
+        measured.append(trainer)
+        if trainer == "broken":
+            return {"trainer": trainer, "error": "boom"}
+        return {"trainer": trainer, "iterations": 10, "seconds_per_iteration_median": float(len(measured))}
+
+    first = benchmark.kept_or_new_timings([("Joint", "a"), ("CSA", "b"), ("X", "broken")], cache, 10, False, measure)
+    assert measured == ["a", "b", "broken"] and first["CSA"]["seconds_per_iteration_median"] == 2.0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", first["Joint"]["measured_at"])
+    # a rerun keeps the timings (a failed one is measured again), with their dates
+    again = benchmark.kept_or_new_timings([("Joint", "a"), ("CSA", "b"), ("X", "broken")], cache, 10, False, measure)
+    assert measured == ["a", "b", "broken", "broken"] and again["CSA"] == first["CSA"]
+    # --retime measures again and replaces the record
+    retimed = benchmark.kept_or_new_timings([("CSA", "b")], cache, 10, True, measure)
+    assert measured[-1] == "b" and retimed["CSA"]["seconds_per_iteration_median"] == 5.0
+    assert benchmark.kept_or_new_timings([("CSA", "b")], cache, 10, False, measure)["CSA"] == retimed["CSA"]
+    # another number of timed iterations is another measurement
+    benchmark.kept_or_new_timings([("Joint", "a")], cache, 20, False, measure)
+    assert measured[-1] == "a"
+
+
 def _row(name, status="ok", error=""):
     row = benchmark.RowResult(name, [benchmark.Model(name, f"tr{name}", None, "/x", "/log")], status=status)
     row.error = error
@@ -268,11 +293,13 @@ def test_report_has_every_row_bold_best_wilcoxon_and_timing(benchmark_run):
     assert [cells[0] for cells in timing] == RUN_ROWS
     by_row = {cells[0]: cells for cells in timing}
     assert by_row["Joint"][1] == "nnUNetTrainerJoint_1epochs_5its"
-    assert by_row["Joint"][4] == "1.00" and by_row["Joint"][6] in ("1.00", "n/a")
     for cells in timing:
-        assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[4]) > 0
+        assert float(cells[2]) > 0 and float(cells[3]) > 0
+        # the ratio column is this row's median over Joint's, at the table's precision
+        assert abs(float(cells[4]) - float(cells[2]) / float(by_row["Joint"][2])) < 0.01 + 1e-3 * float(cells[4])
         assert float(cells[5]) >= 0
         assert float(cells[7]) > 0  # epoch-end overhead (s)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", cells[8])  # when it was measured
     assert "MSBN logs its CSA term on the validation batches, outside the timed step" in text
 
 
