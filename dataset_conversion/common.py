@@ -38,6 +38,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunetv2_csa.image_files import IncompleteFileError, check_file_complete, count_non_finite_voxels
+from nnunetv2_csa.phantom import read_phantom_marker
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
                                    OTHER_MODALITY_LABELS, ModalityTags)
 
@@ -734,10 +735,12 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
         conversion = {"converter": converter, "source": os.path.abspath(source_folder),
                       "modalities": list(modalities), "split": split, "seed": seed, "unpaired": unpaired,
                       "crop": list(crop_yx) if crop_yx else None, "orientation": orientation,
-                      "unlabelled_to_imagesTs": unlabelled_to_imagesTs, **dict(options or {})}
+                      "unlabelled_to_imagesTs": unlabelled_to_imagesTs, **dict(options or {}),
+                      "phantom": read_phantom_marker(source_folder)}
         dataset_json = {
             "name": name,
-            "description": description,
+            "description": (f"SYNTHETIC phantom in the {converter} layout (nnUNetv2_csa_phantom), not real images; "
+                            f"the layout's dataset: {description}") if conversion["phantom"] else description,
             "reference": reference,
             "licence": licence,
             # One channel shared by all modalities, z-score normalised per image. Not "CT":

@@ -957,7 +957,26 @@ def _json_safe(value):
     return value
 
 
-def write_report(report_folder: str, *, dataset_name: str, folds: Sequence[int], budget, norm: str, seed,
+def data_source_text(dataset_json: Mapping) -> str:
+    """What the data of the report are, from the converter's record in dataset.json: a
+    phantom is named as such (it carries a public dataset's names and codes)."""
+    conversion = dataset_json.get("csa_conversion") or {}
+    phantom = conversion.get("phantom")
+    if phantom:
+        details = ", ".join(f"{k} {v}" for k, v in phantom.items() if k not in ("generator", "layout"))
+        return (f"SYNTHETIC phantom images written by `nnUNetv2_csa_phantom` in the {conversion.get('converter')} "
+                f"layout ({details}). These numbers check the pipeline; they say nothing about how the methods "
+                f"segment real images.")
+    if conversion:
+        return (f"{conversion.get('converter')}: {dataset_json.get('description', '')} "
+                f"({dataset_json.get('reference', 'no reference given')}), converted from "
+                f"`{conversion.get('source')}`.")
+    name = dataset_json.get("description") or dataset_json.get("name", "unknown")
+    return f"{name} (no converter record in dataset.json)."
+
+
+def write_report(report_folder: str, *, dataset_name: str, data_source: str, folds: Sequence[int], budget, norm: str,
+                 seed,
                  plan: dict, machine: dict, rows: Sequence[RowResult], results: pd.DataFrame, wilcoxon: pd.DataFrame,
                  timing: Mapping[str, dict], modalities: Sequence[str], classes: Sequence[str],
                  test_set: TestSet, figures: Mapping[str, str], overlay_cases: Mapping, timing_iterations: int,
@@ -980,6 +999,7 @@ def write_report(report_folder: str, *, dataset_name: str, folds: Sequence[int],
     fold_text = f"fold {folds[0]}" if len(folds) == 1 else f"folds {', '.join(map(str, folds))}"
     out = [f"# CSA benchmark: {dataset_name}, {fold_text}" + (" (cross-validation, pooled)" if len(folds) > 1
                                                                 else ""), ""]
+    out += [f"**Data.** {data_source}", ""]
     out += [f"**Test cases.** {len(test_set.cases)} cases ({count(test_set.cases)}) of the {n_patients} patients "
             f"that {fold_text} of `splits_final.json` hold{'s' if len(folds) == 1 else ''} out"
             + (", each scored once, by the models of the fold that holds it out (`results.csv` column `fold`)"
@@ -1299,12 +1319,15 @@ def run_benchmark(dataset_id, configuration: str = "2d", plans: str = "nnUNetPla
     plan = plan_description(preprocessed_folder, plans, configuration)
     machine = machine_description(device)
     budgets = budget_table(row_results, budget, single_budget, modalities, plan["batch_size"], fold_runs, tags)
-    write_report(report_folder, dataset_name=dataset_name, folds=folds, budget=budget, norm=norm, seed=seed,
+    data_source = data_source_text(dataset_json)
+    write_report(report_folder, dataset_name=dataset_name, data_source=data_source, folds=folds, budget=budget,
+                 norm=norm, seed=seed,
                  plan=plan, machine=machine, rows=row_results, results=results, wilcoxon=wilcoxon, timing=timing,
                  modalities=modalities, classes=classes, test_set=test_set, figures=figures,
                  overlay_cases=overlay_cases, timing_iterations=timing_iterations, budgets=budgets)
     summary = {
-        "dataset": dataset_name, "configuration": configuration, "plans": plans, "folds": folds,
+        "dataset": dataset_name, "data_source": data_source, "configuration": configuration, "plans": plans,
+        "folds": folds,
         "budget": {"epochs": budget[0], "iterations_per_epoch": budget[1]} if budget else
         {"epochs": FULL_BUDGET[0], "iterations_per_epoch": FULL_BUDGET[1], "full": True},
         "single_budget": single_budget, "budgets": budgets,

@@ -53,6 +53,7 @@ All rendering is vectorized numpy/scipy; a 20-case dataset takes a few seconds.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -119,6 +120,29 @@ class PhantomVolume:
     spacing: tuple[float, float, float]  # (x, y, z) mm, SimpleITK order
     origin: tuple[float, float, float]
     direction: tuple[float, ...]  # 9 values, row-major, SimpleITK order
+
+
+
+#: written beside every phantom, so that a converter records (and every report can say) that
+#: the data are synthetic, even though they carry a public dataset's names and codes
+PHANTOM_MARKER = "nnunetv2_csa_phantom.json"
+
+
+def _write_marker(out_dir: str, layout: str, **parameters) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, PHANTOM_MARKER), "w") as f:
+        json.dump({"generator": "nnunetv2_csa.phantom", "layout": layout, **parameters}, f, indent=1)
+
+
+def read_phantom_marker(folder: str) -> dict | None:
+    """What the phantom generator recorded in ``folder`` or below it (the converters search
+    their input tree too): layout, seed, counts; None for data it did not write."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if PHANTOM_MARKER in files:
+            with open(os.path.join(root, PHANTOM_MARKER)) as f:
+                return json.load(f)
+    return None
 
 
 def _check_seed(seed) -> None:
@@ -454,7 +478,8 @@ def write_mscmrseg_phantom(out_dir: str, n_patients: int = 10, modalities=("C0",
         outside = sorted(p for p in patients if not 1 <= p <= n_patients)
         if outside:
             raise ValueError(f"unlabelled[{sequence!r}] names patients {outside} outside 1..{n_patients}")
-    os.makedirs(out_dir, exist_ok=True)
+    _write_marker(out_dir, "mscmrseg", n_patients=n_patients, modalities=list(modalities), seed=seed,
+                  in_plane_size=in_plane_size)
     written = []
     for patient in range(1, n_patients + 1):
         for modality, volume in mscmrseg_patient_volumes(patient, modalities, seed, in_plane_size).items():
@@ -511,6 +536,7 @@ def write_myops_phantom(out_dir: str, n_patients: int = 5, seed: int = 0, first_
     _check_count("first_id", first_id)
     _check_seed(seed)
     _check_in_plane_size(in_plane_size)
+    _write_marker(out_dir, "myops", n_patients=n_patients, seed=seed, first_id=first_id, in_plane_size=in_plane_size)
     written = []
     for case_id in range(first_id, first_id + n_patients):
         case_dir = os.path.join(out_dir, f"Case{case_id}")
@@ -638,7 +664,7 @@ def write_mmwhs_phantom(out_dir: str, n_per_modality: int = 5, seed: int = 0, fi
     _check_count("first_id", first_id)
     _check_seed(seed)
     _check_volume_size(size)
-    os.makedirs(out_dir, exist_ok=True)
+    _write_marker(out_dir, "mmwhs", n_per_modality=n_per_modality, seed=seed, first_id=first_id, size=size)
     written = []
     for modality in MMWHS_MODALITIES:
         for case_id in range(first_id, first_id + n_per_modality):

@@ -355,8 +355,10 @@ def markdown(result: dict) -> str:
 
 def machine(device: str) -> dict:
     import torch
-    name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, " \
-                                                                     f"{os.cpu_count()} cores)"
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"device": name, "torch": torch.__version__, "nnunetv2": importlib.metadata.version("nnunetv2"),
             "python": platform.python_version()}
 

@@ -150,6 +150,19 @@ def test_a_rerun_keeps_each_trainers_first_timing_unless_retimed(tmp_path):
     assert measured[-1] == "a"
 
 
+def test_data_source_names_a_phantom_and_a_real_conversion():
+    phantom = {"description": "SYNTHETIC ...", "csa_conversion": {
+        "converter": "MyoPS 2020", "source": "/x", "phantom": {"generator": "nnunetv2_csa.phantom", "layout": "myops",
+                                                                "n_patients": 10, "seed": 0}}}
+    text = benchmark.data_source_text(phantom)
+    assert text.startswith("SYNTHETIC phantom images") and "MyoPS 2020 layout (n_patients 10, seed 0)" in text
+    real = {"description": "MyoPS 2020 multi-sequence cardiac MR", "reference": "Zhuang and Li 2020",
+            "csa_conversion": {"converter": "MyoPS 2020", "source": "/data/myops2020/train", "phantom": None}}
+    assert benchmark.data_source_text(real) == ("MyoPS 2020: MyoPS 2020 multi-sequence cardiac MR (Zhuang and Li "
+                                                "2020), converted from `/data/myops2020/train`.")
+    assert "no converter record" in benchmark.data_source_text({"name": "Dataset123_X"})
+
+
 def _row(name, status="ok", error=""):
     row = benchmark.RowResult(name, [benchmark.Model(name, f"tr{name}", None, "/x", "/log")], status=status)
     row.error = error

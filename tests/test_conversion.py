@@ -194,6 +194,9 @@ def test_mscmrseg_layout_tags_and_json(mscmrseg_dataset):
     assert set(tags.case_modality) == expected_cases
     assert dataset_json["csa_case_patient"]["patient004_C0"] == "patient004"
     assert dataset_json["csa_conversion"]["modalities"] == ["LGE", "C0"]
+    # the phantom generator's record travels into dataset.json: no report can mistake it for MS-CMRSeg
+    assert dataset_json["csa_conversion"]["phantom"]["layout"] == "mscmrseg"
+    assert dataset_json["description"].startswith("SYNTHETIC phantom in the MS-CMRSeg 2019 layout")
 
 
 def test_mscmrseg_labels_remapped_voxelwise_and_geometry_kept(mscmrseg_dataset, mscmrseg_source):
@@ -771,7 +774,7 @@ def test_output_root_created_only_on_success(myops_copy, tmp_path):
 
 
 def test_class_missing_from_every_label_warns(myops_copy, tmp_path):
-    for case in os.listdir(os.path.join(myops_copy, "train")):
+    for case in [c for c in os.listdir(os.path.join(myops_copy, "train")) if c.startswith("Case")]:
         _rewrite(os.path.join(myops_copy, "train", case, f"{case}_gd.nii.gz"),
                  lambda im: sitk.ChangeLabel(im, {600: 0}))
     with pytest.warns(ConversionWarning, match=r"\['right_ventricle'\] appear in no label"):

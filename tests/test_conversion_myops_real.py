@@ -42,7 +42,10 @@ def test_real_myops_cases_convert_and_pass_nnunet_integrity_check(real_myops_sub
     assert tags.modalities == ("C0", "LGE")
     assert sorted(tags.case_modality) == sorted(f"{c}_{m}" for c in CASES for m in ("C0", "LGE"))
     with open(os.path.join(folder, "dataset.json")) as f:
-        assert json.load(f)["numTraining"] == 2 * len(CASES)
+        dataset_json = json.load(f)
+    assert dataset_json["numTraining"] == 2 * len(CASES)
+    assert dataset_json["csa_conversion"]["phantom"] is None  # real data are not named synthetic
+    assert dataset_json["description"].startswith("MyoPS 2020")
     gd = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(train, "Case3001", "Case3001_gd.nii.gz")))
     out = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTr", "Case3001_LGE.nii.gz")))
     np.testing.assert_array_equal(out == 1, np.isin(gd, (200, 1220, 2221)))

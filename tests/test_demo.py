@@ -17,7 +17,7 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path):
             "--phantom-patients", "5", "--dataset-id", "992"]
     first = run_command(args, env, timeout=1500)
     report = output / "report"
-    assert (report / "report.md").is_file()
+    assert "**Data.** SYNTHETIC phantom images written by `nnUNetv2_csa_phantom`" in (report / "report.md").read_text()
     results = pd.read_csv(report / "results.csv")
     assert set(results["row"]) == {"Joint", "CSA"}
     assert set(results["modality"]) == {"LGE", "C0"}

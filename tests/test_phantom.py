@@ -54,14 +54,14 @@ def test_mscmrseg_file_names_follow_the_release(mscmrseg_dir):
     expected = {f"patient{n}_{s}.nii.gz" for n in (1, 2, 3) for s in ("C0", "LGE", "T2")}
     expected |= {f"patient{n}_{s}_manual.nii.gz" for n, s in
                  [(1, "C0"), (2, "C0"), (3, "C0"), (1, "LGE"), (3, "LGE"), (2, "T2")]}
-    assert set(os.listdir(out)) == expected
+    assert set(os.listdir(out)) == expected | {phantom.PHANTOM_MARKER}
     assert sorted(os.path.basename(p) for p in paths) == sorted(expected)
     assert all(os.path.dirname(p) == str(out) for p in paths)
 
 
 def test_mscmrseg_labels_codes_geometry_and_dtypes(mscmrseg_dir):
     out, _ = mscmrseg_dir
-    for name in sorted(os.listdir(out)):
+    for name in sorted(n for n in os.listdir(out) if n.endswith(".nii.gz")):
         if not name.endswith("_manual.nii.gz"):
             continue
         label_image, label = _read(os.path.join(out, name))
@@ -168,7 +168,7 @@ def myops_dir(tmp_path_factory):
 
 def test_myops_layout_codes_and_shared_grid(myops_dir):
     out, paths = myops_dir
-    assert set(os.listdir(out)) == {"Case3001", "Case3002", "Case3003"}
+    assert set(os.listdir(out)) == {"Case3001", "Case3002", "Case3003", phantom.PHANTOM_MARKER}
     for case in ("Case3001", "Case3002", "Case3003"):
         names = {f"{case}_{s}.nii.gz" for s in ("C0", "LGE", "T2", "gd")}
         assert set(os.listdir(out / case)) == names
@@ -256,7 +256,7 @@ def test_mmwhs_layout_codes_geometry(mmwhs_dir):
     out, paths = mmwhs_dir
     expected = {f"{m}_train_{i}_{kind}.nii.gz" for m in ("ct", "mr") for i in (1001, 1002)
                 for kind in ("image", "label")}
-    assert set(os.listdir(out)) == expected
+    assert set(os.listdir(out)) == expected | {phantom.PHANTOM_MARKER}
     assert sorted(os.path.basename(p) for p in paths) == sorted(expected)
     for modality in ("ct", "mr"):
         for case_id in (1001, 1002):
@@ -307,9 +307,15 @@ def test_cli_writes_each_layout(tmp_path, capsys, layout, expected):
     phantom.main(["--layout", layout, "-o", str(tmp_path), "-n", "2", "--seed", "1", "--size",
                   "32" if layout == "mmwhs" else str(SMALL)])
     files = set(os.listdir(tmp_path))
-    assert expected <= files
+    assert expected | {phantom.PHANTOM_MARKER} <= files
     counts = {"mscmrseg": 12, "myops": 2, "mmwhs": 8}
-    assert len(files) == counts[layout]
+    assert len(files) == counts[layout] + 1
+    # the record that lets a converter, and every report, name the data synthetic
+    assert phantom.read_phantom_marker(str(tmp_path)) == {
+        "generator": "nnunetv2_csa.phantom", "layout": layout, "seed": 1,
+        **({"n_per_modality": 2, "first_id": 1001, "size": 32} if layout == "mmwhs" else
+           {"n_patients": 2, "first_id": 3001, "in_plane_size": SMALL} if layout == "myops" else
+           {"n_patients": 2, "modalities": ["C0", "LGE", "T2"], "in_plane_size": SMALL})}
     assert "wrote" in capsys.readouterr().out
 
 
