@@ -21,9 +21,11 @@ spacing, so on a tie the first axis, i.e. SimpleITK's third index axis, stays fi
 ``--coronal`` therefore reorients every image and label with ``sitk.DICOMOrient(..., "LIP")``
 so that the third index axis runs anterior -> posterior: for (near-)isotropic volumes
 nnU-Net then slices coronally. When the anterior-posterior spacing is not the largest (CT
-volumes often have thicker axial slices), nnU-Net would pick another axis; the converter
-warns, and the remedy is to resample the volumes isotropically before conversion or to
-pass nnU-Net's planner an ``-overwrite_target_spacing`` that makes the A-P spacing the largest.
+volumes often have thicker axial slices), nnU-Net's default plan would pick another axis; the
+converter then prints the stock planning command with the ``-overwrite_target_spacing`` that
+makes the A-P value the largest (``coronal_target_spacing``). The 2d configuration keeps the
+native in-plane spacing and does not resample along the slicing axis, so the data are not
+coarsened; only the axis nnU-Net slices along changes.
 
     nnUNetv2_csa_convert_mmwhs -i /data/MMWHS2017 -d 502 --modalities CT MR --coronal
 """
@@ -72,21 +74,41 @@ def find_mmwhs_cases(input_folder: str, modalities: Sequence[str]) -> list[Sourc
             for (modality, number), image in sorted(images.items()) if modality in modalities]
 
 
-def coronal_spacing_warnings(results: Sequence[CaseResult]) -> list[str]:
-    """Warnings when nnU-Net's 2d configuration would not slice the reoriented volumes
-    coronally (the A-P spacing, SimpleITK's third axis after LIP, is not the largest)."""
+def coronal_target_spacing(results: Sequence[CaseResult]) -> list[float] | None:
+    """The ``-overwrite_target_spacing`` (numpy order z, y, x) that makes nnU-Net's planner put
+    the anterior-posterior axis first, or None when its default already does.
+
+    nnU-Net's planner transposes the axis of the largest target spacing first (``np.argmax``, so
+    a tie keeps axis 0). The override raises the A-P value to the largest median spacing and
+    keeps the others; the 2d configuration takes its in-plane spacing from the other two
+    values and never resamples along the slicing axis, so 2d data keep their native
+    resolution (3d_fullres would use the override too: plan it without)."""
+    if not results:
+        return None
+    # what nnU-Net's planner computes: median spacing per axis, in numpy order (z, y, x)
+    median_zyx = [float(v) for v in np.percentile(np.array([r.spacing_xyz[::-1] for r in results]), 50, axis=0)]
+    if int(np.argmax(median_zyx)) == 0:
+        return None
+    return [max(median_zyx)] + median_zyx[1:]
+
+
+def coronal_spacing_warnings(results: Sequence[CaseResult], dataset_id: int) -> list[str]:
+    """Where nnU-Net's default 2d plan would not slice the reoriented volumes coronally (the
+    A-P spacing, SimpleITK's third axis after LIP, is not the largest): the cases, and the
+    planning command that slices coronally."""
     messages = []
     off = [r.case_id for r in results if max(r.spacing_xyz[:2]) > r.spacing_xyz[2]]
     if off:
         messages.append(f"{len(off)} case(s) have a coronal (anterior-posterior) spacing smaller than an in-plane "
                         f"one: {', '.join(off[:10])}{' ...' if len(off) > 10 else ''}")
-    # what nnU-Net's planner does: median spacing per axis, in numpy order (z, y, x), argmax
-    median_zyx = np.percentile(np.array([r.spacing_xyz[::-1] for r in results]), 50, axis=0)
-    if results and int(np.argmax(median_zyx)) != 0:
-        messages.append(f"the median spacing (z, y, x) = {tuple(round(float(s), 4) for s in median_zyx)} is not "
-                        f"largest along the anterior-posterior axis, so nnU-Net's 2d configuration will NOT slice "
-                        f"coronally; resample the volumes isotropically first, or plan with "
-                        f"nnUNetv2_plan_experiment -overwrite_target_spacing so that the first value is the largest")
+    target = coronal_target_spacing(results)
+    if target is not None:
+        spacing = " ".join(f"{v:.6g}" for v in target)
+        messages.append(f"nnU-Net's default plan would NOT slice this dataset coronally (the median anterior-posterior "
+                        f"spacing is not the largest). Plan it with the override that does (2d slices keep their "
+                        f"native in-plane spacing): nnUNetv2_extract_fingerprint -d {dataset_id} && "
+                        f"nnUNetv2_plan_experiment -d {dataset_id} -overwrite_target_spacing {spacing} && "
+                        f"nnUNetv2_preprocess -d {dataset_id} -c 2d")
     return messages
 
 
@@ -113,7 +135,7 @@ def convert_mmwhs(input_folder: str, dataset_id: int, output_root: str | None = 
         unpaired=unpaired, unlabelled_to_imagesTs=unlabelled_to_imagesTs, overwrite=overwrite,
         num_processes=num_processes, preprocessed_root=preprocessed_root,
         options={"all_structures": all_structures, "coronal": coronal},
-        check_spacing=coronal_spacing_warnings if coronal else None)
+        check_spacing=(lambda results: coronal_spacing_warnings(results, dataset_id)) if coronal else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="keep all seven structures (1..7 in code order 205, 420, 500, 550, 600, 820, 850)")
     parser.add_argument("--coronal", action="store_true",
                         help="reorient to LIP (third axis anterior-posterior) so that nnU-Net's 2d configuration "
-                             "slices coronally as the paper does; warns when the spacing would make nnU-Net "
-                             "choose another axis")
+                             "slices coronally as the paper does; where the spacing would make nnU-Net's default "
+                             "plan choose another axis, prints the planning command that slices coronally")
     args = parser.parse_args(argv)
     return run_main(convert_mmwhs, args, input_folder=args.input, all_structures=args.all_structures,
                     coronal=args.coronal, **common_kwargs(args))

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import types
 import warnings
@@ -314,12 +315,40 @@ def test_mmwhs_coronal_orientation(mmwhs_source, tmp_path):
 def test_coronal_warning_logic():
     from dataset_conversion.common import CaseResult
     isotropic = [CaseResult("a_CT", (1,), (1.0, 1.0, 1.0), []), CaseResult("b_CT", (1,), (0.8, 0.8, 0.8), [])]
-    assert mmwhs.coronal_spacing_warnings(isotropic) == []  # ties keep the coronal axis first
+    assert mmwhs.coronal_spacing_warnings(isotropic, 7) == []  # ties keep the coronal axis first
+    assert mmwhs.coronal_target_spacing(isotropic) is None
     thick_coronal = [CaseResult("a_MR", (1,), (1.0, 1.0, 2.0), [])]
-    assert mmwhs.coronal_spacing_warnings(thick_coronal) == []
+    assert mmwhs.coronal_spacing_warnings(thick_coronal, 7) == []
     thin_coronal = [CaseResult("a_CT", (1,), (0.4, 0.6, 0.4), [])]
-    messages = mmwhs.coronal_spacing_warnings(thin_coronal)
-    assert len(messages) == 2 and "a_CT" in messages[0] and "NOT slice coronally" in messages[1]
+    # (z, y, x) = (0.4, 0.6, 0.4): the A-P value is raised to the largest, the in-plane ones stay
+    target = mmwhs.coronal_target_spacing(thin_coronal)
+    assert target == [0.6, 0.6, 0.4] and int(np.argmax(target)) == 0
+    messages = mmwhs.coronal_spacing_warnings(thin_coronal, 7)
+    assert len(messages) == 2 and "a_CT" in messages[0] and "would NOT slice this dataset coronally" in messages[1]
+    assert "nnUNetv2_plan_experiment -d 7 -overwrite_target_spacing 0.6 0.6 0.4 &&" in messages[1]
+
+
+@pytest.mark.integration
+def test_coronal_conversion_plans_coronal_2d_slices_with_the_printed_command(mmwhs_source, tmp_path):
+    from conftest import nnunet_environment, run_command
+
+    env = nnunet_environment(tmp_path)
+    with pytest.warns(ConversionWarning) as record:
+        convert_mmwhs(mmwhs_source, 12, env["nnUNet_raw"], coronal=True)
+    command = next(str(w.message) for w in record if "overwrite_target_spacing" in str(w.message))
+    target = re.search(r"-overwrite_target_spacing ([\d.e-]+) ([\d.e-]+) ([\d.e-]+)", command).groups()
+    run_command(["nnUNetv2_extract_fingerprint", "-d", "12", "-np", "1"], env)
+    run_command(["nnUNetv2_plan_experiment", "-d", "12", "-overwrite_plans_name", "Default"], env)
+    run_command(["nnUNetv2_plan_experiment", "-d", "12", "-overwrite_target_spacing", *target], env)
+    plans_folder = os.path.join(env["nnUNet_preprocessed"], "Dataset012_MMWHS2017")
+    default, coronal = (load_json(os.path.join(plans_folder, f"{name}.json")) for name in ("Default", "nnUNetPlans"))
+    # the problem: the default plan slices along another axis than the anterior-posterior one (axis 0 after LIP)
+    assert default["transpose_forward"][0] != 0
+    # the printed command: 2d slices are coronal (axis 0 first) with the data's own in-plane spacing
+    assert coronal["transpose_forward"] == [0, 1, 2]
+    median_zyx = np.array(load_json(os.path.join(plans_folder, "dataset_fingerprint.json"))["spacings"])
+    median_zyx = np.percentile(median_zyx, 50, axis=0)
+    np.testing.assert_allclose(coronal["configurations"]["2d"]["spacing"], median_zyx[1:], rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- MyoPS
