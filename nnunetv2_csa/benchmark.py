@@ -837,11 +837,18 @@ def plot_training_curves(row: RowResult, path: str) -> bool:
                 if np.isfinite(values).any():
                     axes[2].plot(np.arange(len(values)), values, marker="o", ls=style, color="m",
                                  label=f"{prefix}{what}")
-    axes[0].set_title(f"{row.row}: loss (Dice + CE)")
-    axes[1].set_title(f"{row.row}: pseudo Dice (validation patches)")
+    # what nnU-Net logs as train_losses is the loss its train_step minimised: for the rows that
+    # train with the consistency term (λ > 0) that includes the weighted term; validation never does
+    trains_with_term = row.row in CSA_FAMILY and row.row != "MSBN"
+    axes[0].set_title(f"{row.row}: loss per epoch", fontsize=10)
+    axes[0].set_ylabel("train: Dice + CE" + (" + (λ/2) × consistency term" if trains_with_term else "")
+                       + "\nvalidation: Dice + CE", fontsize=8)
+    axes[1].set_title(f"{row.row}: pseudo Dice (validation patches)", fontsize=10)
+    axes[1].set_ylabel("pseudo Dice")
     axes[1].set_ylim(-0.02, 1.02)
     if has_consistency:
-        axes[2].set_title(f"{row.row}: consistency term (unweighted)")
+        axes[2].set_title(f"{row.row}: consistency term", fontsize=10)
+        axes[2].set_ylabel("term, unweighted (before λ/2)", fontsize=8)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)

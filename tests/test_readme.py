@@ -1,0 +1,82 @@
+"""The README's "nnU-Net workflow" block, run as printed (on phantoms, a short-budget trainer and
+-device cpu), so that the README cannot drift from what the commands do."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from conftest import nnunet_environment
+from nnunetv2_csa.phantom import write_mmwhs_phantom, write_mscmrseg_phantom, write_myops_phantom
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT_TRAINER = "nnUNetTrainerCSA_1epochs_5its"
+#: each (as printed, as run); every one must occur in the block, so a README edit that the test
+#: does not follow fails here instead of silently running something else
+SUBSTITUTIONS = (
+    ("pip install -e .", "true"),  # the package is installed in the test's environment
+    ("export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=...", "true"),  # set by the test
+    ("/data/MSCMRSeg2019", "{mscmrseg}"),
+    ("/data/MMWHS2017", "{mmwhs}"),
+    ("/data/myops2020/train", "{myops}"),
+    ("-tr nnUNetTrainerCSA ", f"-tr {SHORT_TRAINER} "),
+    ("-tr nnUNetTrainerCSA\n", f"-tr {SHORT_TRAINER}\n"),
+    ("nnUNetTrainerCSA__nnUNetPlans__2d", f"{SHORT_TRAINER}__nnUNetPlans__2d"),
+)
+#: the README says to add -device cpu on a machine without a GPU: these are the commands it means
+CPU_COMMANDS = ("nnUNetv2_train", "nnUNetv2_predict", "nnUNetv2_predict_from_modelfolder")
+
+
+def readme_workflow_block() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("## The nnU-Net workflow with this package", 1)[1]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+def runnable(block: str, data: dict) -> str:
+    for printed, run in SUBSTITUTIONS:
+        assert printed in block, f"the README's workflow block no longer contains {printed!r}: update this test"
+        block = block.replace(printed, run.format(**data))
+    lines = []
+    for line in block.splitlines():
+        command = re.sub(r"^(\w+=\S+ )*", "", line).split(" ", 1)[0]
+        lines.append(f"{line} -device cpu" if command in CPU_COMMANDS and "-device" not in line else line)
+    return "\n".join(lines) + "\n"
+
+
+def test_substitutions_leave_every_command_and_add_the_cpu_device():
+    script = runnable(readme_workflow_block(), {"mscmrseg": "/m", "mmwhs": "/w", "myops": "/y"})
+    assert f"nnUNetv2_train 501 2d 0 -tr {SHORT_TRAINER} -device cpu" in script
+    assert "nnUNet_csa_modality=LGE nnUNetv2_predict -d 501" in script and "-o out_LGE -device cpu" in script
+    assert "nnUNetTrainerCSA " not in script.replace(SHORT_TRAINER, "")
+
+
+@pytest.mark.integration
+def test_readme_workflow_runs_as_printed(tmp_path):
+    data = {"mscmrseg": str(tmp_path / "MSCMRSeg2019"), "mmwhs": str(tmp_path / "MMWHS2017"),
+            "myops": str(tmp_path / "myops2020" / "train")}
+    write_mscmrseg_phantom(data["mscmrseg"], 10, modalities=("C0", "LGE"), in_plane_size=48)
+    write_mmwhs_phantom(data["mmwhs"], 5, size=32)
+    write_myops_phantom(data["myops"], 5, in_plane_size=48)
+    env = nnunet_environment(tmp_path)
+    env.pop("nnUNet_extTrainer")  # the block sets it itself
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    work = tmp_path / "work"
+    work.mkdir()
+    completed = subprocess.run(["bash", "-euo", "pipefail", "-c", runnable(readme_workflow_block(), data)],
+                               cwd=work, env=env, capture_output=True, text=True, timeout=1500)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+
+    predictions = sorted(p.name for p in (work / "out_LGE").glob("*.nii.gz"))
+    assert predictions and predictions == sorted(p.name for p in (work / "heldout" / "LGE" / "labels").iterdir())
+    metrics = pd.read_csv(work / "eval_LGE" / "metrics.csv")
+    assert sorted(metrics["case"].unique()) == [p.removesuffix(".nii.gz") for p in predictions]
+    assert set(metrics["modality"]) == {"LGE"} and metrics["dice"].between(0, 1).all()
+    # the exported stock model predicts what the CSA model predicts for its modality
+    for name in predictions:
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(work / "out_LGE" / name))),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(work / "out_LGE_stock" / name))))
