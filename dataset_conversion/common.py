@@ -37,6 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunetv2_csa.errors import UserInputError
 from nnunetv2_csa.image_files import IncompleteFileError, check_file_complete, count_non_finite_voxels
 from nnunetv2_csa.phantom import read_phantom_marker
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
@@ -51,7 +52,7 @@ GEOMETRY_TOLERANCE = 1e-4
 CONVERSION_KEY = "csa_conversion"
 
 
-class ConversionError(Exception):
+class ConversionError(UserInputError):
     """Bad input or a bad request: the message names the file and the fix."""
 
 

@@ -61,6 +61,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from nnunetv2_csa.errors import UserInputError, one_line_errors
 from nnunetv2_csa.evaluation import DEFAULT_HD95, HD95_DEFINITIONS, evaluate_case, wilcoxon_between_methods
 from nnunetv2_csa.statistics import bootstrap_mean_ci, holm_adjust
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
@@ -105,7 +106,7 @@ VALIDATION_SOURCE = "validation"
 OTHER_MODALITY_SOURCE = "other_modality"
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(UserInputError, RuntimeError):
     """The benchmark cannot start (missing folders, unknown row, bad budget)."""
 
 
@@ -1366,6 +1367,7 @@ def _fold_numbers(values: Sequence[str]) -> list[int]:
         raise BenchmarkError(f"--folds takes fold numbers or 'all', not {' '.join(values)}") from None
 
 
+@one_line_errors()
 def main(argv: Sequence[str] | None = None) -> None:
     """Console script; returns nothing (a console script's return value becomes its exit status)."""
     parser = argparse.ArgumentParser(
@@ -1405,16 +1407,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="time every trainer again; by default a rerun keeps the first timing (and its date) "
                              "of each trainer, so a rerun under other load does not silently replace it")
     args = parser.parse_args(argv)
-    try:
-        if args.folds is not None:
-            folds = "all" if args.folds == ["all"] else _fold_numbers(args.folds)
-        else:
-            folds = [0 if args.f is None else args.f]
-        run_benchmark(args.d, args.c, args.p, folds, None if args.full_budget else tuple(args.budget),
-                      args.rows, args.norm, args.device, args.o, args.rerun, args.timing_iterations,
-                      single_budget=args.single_budget, retime=args.retime)
-    except BenchmarkError as e:
-        raise SystemExit(f"nnUNetv2_csa_benchmark: {e}") from None
+    if args.folds is not None:
+        folds = "all" if args.folds == ["all"] else _fold_numbers(args.folds)
+    else:
+        folds = [0 if args.f is None else args.f]
+    run_benchmark(args.d, args.c, args.p, folds, None if args.full_budget else tuple(args.budget),
+                  args.rows, args.norm, args.device, args.o, args.rerun, args.timing_iterations,
+                  single_budget=args.single_budget, retime=args.retime)
 
 
 if __name__ == "__main__":

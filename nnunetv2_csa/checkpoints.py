@@ -19,6 +19,8 @@ import zipfile
 import numpy as np
 import torch
 
+from nnunetv2_csa.errors import UserInputError
+
 try:  # NumPy 2
     from numpy._core.multiarray import scalar as _numpy_scalar
 except ImportError:  # NumPy 1
@@ -29,7 +31,7 @@ except ImportError:  # NumPy 1
 NNUNET_CHECKPOINT_GLOBALS = (_numpy_scalar, np.dtype, type(np.dtype("float32")), type(np.dtype("float64")))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError, ValueError):
     """A checkpoint that cannot or must not be loaded; the message names the file and the fix."""
 
 

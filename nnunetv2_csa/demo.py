@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from nnunetv2_csa.errors import UserInputError
+
 DEFAULT_ROWS = ("Joint", "CSA")
 DEFAULT_BUDGET = (10, 10)
 DEMO_DATASET_ID = 990
@@ -31,7 +33,7 @@ CPU_TARGET_SPACING = ("5", "2.0", "2.0")
 CPU_GPU_MEMORY_TARGET = "0.18"
 
 
-class DemoError(RuntimeError):
+class DemoError(UserInputError, RuntimeError):
     pass
 
 

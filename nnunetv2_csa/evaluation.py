@@ -72,6 +72,7 @@ import SimpleITK as sitk
 from scipy import stats
 from tqdm import tqdm
 
+from nnunetv2_csa.errors import one_line_errors
 from nnunetv2_csa.image_files import check_file_complete
 from nnunetv2_csa.statistics import bootstrap_mean_ci
 
@@ -576,15 +577,10 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
     return df
 
 
+@one_line_errors(ValueError, OSError)  # bad input: files, labels, geometry; the message names the file
 def main(argv: Sequence[str] | None = None) -> None:
     # a console script's return value becomes its exit status: return nothing on success
-    try:
-        run_cli(argv)
-    except (ValueError, OSError) as e:  # bad input: files, labels, geometry; the message names the file
-        if os.environ.get("NNUNETV2_CSA_TRACEBACK") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(argv)
 
 
 if __name__ == "__main__":

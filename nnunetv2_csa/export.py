@@ -14,18 +14,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 
 from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
 
+from nnunetv2_csa.errors import UserInputError, one_line_errors
 from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError
 
 # torch, nnU-Net and the modules that need them are imported where they are used, so that
 # `nnUNetv2_csa_export_modality --help` and argument errors answer at once
 
 
-class ExportError(RuntimeError):
+class ExportError(UserInputError, RuntimeError):
     pass
 
 
@@ -140,6 +140,7 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
     return output_folder
 
 
+@one_line_errors()
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_csa_export_modality",
@@ -156,14 +157,8 @@ def main(argv=None) -> None:
                         help="load checkpoints with full pickle (can run code from the file): only for files from "
                              "a source you trust that hold more than an nnU-Net checkpoint does")
     args = parser.parse_args(argv)
-    from nnunetv2_csa.checkpoints import CheckpointError
-
-    try:
-        out = export_modality(args.model_folder, args.modality, args.output, args.folds, args.checkpoint,
-                              trust_checkpoint=args.trust_checkpoint)
-    except (ExportError, ModalityTagError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    out = export_modality(args.model_folder, args.modality, args.output, args.folds, args.checkpoint,
+                          trust_checkpoint=args.trust_checkpoint)
     folds = sorted(d.removeprefix("fold_") for d in os.listdir(out) if d.startswith("fold_"))
     print(f"exported modality {args.modality} (fold(s) {', '.join(folds)}) to {out}; predict it with "
           f"nnUNetv2_predict_from_modelfolder -m {out} -f {' '.join(folds)} -i INPUT -o OUTPUT")

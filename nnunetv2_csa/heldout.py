@@ -18,14 +18,14 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Sequence
 
+from nnunetv2_csa.errors import UserInputError, one_line_errors
 from nnunetv2_csa.modality import modality_tags_from_dataset_json
 
 
-class HeldOutError(ValueError):
+class HeldOutError(UserInputError, ValueError):
     """Bad request; the message names the file or folder and the fix."""
 
 
@@ -89,6 +89,7 @@ def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, 
     return by_modality
 
 
+@one_line_errors(ValueError, OSError)
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_csa_heldout",
@@ -99,11 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("-f", type=int, default=0, help="fold of splits_final.json (default 0)")
     parser.add_argument("-o", required=True, help="new output folder")
     args = parser.parse_args(argv)
-    try:
-        by_modality = write_held_out(args.d, args.f, args.o)
-    except (HeldOutError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    by_modality = write_held_out(args.d, args.f, args.o)
     for modality, cases in sorted(by_modality.items()):
         print(f"{modality}: {len(cases)} case(s) in {os.path.join(args.o, modality)}/images and /labels; predict with "
               f"nnUNet_csa_modality={modality} nnUNetv2_predict -i {os.path.join(args.o, modality, 'images')} ...")

@@ -14,8 +14,10 @@ import zlib
 
 import numpy as np
 
+from nnunetv2_csa.errors import UserInputError
 
-class IncompleteFileError(ValueError):
+
+class IncompleteFileError(UserInputError, ValueError):
     """The file is truncated or its compressed stream is corrupt; the message names it."""
 
 

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from nnunetv2_csa.errors import UserInputError
+
 MODALITIES_KEY = "csa_modalities"
 CASE_MODALITY_KEY = "csa_case_modality"
 CASE_PATIENT_KEY = "csa_case_patient"
@@ -31,7 +33,7 @@ OTHER_MODALITY_IMAGES = "imagesOtherModality"
 OTHER_MODALITY_LABELS = "labelsOtherModality"
 
 
-class ModalityTagError(ValueError):
+class ModalityTagError(UserInputError, ValueError):
     """A dataset.json or model folder lacks or contradicts the modality tags."""
 
 

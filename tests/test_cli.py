@@ -1,5 +1,6 @@
 """Every console command of the package answers --help without importing torch (a new user's
-first call should not wait 5-10 s for it) and prints its usage."""
+first call should not wait 5-10 s for it) and prints its usage; errors a user can fix end in one
+line, also in nnU-Net's own commands once they have imported this package's trainers."""
 import os
 import subprocess
 import sys
@@ -31,3 +32,33 @@ def test_help_answers_without_importing_torch(name):
     assert completed.returncode == 0, completed.stderr
     assert f"usage: {name}" in completed.stdout
     assert completed.stdout.strip().endswith("TORCH_NOT_IMPORTED")
+
+
+def _uncaught(raise_statement: str, **env) -> subprocess.CompletedProcess:
+    code = ("import nnunetv2_csa.training.trainers\n"
+            "from nnunetv2_csa.modality import ModalityTagError\n" + raise_statement)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "NNUNETV2_CSA_TRACEBACK": "0", **env})
+
+
+def test_importing_the_trainers_turns_this_packages_errors_into_one_line():
+    ours = _uncaught("raise ModalityTagError('nnUNet_csa_modality is not set; this model knows [LGE, C0]')")
+    assert ours.returncode == 1
+    assert ours.stderr.startswith("error: nnUNet_csa_modality is not set; this model knows [LGE, C0]\n")
+    assert "Traceback" not in ours.stderr and "NNUNETV2_CSA_TRACEBACK=1" in ours.stderr
+    asked = _uncaught("raise ModalityTagError('x')", NNUNETV2_CSA_TRACEBACK="1")
+    assert "Traceback" in asked.stderr and "ModalityTagError: x" in asked.stderr
+    # anything else is not this package's input error: the full traceback stays
+    other = _uncaught("raise RuntimeError('a bug')")
+    assert "Traceback" in other.stderr and "RuntimeError: a bug" in other.stderr
+
+
+def test_a_console_commands_input_error_is_one_line_with_exit_status_2(tmp_path):
+    completed = subprocess.run([sys.executable, "-c", "from nnunetv2_csa.export import main; main()",
+                                "-m", str(tmp_path / "missing"), "--modality", "LGE", "-o", str(tmp_path / "out")],
+                               capture_output=True, text=True, cwd=ROOT, timeout=120,
+                               env={**os.environ, "NNUNETV2_CSA_TRACEBACK": "0"})
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing' / 'plans.json'} does not exist: -m must be a trained model folder "
+        f"(…/DatasetXXX/<trainer>__<plans>__<configuration>)"]

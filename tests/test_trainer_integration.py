@@ -167,6 +167,8 @@ def test_predict_without_or_with_unknown_modality_names_the_choices(trained_csa_
     missing = _predict(env, TRAINER, inputs["LGE"], str(tmp_path / "o1"), None, check=False)
     assert missing.returncode != 0
     assert "nnUNet_csa_modality" in missing.stderr and "LGE" in missing.stderr and "C0" in missing.stderr
+    # nnU-Net's own command, this package's error: one line, no traceback
+    assert "\nerror: " in missing.stderr and "Traceback" not in missing.stderr
     unknown = _predict(env, TRAINER, inputs["LGE"], str(tmp_path / "o2"), "T2", check=False)
     assert unknown.returncode != 0
     assert "'T2'" in unknown.stderr and "['LGE', 'C0']" in unknown.stderr
@@ -238,6 +240,7 @@ def test_resume_refuses_a_dataset_reconverted_with_another_modality_order(traine
                                         nnUNet_n_proc_DA="0"), check=False)
     assert resumed.returncode != 0
     assert "modality order mismatch" in resumed.stderr and "['LGE', 'C0']" in resumed.stderr
+    assert "Traceback" not in resumed.stderr
     assert not (fold / "checkpoint_final.pth").exists()
 
 
@@ -255,6 +258,7 @@ def test_batch_smaller_than_the_number_of_modalities_is_refused_before_training(
     assert result.returncode != 0
     assert "batch size 1 is smaller than the number of modalities (2" in result.stderr
     assert "background workers" not in result.stderr
+    assert "error: " in result.stderr and "Traceback" not in result.stderr
 
 
 def test_heldout_folders_feed_predict_and_evaluate_as_the_readme_says(trained_csa_model, tmp_path):

@@ -12,7 +12,13 @@ from nnunetv2_csa.training.nnUNetTrainerCSA import (nnUNetTrainerAffinity, nnUNe
                                                     nnUNetTrainerUMMKD_Lambda1,
                                                     nnUNetTrainerCSA_Literal, nnUNetTrainerMSBN, nnUNetTrainerMSBN_BN,
                                                     nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN)
+from nnunetv2_csa.errors import install_one_line_errors
 from nnunetv2_csa.training.short_budget import short_budget_variants
+
+# nnUNetv2_train and nnUNetv2_predict import this module to find our trainers: this
+# package's input errors (a modality missing or unknown, a checkpoint refused) reach the
+# user as one line there too
+install_one_line_errors()
 
 BASE_TRAINERS = (nnUNetTrainerCSA, nnUNetTrainerCSA_BN, nnUNetTrainerMSBN, nnUNetTrainerMSBN_BN,
                  nnUNetTrainerAffinity, nnUNetTrainerAffinity_BN, nnUNetTrainerUMMKD, nnUNetTrainerUMMKD_BN,
