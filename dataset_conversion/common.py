@@ -40,8 +40,8 @@ from tqdm import tqdm
 from nnunetv2_csa.errors import UserInputError
 from nnunetv2_csa.image_files import IncompleteFileError, check_file_complete, count_non_finite_voxels
 from nnunetv2_csa.phantom import read_phantom_marker
-from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
-                                   OTHER_MODALITY_LABELS, ModalityTags)
+from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, OTHER_MODALITY_IMAGES,
+                                   OTHER_MODALITY_KEY, OTHER_MODALITY_LABELS, ModalityTags)
 
 FILE_ENDING = ".nii.gz"
 DEFAULT_SEED = 12345  # the seed nnU-Net uses for its own 5-fold split
@@ -520,6 +520,16 @@ def check_output_free(output_root: str, dataset_id: int, folder_name: str, overw
     """The existing raw folders for this id (to replace with --overwrite); errors when one
     exists without --overwrite, or when preprocessed/results folders carry another name
     for the id (nnU-Net then refuses the id as ambiguous)."""
+    nearest = _nearest_existing(output_root)  # where the new folders would be created
+    if not os.path.isdir(nearest):
+        raise ConversionError(f"{nearest} is a file, not a folder, so the output folder {output_root} cannot be "
+                              f"there: choose a folder with -o/--output (or nnUNet_raw)")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConversionError(f"cannot write into {nearest}: choose a writable -o/--output (or nnUNet_raw)")
+    target = os.path.join(output_root, folder_name)
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise ConversionError(f"{target} exists and is not a folder: remove or rename it, or choose another "
+                              f"-d/--dataset-id or --name")
     existing = _same_id_folders(output_root, dataset_id)
     if existing and not overwrite:
         raise ConversionError(f"dataset id {dataset_id} already exists: {', '.join(existing)}. Choose another "
@@ -533,6 +543,12 @@ def check_output_free(output_root: str, dataset_id: int, folder_name: str, overw
                 f"{folder_name}; nnU-Net would then find two names for one id and refuse it. Remove that folder, "
                 f"convert with --name {os.path.basename(others[0]).split('_', 1)[1]}, or choose another -d")
     return existing
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def _missing_ancestors(path: str) -> list[str]:
@@ -692,14 +708,22 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
 
     final_folder = os.path.join(output_root, folder_name)
     created_dirs = _missing_ancestors(output_root)
-    os.makedirs(output_root, exist_ok=True)
+    try:
+        os.makedirs(output_root, exist_ok=True)
+    except OSError as e:  # what os.access cannot foresee: a read-only file system, a full disk
+        raise ConversionError(f"cannot create the output folder {output_root} ({e.strerror}): choose a writable "
+                              f"-o/--output (or nnUNet_raw)") from None
     # the process id in the temporary names lets the cleanup find them even when a signal
     # interrupts their creation before their names are known here
     temp_prefix = f".{folder_name}.incomplete-{os.getpid()}-"
     committed = False
     staged_splits = None
     try:
-        temp_folder = tempfile.mkdtemp(prefix=temp_prefix, dir=output_root)
+        try:
+            temp_folder = tempfile.mkdtemp(prefix=temp_prefix, dir=output_root)
+        except OSError as e:
+            raise ConversionError(f"cannot write into {output_root} ({e.strerror}): choose a writable "
+                                  f"-o/--output (or nnUNet_raw)") from None
         os.chmod(temp_folder, 0o777 & ~_current_umask())  # mkdtemp makes it private (0700)
         jobs = []
         for sub in (("imagesTr", "labelsTr") + (("imagesTs",) if unlabelled else ())
@@ -801,12 +825,40 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
                 except OSError:
                     break
 
+    stale = stale_preprocessed_message(preprocessed_root, folder_name, dataset_json, dataset_id)
+    if stale:
+        warnings.warn(stale, ConversionWarning, stacklevel=2)
     splits_written = [os.path.join(final_folder, "splits_final.json")]
     if staged_splits is not None:
         splits_written.append(staged_splits.target)
 
     print_summary(final_folder, labelled, unlabelled, modalities, splits, splits_written, other_modality)
     return final_folder
+
+
+#: what nnU-Net's preprocessed copy of dataset.json must agree on with the raw one
+_PREPROCESSED_AGREES_ON = ("labels", "numTraining", MODALITIES_KEY, CASE_MODALITY_KEY)
+
+
+def stale_preprocessed_message(preprocessed_root: str | None, folder_name: str, dataset_json: dict,
+                               dataset_id: int) -> str | None:
+    """A warning when ``nnUNet_preprocessed`` holds a dataset.json of an earlier conversion
+    (e.g. replaced with --overwrite) that differs from the new one in labels, cases or
+    modalities: nnU-Net trains from the preprocessed copy until the dataset is preprocessed again."""
+    path = os.path.join(preprocessed_root, folder_name, "dataset.json") if preprocessed_root else None
+    if path is None or not os.path.isfile(path):
+        return None
+    rerun = f"run nnUNetv2_plan_and_preprocess -d {dataset_id} again before training"
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return f"{path} is not readable JSON: {rerun}"
+    differing = [key for key in _PREPROCESSED_AGREES_ON if old.get(key) != dataset_json.get(key)]
+    if not differing:
+        return None
+    return (f"{path} is nnU-Net's preprocessed copy of an earlier conversion and differs from the new dataset in "
+            f"{', '.join(differing)}; nnU-Net trains from the preprocessed data, so {rerun}")
 
 
 def print_summary(folder: str, labelled: Sequence[SourceCase], unlabelled: Sequence[SourceCase],

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from hypothesis import given, settings, strategies as st
 
 from dataset_conversion import ConversionError, ConversionWarning, convert_mmwhs, convert_mscmrseg, convert_myops
-from dataset_conversion import mmwhs, mscmrseg, myops
+from dataset_conversion import common, mmwhs, mscmrseg, myops
 from dataset_conversion.common import SourceCase, crop_box, make_patient_splits, select_unpaired
 from nnunetv2_csa.modality import read_modality_tags
 from nnunetv2_csa.phantom import write_mmwhs_phantom, write_mscmrseg_phantom, write_myops_phantom
@@ -790,6 +790,53 @@ def test_existing_dataset_and_overwrite(myops_source, myops_copy, tmp_path):
     folder = _convert_isolated(convert_myops, myops_source, 30, str(raw), overwrite=True)
     assert sorted(os.listdir(raw)) == ["Dataset030_MyoPS2020"] and folder == str(raw / "Dataset030_MyoPS2020")
     assert load_json(os.path.join(folder, "dataset.json"))["numTraining"] == 10
+
+
+def test_a_file_where_a_folder_belongs_is_named_before_anything_is_read(myops_source, tmp_path):
+    plain = tmp_path / "raw_is_a_file"
+    plain.write_text("mine")
+    for output_root in (plain, plain / "below"):
+        with pytest.raises(ConversionError, match=r"raw_is_a_file is a file, not a folder, so the output folder"):
+            _convert_isolated(convert_myops, myops_source, 30, str(output_root))
+    assert plain.read_text() == "mine"
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "Dataset030_MyoPS2020").write_text("")
+    for overwrite in (False, True):
+        with pytest.raises(ConversionError, match=r"Dataset030_MyoPS2020 exists and is not a folder: remove or rename"):
+            convert_myops(myops_source, 30, str(raw), overwrite=overwrite)
+        assert os.listdir(raw) == ["Dataset030_MyoPS2020"]
+
+
+def test_an_unwritable_output_is_one_clear_error(myops_source, tmp_path, monkeypatch):
+    # the tests run as root, for whom every folder is writable: the checks' answers are stood in for
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    monkeypatch.setattr(common.os, "access", lambda path, mode: False)
+    _expect_failure(convert_myops, myops_source, str(raw), rf"cannot write into {re.escape(str(raw))}: choose a")
+    monkeypatch.undo()
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(30, "Read-only file system", path)
+    monkeypatch.setattr(common.os, "makedirs", read_only)
+    with pytest.raises(ConversionError, match=r"cannot create the output folder .*new \(Read-only file system\)"):
+        _convert_isolated(convert_myops, myops_source, 30, str(raw / "new"), split="80-20")
+
+
+def test_overwrite_warns_when_the_preprocessed_copy_is_of_the_replaced_dataset(myops_source, tmp_path):
+    raw, preprocessed = tmp_path / "raw", tmp_path / "pre"
+    _convert_isolated(convert_myops, myops_source, 30, str(raw), preprocessed_root=str(preprocessed))
+    stale = preprocessed / "Dataset030_MyoPS2020" / "dataset.json"
+    shutil.copyfile(raw / "Dataset030_MyoPS2020" / "dataset.json", stale)  # what nnUNetv2_preprocess copies
+    # the same dataset again: its preprocessed copy still agrees, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConversionWarning)
+        convert_myops(myops_source, 30, str(raw), preprocessed_root=str(preprocessed), overwrite=True)
+    with pytest.warns(ConversionWarning, match=r"pre/Dataset030_MyoPS2020/dataset.json is nnU-Net's preprocessed "
+                                               r"copy of an earlier conversion and differs .* in labels; .*"
+                                               r"nnUNetv2_plan_and_preprocess -d 30 again"):
+        convert_myops(myops_source, 30, str(raw), preprocessed_root=str(preprocessed), overwrite=True,
+                      keep_pathology=True)
 
 
 def test_output_root_created_only_on_success(myops_copy, tmp_path):
