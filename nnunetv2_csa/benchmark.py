@@ -65,7 +65,8 @@ from nnunetv2_csa.errors import UserInputError, one_line_errors
 from nnunetv2_csa.evaluation import DEFAULT_HD95, HD95_DEFINITIONS, evaluate_case, wilcoxon_between_methods
 from nnunetv2_csa.statistics import bootstrap_mean_ci, holm_adjust
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
-                                   OTHER_MODALITY_LABELS, check_case_name, modality_tags_from_dataset_json)
+                                   OTHER_MODALITY_LABELS, check_case_name, modalities_from_plans,
+                                   modality_tags_from_dataset_json)
 from nnunetv2_csa.training.short_budget import short_budget_name
 
 #: the paper's rows (the default)
@@ -796,8 +797,8 @@ def _model_modalities(row: RowResult, count: int) -> list[str]:
     plans_file = os.path.join(os.path.dirname(row.models[0].fold_folder), "plans.json")
     try:
         with open(plans_file) as f:
-            names = list(json.load(f)["csa_modalities"])
-    except (OSError, KeyError, ValueError):
+            names = modalities_from_plans(json.load(f), plans_file)
+    except (OSError, ValueError):
         names = []
     return names if len(names) == count else [f"modality {m}" for m in range(count)]
 

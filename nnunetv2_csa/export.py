@@ -19,7 +19,7 @@ import tempfile
 from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
 
 from nnunetv2_csa.errors import UserInputError, one_line_errors
-from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError
+from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, modalities_from_plans
 
 # torch, nnU-Net and the modules that need them are imported where they are used, so that
 # `nnUNetv2_csa_export_modality --help` and argument errors answer at once
@@ -76,10 +76,7 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
         raise ExportError(f"the folder {parent} that -o {output_folder} would go into does not exist; create it first")
     plans = load_json(plans_file)
     dataset_json = load_json(join(model_folder, "dataset.json"))
-    modalities = plans.get(MODALITIES_KEY)
-    if not modalities:
-        raise ModalityTagError(f"{plans_file} has no '{MODALITIES_KEY}': this is not a model of an "
-                               f"nnunetv2_csa trainer with modality-specific norms")
+    modalities = modalities_from_plans(plans, plans_file)
     if modality not in modalities:
         raise ModalityTagError(f"unknown modality {modality!r}; {model_folder} knows {modalities}")
     plans_manager = PlansManager(plans)

@@ -6,16 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The plain network inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(network, "module") and isinstance(network.module, nn.Module):
-            network = network.module
-        elif hasattr(network, "_orig_mod") and isinstance(network._orig_mod, nn.Module):
-            network = network._orig_mod
-        else:
-            return network
+from nnunetv2_csa.wrappers import unwrap_network
 
 
 def _is_conv_block(module: nn.Module) -> bool:

@@ -105,6 +105,17 @@ def modality_tags_from_dataset_json(dataset_json: Mapping, source: str = "datase
         raise ModalityTagError(f"{source}: {e}") from None
 
 
+def modalities_from_plans(plans: Mapping, source: str = "plans") -> list[str]:
+    """The ordered modality names a trained model's plans record (``csa_modalities``: the
+    trainer writes them into the model folder's plans.json when training starts)."""
+    if MODALITIES_KEY not in plans:
+        raise ModalityTagError(
+            f"{source} has no '{MODALITIES_KEY}' entry: this package's trainers write it into the model folder's "
+            f"plans.json when training starts; was this model trained with an nnunetv2_csa trainer that has "
+            f"modality-specific norms?")
+    return list(plans[MODALITIES_KEY])
+
+
 def read_modality_tags(folder_or_file: str) -> ModalityTags:
     """The modality tags of a raw dataset folder, a preprocessed folder, a trained model
     folder (``.../nnUNetTrainerCSA__nnUNetPlans__2d``) or a ``dataset.json`` path."""

@@ -47,6 +47,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from nnunetv2_csa.wrappers import unwrap_network
+
 SPLITTABLE_NORM_TYPES = (_InstanceNorm, _BatchNorm, nn.GroupNorm)
 
 # Any other module whose class name ends like a normalization layer (LayerNorm, RMSNorm,
@@ -187,17 +189,6 @@ def _check_n_modalities(n_modalities) -> None:
         raise ValueError(f"n_modalities must be a positive int, got {n_modalities!r}")
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    """The module inside torch.compile's OptimizedModule and (Distributed)DataParallel."""
-    while True:
-        if hasattr(network, "_orig_mod") and isinstance(network._orig_mod, nn.Module):
-            network = network._orig_mod
-        elif isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            network = network.module
-        else:
-            return network
-
-
 def _replace_submodules(root: nn.Module, replacement_for) -> int:
     """Calls ``replacement_for(module)`` for every submodule and puts each non-None result
     in its place, at every path the module is registered under (nnU-Net's
@@ -256,7 +247,7 @@ def _modality_specific_norms(network: nn.Module) -> list[ModalitySpecificNorm]:
     norms = [m for m in network.modules() if isinstance(m, ModalitySpecificNorm)]
     if not norms:
         raise ValueError(
-            f"{type(_unwrap(network)).__name__} has no ModalitySpecificNorm layers: call "
+            f"{type(unwrap_network(network)).__name__} has no ModalitySpecificNorm layers: call "
             f"convert_to_modality_specific_norms(network, n_modalities) first")
     return norms
 
@@ -358,7 +349,7 @@ def fold_modality(network: nn.Module, modality: int) -> nn.Module:
     original class whose state_dict keys equal those before conversion, computing what the
     converted network computes after ``set_modality(network, modality)``. Wrappers
     (torch.compile, DDP) are removed; ``network`` itself is not changed."""
-    plain = _unwrap(network)
+    plain = unwrap_network(network)
     norms = _modality_specific_norms(plain)
     if isinstance(modality, bool) or not isinstance(modality, int) \
             or not all(0 <= modality < norm.n_modalities for norm in norms):
@@ -383,7 +374,7 @@ def modality_norm_state_summary(network: nn.Module) -> list[dict]:
     batches where the norm keeps running statistics. Rows are plain dicts, so
     ``pandas.DataFrame(rows)`` makes a table."""
     rows = []
-    plain = _unwrap(network)
+    plain = unwrap_network(network)
     for name, module in plain.named_modules():
         if not isinstance(module, ModalitySpecificNorm):
             continue

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nnunetv2_csa.export import ExportError, export_modality
+from nnunetv2_csa.modality import ModalityTagError
 from nnunetv2_csa.training.nnUNetTrainerCSA import nnUNetTrainerCSA
 from test_trainer_units import _plans
 
@@ -53,3 +54,14 @@ def test_a_checkpoint_without_init_args_is_named(tmp_path):
     folder = _model_folder(tmp_path, checkpoint={"network_weights": {}, "trainer_name": "nnUNetTrainerCSA"})
     with pytest.raises(ExportError, match=r"checkpoint_final\.pth lacks \['init_args'\]"):
         export_modality(folder, "C0", str(tmp_path / "out"))
+
+
+def test_a_model_folder_without_modality_names_is_named(tmp_path):
+    folder = _model_folder(tmp_path)
+    plans = json.loads((tmp_path / "nnUNetTrainerCSA__nnUNetPlans__2d" / "plans.json").read_text())
+    del plans["csa_modalities"]
+    (tmp_path / "nnUNetTrainerCSA__nnUNetPlans__2d" / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModalityTagError, match=r"plans\.json has no 'csa_modalities' entry: this package's trainers "
+                                               r"write it .* nnunetv2_csa trainer that has modality-specific norms"):
+        export_modality(folder, "C0", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

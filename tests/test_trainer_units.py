@@ -6,7 +6,8 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_csa.feature_taps import FeatureTap, consecutive_conv_layers, unwrap_network
+from nnunetv2_csa.feature_taps import FeatureTap, consecutive_conv_layers
+from nnunetv2_csa.wrappers import unwrap_network
 from nnunetv2_csa.modality import ModalityTagError, ModalityTags
 from nnunetv2_csa.modality_order import (ModalityOrderError, recorded_modality_order, without_modality_order)
 from nnunetv2_csa.modality_norm import ModalitySpecificNorm
@@ -74,10 +75,20 @@ def test_feature_tap_keeps_the_outputs_of_both_layers_and_lets_go_of_them():
         tap.features()
 
 
-def test_unwrap_network_sees_through_wrappers():
+def test_unwrap_network_sees_through_compile_and_data_parallel_nested():
     network = _unet(3)
-    wrapped = torch.nn.DataParallel(network)
-    assert unwrap_network(wrapped) is network
+    assert unwrap_network(network) is network
+    assert unwrap_network(torch.nn.DataParallel(network)) is network
+    compiled = torch.compile(network)  # compiles lazily, at the first call: nothing runs here
+    assert compiled is not network and unwrap_network(compiled) is network
+    # nnU-Net's order with several GPUs: DDP around the compiled network (DataParallel stands in for DDP,
+    # which needs a process group; both are unwrapped by the same isinstance rule)
+    assert unwrap_network(torch.nn.DataParallel(compiled)) is network
+    assert unwrap_network(torch.compile(torch.nn.DataParallel(network))) is network
+    # a network that merely has a submodule called "module" is not a wrapper
+    holder = torch.nn.Module()
+    holder.module = network
+    assert unwrap_network(holder) is holder
 
 
 class _ConstantTerm:

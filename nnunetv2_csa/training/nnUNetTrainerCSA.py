@@ -52,7 +52,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunetv2_csa.feature_taps import FeatureTap, consecutive_conv_layers
 from nnunetv2_csa.losses import (DEFAULT_AREA_NORMALIZATION, AffinityLoss, ClassSpecificAffinityLoss,
                                  UnpairedKnowledgeDistillationLoss)
-from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, ModalityTags, modality_tags_from_dataset_json
+from nnunetv2_csa.modality import (MODALITIES_KEY, ModalityTagError, ModalityTags, modalities_from_plans,
+                                   modality_tags_from_dataset_json)
 from nnunetv2_csa.modality_norm import convert_to_modality_specific_norms, set_modality
 from nnunetv2_csa.modality_order import record_modality_order
 from nnunetv2_csa.sampler import UnpairedModalityDataLoader
@@ -93,11 +94,7 @@ def lambda_rampup(epoch: int, num_epochs: int, fraction: float) -> float:
 
 
 def plans_modalities(plans_manager: PlansManager) -> list[str]:
-    if MODALITIES_KEY not in plans_manager.plans:
-        raise ModalityTagError(
-            f"plans have no '{MODALITIES_KEY}' entry: the trainer writes it into the model folder's "
-            f"plans.json when training starts; was this model trained with an nnunetv2_csa trainer?")
-    return list(plans_manager.plans[MODALITIES_KEY])
+    return modalities_from_plans(plans_manager.plans)
 
 
 class ConsistencyRegularizedLoss(nn.Module):
