@@ -38,7 +38,8 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunetv2_csa.errors import UserInputError
-from nnunetv2_csa.image_files import IncompleteFileError, check_file_complete, count_non_finite_voxels
+from nnunetv2_csa.image_files import (IncompleteFileError, check_file_complete, count_non_finite_voxels,
+                                      grid_differences)
 from nnunetv2_csa.phantom import read_phantom_marker
 from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, OTHER_MODALITY_IMAGES,
                                    OTHER_MODALITY_KEY, OTHER_MODALITY_LABELS, ModalityTags)
@@ -46,9 +47,6 @@ from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITI
 FILE_ENDING = ".nii.gz"
 DEFAULT_SEED = 12345  # the seed nnU-Net uses for its own 5-fold split
 SPLIT_CHOICES = ("5-fold", "80-20")
-# Image and label headers written by different tools differ in the last digits; anything
-# beyond this relative tolerance is a real misalignment.
-GEOMETRY_TOLERANCE = 1e-4
 CONVERSION_KEY = "csa_conversion"
 
 
@@ -196,16 +194,8 @@ def read_image(path: str) -> sitk.Image:
 
 
 def check_same_geometry(image: sitk.Image, label: sitk.Image, image_path: str, label_path: str) -> None:
-    """The label must lie on the image's voxel grid (size exact; spacing, origin and
-    direction within a relative tolerance of 1e-4)."""
-    problems = []
-    if image.GetSize() != label.GetSize():
-        problems.append(f"size {image.GetSize()} vs {label.GetSize()}")
-    for what, a, b in (("spacing", image.GetSpacing(), label.GetSpacing()),
-                       ("origin", image.GetOrigin(), label.GetOrigin()),
-                       ("direction", image.GetDirection(), label.GetDirection())):
-        if not np.allclose(a, b, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE):
-            problems.append(f"{what} {tuple(round(v, 6) for v in a)} vs {tuple(round(v, 6) for v in b)}")
+    """The label must lie on the image's voxel grid (``nnunetv2_csa.image_files.grid_differences``)."""
+    problems = grid_differences(image, label)
     if problems:
         raise ConversionError(
             f"image {image_path} and label {label_path} do not share one voxel grid: "

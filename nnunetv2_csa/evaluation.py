@@ -44,8 +44,8 @@ Empty-mask conventions (column ``flag``; counted in ``summary.json`` under ``"fl
   possible value, finite, so that means never become NaN or infinite.
 * ``none``: both masks hold the class.
 
-Geometry: prediction and reference must agree in size exactly and in spacing, origin and
-direction within ``SPACING_RTOL``, ``ORIGIN_ATOL_MM`` and ``DIRECTION_ATOL``; otherwise a
+Geometry: prediction and reference must share one voxel grid
+(``nnunetv2_csa.image_files.grid_differences``, the converters' check too); otherwise a
 ``ValueError`` names both files.
 
 Statistics: ``summarize`` gives mean, sample standard deviation (ddof=1; NaN, written as
@@ -73,7 +73,7 @@ from scipy import stats
 from tqdm import tqdm
 
 from nnunetv2_csa.errors import one_line_errors
-from nnunetv2_csa.image_files import check_file_complete
+from nnunetv2_csa.image_files import check_file_complete, grid_differences
 from nnunetv2_csa.statistics import bootstrap_mean_ci
 
 METRICS = ("dice", "hd", "hd95", "assd")
@@ -88,10 +88,6 @@ HD95_DEFINITIONS = {
     "pooled": "95th percentile of the pooled surface distances of both directions (MedPy)",
 }
 DEFAULT_HD95 = "directed"
-
-SPACING_RTOL = 1e-4
-ORIGIN_ATOL_MM = 1e-3
-DIRECTION_ATOL = 1e-4
 
 ROW_COLUMNS = ("case", "class_name", "label", "dice", "hd", "hd95", "assd",
                "n_ref_voxels", "n_pred_voxels", "flag")
@@ -120,16 +116,7 @@ def _read_label_map(path: str, labels: Mapping[str, int], role: str) -> sitk.Ima
 
 def _check_same_geometry(prediction: sitk.Image, reference: sitk.Image,
                          prediction_file: str, reference_file: str) -> None:
-    problems = []
-    if prediction.GetSize() != reference.GetSize():
-        problems.append(f"size {prediction.GetSize()} vs {reference.GetSize()}")
-    else:
-        if not np.allclose(prediction.GetSpacing(), reference.GetSpacing(), rtol=SPACING_RTOL, atol=0):
-            problems.append(f"spacing {prediction.GetSpacing()} vs {reference.GetSpacing()}")
-        if not np.allclose(prediction.GetOrigin(), reference.GetOrigin(), rtol=0, atol=ORIGIN_ATOL_MM):
-            problems.append(f"origin {prediction.GetOrigin()} vs {reference.GetOrigin()}")
-        if not np.allclose(prediction.GetDirection(), reference.GetDirection(), rtol=0, atol=DIRECTION_ATOL):
-            problems.append(f"direction {prediction.GetDirection()} vs {reference.GetDirection()}")
+    problems = grid_differences(prediction, reference)
     if problems:
         raise ValueError(
             f"prediction {prediction_file} and reference {reference_file} do not share a geometry "

@@ -1,4 +1,4 @@
-"""Whether an image file is complete, before SimpleITK reads it.
+"""Whether an image file is complete, before SimpleITK reads it; whether two images share a grid.
 
 SimpleITK reads a truncated .nii.gz without complaint and fills the missing voxels with
 zeros (measured with SimpleITK 2.5): a truncated reference once moved a myocardium Dice
@@ -81,3 +81,23 @@ def count_non_finite_voxels(path: str) -> int:
     if not np.issubdtype(image.get_data_dtype(), np.floating):
         return 0  # integer storage holds no NaN: the header says so without reading the voxels again
     return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))
+
+
+#: Headers written by different tools (image and label, prediction and reference) differ in
+#: the last digits; beyond these a difference is a real misalignment
+SPACING_RTOL = 1e-4
+ORIGIN_ATOL_MM = 1e-3
+ORIGIN_RTOL = 1e-4  # scanner-space origins of a few hundred mm, stored as float32
+DIRECTION_ATOL = 1e-4
+
+
+def grid_differences(a, b) -> list[str]:
+    """How two SimpleITK images' voxel grids differ (size exactly; spacing, origin and
+    direction within the tolerances above); empty when they share one grid."""
+    if a.GetSize() != b.GetSize():
+        return [f"size {a.GetSize()} vs {b.GetSize()}"]
+    checks = (("spacing", a.GetSpacing(), b.GetSpacing(), SPACING_RTOL, 0.0),
+              ("origin", a.GetOrigin(), b.GetOrigin(), ORIGIN_RTOL, ORIGIN_ATOL_MM),
+              ("direction", a.GetDirection(), b.GetDirection(), 0.0, DIRECTION_ATOL))
+    return [f"{what} {tuple(round(v, 6) for v in x)} vs {tuple(round(v, 6) for v in y)}"
+            for what, x, y, rtol, atol in checks if not np.allclose(x, y, rtol=rtol, atol=atol)]

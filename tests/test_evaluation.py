@@ -547,3 +547,25 @@ def test_cli_knows_the_cases_an_unpaired_conversion_left_out(tmp_path):
     metrics = pd.read_csv(tmp_path / "o" / "metrics.csv")
     row = metrics[metrics["case"] == "p3_C0"].iloc[0]
     assert row["modality"] == "C0" and row["patient"] == "p3"
+
+
+def test_grid_differences_one_rule_for_converters_and_evaluation():
+    from nnunetv2_csa.image_files import grid_differences
+
+    def grid(size=(8, 8, 4), spacing=(0.7, 0.7, 10.0), origin=(-200.0, 150.0, 30.0), direction=None):
+        image = sitk.Image(size, sitk.sitkUInt8)
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        if direction is not None:
+            image.SetDirection(direction)
+        return image
+
+    reference = grid()
+    assert grid_differences(reference, grid()) == []
+    # last-digit header noise passes: 1e-5 relative spacing, 0.01 mm at a 200 mm origin
+    assert grid_differences(reference, grid(spacing=(0.700007, 0.7, 10.0), origin=(-200.01, 150.0, 30.0))) == []
+    assert [d.split()[0] for d in grid_differences(reference, grid(spacing=(0.701, 0.7, 10.0)))] == ["spacing"]
+    assert [d.split()[0] for d in grid_differences(reference, grid(origin=(-200.1, 150.0, 30.0)))] == ["origin"]
+    tilted = (1.0, 0.0, 0.0, 0.0, 0.9999995, -0.001, 0.0, 0.001, 0.9999995)
+    assert [d.split()[0] for d in grid_differences(reference, grid(direction=tilted))] == ["direction"]
+    assert grid_differences(reference, grid(size=(8, 8, 5))) == ["size (8, 8, 4) vs (8, 8, 5)"]
