@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from nnunetv2_csa.losses import (WHOLE_MAP, AffinityLoss, ClassSpecificAffinityLoss,
                                  UnpairedKnowledgeDistillationLoss, ummkd_loss)
-from nnunetv2_csa.losses.affinity import resize_labels
+from nnunetv2_csa.losses.masks_and_pairs import resize_labels
 
 HYPOTHESIS = settings(max_examples=40, deadline=None)
 

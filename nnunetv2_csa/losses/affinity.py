@@ -50,8 +50,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from nnunetv2_csa.losses.masks_and_pairs import (average_over_pairs_and_classes, class_masks, connected_zero,
+                                                 group_by_modality, modality_pairs, resize_labels)
 
 AREA_NORMALIZATIONS = ("none", "pixels", "fraction")
 #: the one default of S_c, for the losses and the trainers alike
@@ -61,77 +63,6 @@ READINGS = ("mean_squared", "literal")
 #: class key used by :meth:`ClassSpecificAffinityLoss.affinity_matrices` for the single
 #: all-ones mask of the whole-feature-map variant (``class_specific=False``).
 WHOLE_MAP = -1
-
-
-# ----------------------------------------------------------------------------- helpers
-# (shared with ummkd.py)
-
-def resize_labels(labels: Tensor, size: Sequence[int]) -> Tensor:
-    """Integer label map ``(B, 1, h, w)`` or ``(B, h, w)`` -> ``(B, H, W)`` long.
-
-    Resizing uses ``nearest-exact``, the mode nnU-Net's deep-supervision target
-    downsampling uses, so that a mask at a decoder resolution matches nnU-Net's own
-    target at that resolution. nnU-Net hands labels over as float tensors; they are
-    rounded back to integers.
-    """
-    if labels.ndim == 4:
-        if labels.shape[1] != 1:
-            raise ValueError(
-                f"labels must be (B, 1, h, w) or (B, h, w) integer maps, got shape {tuple(labels.shape)}; "
-                "pass the label map, not a one-hot encoding")
-        labels = labels[:, 0]
-    elif labels.ndim != 3:
-        raise ValueError(
-            f"labels must be (B, 1, h, w) or (B, h, w) integer maps, got shape {tuple(labels.shape)}")
-    size = tuple(int(s) for s in size)
-    if tuple(labels.shape[-2:]) != size:
-        labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[:, 0]
-    if labels.is_floating_point():
-        labels = labels.round()
-    return labels.long()
-
-
-def class_masks(labels: Tensor, class_ids: Tensor) -> Tensor:
-    """``(B, H, W)`` label map -> ``(B, K, H*W)`` float32 binary masks, one per id in
-    ``class_ids``. Label values not in ``class_ids`` (e.g. nnU-Net's ignore label)
-    belong to no mask."""
-    return (labels.flatten(1)[:, None, :] == class_ids[None, :, None]).float()
-
-
-def group_by_modality(modality: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-    """Modality ids present in the batch (sorted, ``(J,)``) and the membership matrix
-    ``(B, J)`` float32 (row ``b`` is the one-hot of sample ``b``'s modality)."""
-    if modality.ndim != 1 or modality.shape[0] != batch_size:
-        raise ValueError(
-            f"modality must be a (B,) tensor with one modality index per sample (B={batch_size}), "
-            f"got shape {tuple(modality.shape)}")
-    if modality.is_floating_point() or modality.is_complex():
-        raise ValueError(f"modality must hold integer indices, got dtype {modality.dtype}")
-    modality_ids, inverse = torch.unique(modality, sorted=True, return_inverse=True)
-    membership = F.one_hot(inverse, num_classes=modality_ids.numel()).float()
-    return modality_ids, membership
-
-
-def average_over_pairs_and_classes(values: Tensor, valid: Tensor) -> Tensor:
-    """``values``/``valid``: ``(Q, K)`` per modality pair and class. Mean over the valid
-    classes of each pair, then mean over the pairs with at least one valid class.
-    Nothing valid -> 0, still connected to ``values``' graph (no NaN, no sync)."""
-    valid = valid.to(values.dtype)
-    per_pair = (values * valid).sum(-1) / valid.sum(-1).clamp_min(1)
-    pair_valid = (valid.sum(-1) > 0).to(values.dtype)
-    return (per_pair * pair_valid).sum() / pair_valid.sum().clamp_min(1)
-
-
-def modality_pairs(num_modalities: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Index pairs ``(i < j)`` over the ``J`` modalities present."""
-    pairs = torch.triu_indices(num_modalities, num_modalities, offset=1, device=device)
-    return pairs[0], pairs[1]
-
-
-def connected_zero(*tensors: Tensor) -> Tensor:
-    """A float32 scalar zero whose graph reaches ``tensors``, so ``backward()`` works
-    (and DDP sees every parameter used) when the loss has nothing to compare."""
-    return sum(t.float().sum() * 0.0 for t in tensors)
 
 
 # ----------------------------------------------------------------------------- losses

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nnunetv2_csa.losses.affinity import (average_over_pairs_and_classes, class_masks, connected_zero,
-                                          group_by_modality, modality_pairs, resize_labels)
+from nnunetv2_csa.losses.masks_and_pairs import (average_over_pairs_and_classes, class_masks, connected_zero,
+                                                 group_by_modality, modality_pairs, resize_labels)
 
 
 class UnpairedKnowledgeDistillationLoss(torch.nn.Module):
