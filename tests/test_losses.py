@@ -450,8 +450,10 @@ def test_ummkd_hand_computed_and_absent_class_skipped():
     loss = kd(*_kd_hand_case())
     assert loss.dtype == torch.float32 and loss.ndim == 0
     assert loss.item() == pytest.approx(expected, rel=1e-6)
-    # class 2 (modality 0 only) must not count: with it (and z2 of modality 1 taken as 0) it would be
-    assert loss.item() != pytest.approx(0.222029438777233, rel=1e-3)
+    # class 2 (modality 0 only) must not count. Counted with modality 1's missing mean taken as 0, the
+    # loss would be this, far from the value above: so the equality above shows that the class is skipped
+    counted = (2 * expected + _symmetric_kl(_softmax([0, 0, 4], 2), _softmax([0, 0, 0], 2))) / 3
+    assert abs(counted - expected) > 0.1
     # temperature 1
     expected_t1 = 0.5 * (_symmetric_kl(_softmax([2, 0, 0], 1), _softmax([1, 1, 0], 1))
                          + _symmetric_kl(_softmax([0, 0, 0], 1), _softmax([0, 2, 0], 1)))

@@ -74,6 +74,13 @@ def test_resume_with_continue_flag_restores_norms_and_logs(trained_csa_model):
     # pretend the run stopped after epoch 0: keep a checkpoint of that state as 'latest'
     stopped = dict(final, current_epoch=1)
     stopped["logging"] = {k: v[:1] for k, v in final["logging"].items()}
+    # make each modality's norm scales recognisable: a resume must continue from exactly these, per modality
+    marked = {0: 2.0, 1: 3.0}
+    stopped["network_weights"] = {
+        k: (torch.full_like(v, marked[int(k.split(".norms.")[1].split(".")[0])])
+            if ".norms." in k and k.endswith(".weight") else v)
+        for k, v in final["network_weights"].items()}
+    assert any(".norms.1.weight" in k for k in stopped["network_weights"])
     work = os.path.join(fold, "..", "resume_copy")
     shutil.copytree(fold, work)
     try:
@@ -89,6 +96,11 @@ def test_resume_with_continue_flag_restores_norms_and_logs(trained_csa_model):
 
         resumed = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
         assert resumed["current_epoch"] == 2
+        # one more epoch of 5 small steps moves them a little, not back to their trained values or across
+        for key, value in resumed["network_weights"].items():
+            if ".norms." in key and key.endswith(".weight"):
+                modality = int(key.split(".norms.")[1].split(".")[0])
+                assert (value - marked[modality]).abs().max() < 0.5, key
         assert len(resumed["logging"]["train_consistency_losses"]) == 2
         assert resumed["logging"]["train_consistency_losses"][0] == final["logging"]["train_consistency_losses"][0]
         new_log = [f for f in _training_logs(fold) if f not in logs_before]
