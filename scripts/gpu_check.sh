@@ -64,10 +64,15 @@ install_wheels() {  # folder, marker: installs each carried part once per machin
     touch "$marker"
   fi
 }
-mkdir -p "$SITE"
-install_wheels gpu_part1
-install_wheels gpu_part2
-export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+case " $* " in
+  *" --dry-run "*)  # runs with what this machine has; the carried wheels are for the GPU machine's Python
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" ;;
+  *)
+    mkdir -p "$SITE"
+    install_wheels gpu_part1
+    install_wheels gpu_part2
+    export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" ;;
+esac
 if [ "${1:-}" = "--install-only" ]; then
   "$PYTHON" -c "import SimpleITK; print('[gpu_check] SimpleITK', SimpleITK.__version__, 'installed')"
   exit 0
