@@ -120,6 +120,7 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
 
     trainer = get_trainer_from_args(str(dataset_id), "2d", 0, trainer_name, "nnUNetPlans", device=device)
     durations: list[float] = []
+    profiled_window = range(profile_from, profile_from + profiled_steps)  # step indices under the profiler
     graphs = {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     profiler = profile(activities=activities)
@@ -134,16 +135,15 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
 
     def measured_step(batch):
         index = len(durations)
-        if index == profile_from:
+        if index == profiled_window[0]:
             profiler.start()
         synchronize()
         start = time.perf_counter()
-        with record_function(STEP_LABEL) if profile_from <= index < profile_from + profiled_steps \
-                else contextlib.nullcontext():
+        with record_function(STEP_LABEL) if index in profiled_window else contextlib.nullcontext():
             result = original_step(batch)
         synchronize()
         durations.append(time.perf_counter() - start)
-        if index == profile_from + profiled_steps - 1:
+        if index == profiled_window[-1]:
             profiler.stop()
         return result
 
@@ -167,7 +167,7 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
     try:
         trainer.run_training()
     finally:
-        if profile_from <= len(durations) - 1 < profile_from + profiled_steps - 1:
+        if len(durations) - 1 in profiled_window[:-1]:
             profiler.stop()  # training ended inside the window: a running profiler crashes the interpreter's exit
     training_seconds = time.perf_counter() - start
     graphs["after_training"] = unique_graphs()
@@ -177,9 +177,9 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
     validation_seconds = time.perf_counter() - start
     graphs["after_final_validation"] = unique_graphs()
     validation = _validation_mean_dice(os.path.join(trainer.output_folder, "validation"))
-    profiled = profile_from + profiled_steps <= len(durations)
+    profiled = profiled_window[-1] < len(durations)
     # the profiled steps are slower: the timing window is the last steps, after them
-    window = [d for i, d in enumerate(durations) if not profile_from <= i < profile_from + profiled_steps]
+    window = [d for i, d in enumerate(durations) if i not in profiled_window]
     return {
         "trainer": trainer_name, "device": str(device), "compiled": bool(trainer._do_i_compile()),
         "amp": on_cuda,  # nnU-Net's train_step autocasts on CUDA only
