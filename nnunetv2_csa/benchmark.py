@@ -67,26 +67,19 @@ from nnunetv2_csa.statistics import bootstrap_mean_ci, holm_adjust
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
                                    OTHER_MODALITY_LABELS, check_case_name, modalities_from_plans,
                                    modality_tags_from_dataset_json)
+from nnunetv2_csa.training.rows import ROWS_BY_NAME, rows_of_group
 from nnunetv2_csa.training.short_budget import short_budget_name
 
 #: the paper's rows (the default)
-ROWS = ("Single", "Joint", "MSBN", "Affinity", "UMMKD", "CSA")
+ROWS = rows_of_group("paper")
 #: ablations of the consistency weight, in the paper's units (λ = 0.5 is CSA itself), and of its
-#: schedule (a linear ramp-up of λ); InstanceNorm only
-LAMBDA_ROWS = ("CSA_Lambda0p25", "CSA_Lambda1", "UMMKD_Lambda1", "CSA_RampUp")
+#: schedule (a linear ramp-up of λ)
+LAMBDA_ROWS = rows_of_group("lambda")
 ALL_ROWS = ROWS + LAMBDA_ROWS
 #: trainer class of each row (Single: ``{index}`` is the modality index); the ``_BN`` twin adds "_BN"
-ROW_TRAINERS = {
-    "Single": "nnUNetTrainerSingleModality{index}",
-    "Joint": "nnUNetTrainerJoint",
-    "MSBN": "nnUNetTrainerMSBN",
-    "Affinity": "nnUNetTrainerAffinity",
-    "UMMKD": "nnUNetTrainerUMMKD",
-    "CSA": "nnUNetTrainerCSA",
-    **{row: f"nnUNetTrainer{row}" for row in LAMBDA_ROWS},
-}
+ROW_TRAINERS = {name: ROWS_BY_NAME[name].trainer_template for name in ALL_ROWS}
 #: rows whose models have modality-specific norms (nnUNetv2_predict needs nnUNet_csa_modality)
-CSA_FAMILY = ("MSBN", "Affinity", "UMMKD", "CSA") + LAMBDA_ROWS
+CSA_FAMILY = tuple(name for name in ALL_ROWS if ROWS_BY_NAME[name].modality_specific_norms)
 REFERENCE_ROW = "Joint"
 PROPOSED_ROW = "CSA"
 FULL_BUDGET = (1000, 250)
@@ -126,8 +119,6 @@ def trainer_name(row: str, norm: str = "instance", budget: tuple[int, int] | Non
         raise BenchmarkError(f"unknown row {row!r}; choose from {list(ALL_ROWS)}")
     if norm not in ("instance", "bn"):
         raise BenchmarkError(f"norm must be 'instance' or 'bn', not {norm!r}")
-    if norm == "bn" and row in LAMBDA_ROWS:
-        raise BenchmarkError(f"row {row} has no BatchNorm twin; run it with --norm instance")
     name = ROW_TRAINERS[row].format(index=modality_index) + ("_BN" if norm == "bn" else "")
     if budget is not None:
         try:
@@ -841,7 +832,7 @@ def plot_training_curves(row: RowResult, path: str) -> bool:
                                  label=f"{prefix}{what}")
     # what nnU-Net logs as train_losses is the loss its train_step minimised: for the rows that
     # train with the consistency term (λ > 0) that includes the weighted term; validation never does
-    trains_with_term = row.row in CSA_FAMILY and row.row != "MSBN"
+    trains_with_term = ROWS_BY_NAME[row.row].trains_with_consistency
     axes[0].set_title(f"{row.row}: loss per epoch", fontsize=10)
     axes[0].set_ylabel("train: Dice + CE" + (" + (λ/2) × consistency term" if trains_with_term else "")
                        + "\nvalidation: Dice + CE", fontsize=8)

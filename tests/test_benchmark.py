@@ -372,6 +372,24 @@ def test_every_rows_checkpoint_loads_without_full_pickle(benchmark_run):
 
 
 @pytest.mark.integration
+def test_joint_reports_its_pseudo_dice_and_final_validation_per_modality(benchmark_run):
+    from nnunetv2_csa.checkpoints import load_checkpoint
+    env, dataset_name, _, _ = benchmark_run
+    fold = os.path.join(env["nnUNet_results"], dataset_name, "nnUNetTrainerJoint_1epochs_5its__nnUNetPlans__2d",
+                        "fold_0")
+    logged = load_checkpoint(os.path.join(fold, "checkpoint_final.pth"))["logging"]
+    assert np.array(logged["mean_fg_dice_per_modality"]).shape == (1, len(MODALITIES))
+    log_text = "".join(open(os.path.join(fold, f)).read() for f in os.listdir(fold) if f.startswith("training_log"))
+    number = r"(?:nan|\d\.\d+|[01])"
+    assert re.search(rf"Pseudo dice per modality \{{'LGE': {number}, 'C0': {number}\}}", log_text)
+    with open(os.path.join(fold, "validation", "summary_per_modality.json")) as f:
+        per_modality = json.load(f)
+    # the unpaired split holds out one patient, so one case, of each modality per fold
+    assert {name: entry["n_cases"] for name, entry in per_modality.items()} == {"LGE": 1, "C0": 1}
+    assert all(0.0 <= entry["mean_Dice"] <= 1.0 for entry in per_modality.values())
+
+
+@pytest.mark.integration
 def test_plots_are_written(benchmark_run):
     _, _, report, _ = benchmark_run
     files = ["dice_boxplots.png", "overlay.png", "paired_differences.png"] + [f"training_curves_{row}.png"

@@ -11,8 +11,9 @@ from nnunetv2_csa.wrappers import unwrap_network
 from nnunetv2_csa.modality import ModalityTagError, ModalityTags
 from nnunetv2_csa.modality_order import (ModalityOrderError, recorded_modality_order, without_modality_order)
 from nnunetv2_csa.modality_norm import ModalitySpecificNorm
-from nnunetv2_csa.training.nnUNetTrainerCSA import (INFERENCE_MODALITY_ENV, ConsistencyRegularizedLoss,
-                                                    nnUNetTrainerCSA, nnUNetTrainerCSA_BN, weight_on_nnunet_loss)
+from nnunetv2_csa.training.consistency import ConsistencyRegularizedLoss, lambda_rampup, weight_on_nnunet_loss
+from nnunetv2_csa.training.inference_modality import INFERENCE_MODALITY_ENV
+from nnunetv2_csa.training.nnUNetTrainerCSA import nnUNetTrainerCSA, nnUNetTrainerCSA_BN
 from nnunetv2_csa.training.short_budget import short_budget_name
 
 
@@ -263,7 +264,6 @@ def test_progress_panel_is_drawn_from_the_log_without_reading_nnunets_png(tmp_pa
 
 
 def test_lambda_rampup_is_linear_over_its_fraction_of_the_epochs():
-    from nnunetv2_csa.training.nnUNetTrainerCSA import lambda_rampup
     assert [lambda_rampup(e, 20, 0.25) for e in (0, 1, 4, 5, 19)] == [0.0, 0.2, 0.8, 1.0, 1.0]
     assert lambda_rampup(0, 20, 0.0) == 1.0
 

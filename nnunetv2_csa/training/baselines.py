@@ -1,8 +1,10 @@
 """The stock rows of the paper's comparison as nnU-Net trainers.
 
-- Joint: nnU-Net's own trainer on the mixed dataset (shared norms). ``nnUNetTrainer``
-  itself is the full-budget row; ``nnUNetTrainerJoint`` is the same class under a name
-  of ours, so that its short-budget variants exist.
+- Joint: nnU-Net's own trainer on the mixed dataset (shared norms, nnU-Net's own batches),
+  with validation per modality added (pseudo Dice per modality, summary_per_modality.json),
+  which changes nothing in its training. Its weights and predictions are those of
+  ``nnUNetTrainer``; ``nnUNetTrainerJoint`` is a name of ours, so that its short-budget
+  variants exist.
 - Single: nnU-Net's own trainer on the cases of one modality only, with the same
   patient-grouped split: the fold's training and validation cases are filtered to that
   modality. The modality is the index into ``csa_modalities`` in the trainer's name
@@ -15,14 +17,15 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerBN import nnUNetTrainerBN
 
 from nnunetv2_csa.modality import ModalityTagError, modality_tags_from_dataset_json
+from nnunetv2_csa.training.per_modality_validation import PerModalityValidationMixin
 from nnunetv2_csa.training.resume import ReadableCheckpointMixin
 
 
-class nnUNetTrainerJoint(ReadableCheckpointMixin, nnUNetTrainer):
+class nnUNetTrainerJoint(ReadableCheckpointMixin, PerModalityValidationMixin, nnUNetTrainer):
     """Stock nnU-Net on both modalities (the paper's Joint row)."""
 
 
-class nnUNetTrainerJoint_BN(ReadableCheckpointMixin, nnUNetTrainerBN):
+class nnUNetTrainerJoint_BN(ReadableCheckpointMixin, PerModalityValidationMixin, nnUNetTrainerBN):
     """Stock nnU-Net with BatchNorm on both modalities."""
 
 
@@ -47,16 +50,10 @@ class _SingleModalityMixin:
         return tr_keys, val_keys
 
 
-def _single(index: int, base: type, suffix: str = "") -> type:
+def single_modality_trainer(index: int, base: type, suffix: str, module: str) -> type:
+    """The Single row's trainer for modality ``index`` on nnU-Net's trainer ``base``, to be bound
+    as a global of ``module`` (so that it pickles)."""
     name = f"nnUNetTrainerSingleModality{index}{suffix}"
     return type(name, (ReadableCheckpointMixin, _SingleModalityMixin, base), {
-        "single_modality_index": index, "__module__": __name__, "__qualname__": name,
+        "single_modality_index": index, "__module__": module, "__qualname__": name,
         "__doc__": f"Stock nnU-Net trained on modality #{index} of csa_modalities only (the paper's Single row)."})
-
-
-nnUNetTrainerSingleModality0 = _single(0, nnUNetTrainer)
-nnUNetTrainerSingleModality1 = _single(1, nnUNetTrainer)
-nnUNetTrainerSingleModality2 = _single(2, nnUNetTrainer)
-nnUNetTrainerSingleModality0_BN = _single(0, nnUNetTrainerBN, "_BN")
-nnUNetTrainerSingleModality1_BN = _single(1, nnUNetTrainerBN, "_BN")
-nnUNetTrainerSingleModality2_BN = _single(2, nnUNetTrainerBN, "_BN")

@@ -1,0 +1,80 @@
+"""How a consistency term joins nnU-Net's loss: the weight, its schedule, the wrapper.
+
+Loss, per training step (paper Eq. 5, α = β = 1):
+``L_paper = (Dice¹ + CE¹) + (Dice² + CE²) + λ · L_consistency``, with the paper's λ = 0.5.
+nnU-Net's deep-supervised Dice + CE over a batch of B/2 samples of each modality is the
+*mean* of the two modalities' losses, not their sum (CE is a mean over the pixels of both
+halves; the batch Dice pools both halves), so ``L_paper = 2 · [nnU-Net's loss + (λ/2) ·
+L_consistency]``: the term is added with the weight ``λ/2`` (0.25 for the paper's 0.5) on
+top of nnU-Net's loss, which gives the paper's balance between the segmentation loss and
+the consistency term. A row's ``paper_lambda`` is λ in the paper's units; its
+``consistency_weight`` is the weight actually applied.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from torch import nn
+
+from nnunetv2_csa.losses import AffinityLoss, ClassSpecificAffinityLoss, UnpairedKnowledgeDistillationLoss
+
+#: consistency kinds whose term compares the features of two tapped layers
+FEATURE_KINDS = ("csa", "affinity")
+#: consistency kinds whose term compares the network's output logits
+OUTPUT_KINDS = ("ummkd",)
+CONSISTENCY_KINDS = (*FEATURE_KINDS, *OUTPUT_KINDS, "none")
+
+
+def weight_on_nnunet_loss(paper_lambda: float) -> float:
+    """The weight on top of nnU-Net's Dice + CE that gives the paper's λ (see the module
+    docstring): nnU-Net's loss is the mean of the two modalities' losses, the paper's their sum."""
+    return paper_lambda / 2
+
+
+def lambda_rampup(epoch: int, num_epochs: int, fraction: float) -> float:
+    """The factor on λ at ``epoch``: linear from 0 at epoch 0 to 1 at ``fraction`` of the
+    epochs, 1 after (a common schedule for consistency terms, which are unreliable while the
+    network's features are still random)."""
+    ramp_epochs = fraction * num_epochs
+    return 1.0 if ramp_epochs <= 0 else min(1.0, epoch / ramp_epochs)
+
+
+def consistency_term(kind: str, num_classes: int, area_normalization: str, affinity_reading: str,
+                     temperature: float) -> nn.Module | None:
+    """The loss module of a consistency kind (None for "none")."""
+    if kind == "csa":
+        return ClassSpecificAffinityLoss(num_classes, area_normalization=area_normalization, reading=affinity_reading)
+    if kind == "affinity":
+        return AffinityLoss(num_classes, area_normalization=area_normalization, reading=affinity_reading)
+    if kind == "ummkd":
+        return UnpairedKnowledgeDistillationLoss(num_classes, temperature=temperature)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown consistency_kind {kind!r}; choose from {CONSISTENCY_KINDS}")
+
+
+class ConsistencyRegularizedLoss(nn.Module):
+    """nnU-Net's segmentation loss plus ``weight`` times a consistency term.
+
+    ``consistency(output, target)`` returns the term; it is evaluated only in training
+    mode (``active``, which follows the trainer's epoch phase) and only when ``weight`` is
+    not 0, so a row that does not minimise the term (MSBN) pays nothing for it in its
+    training step. Its last value is kept for logging.
+    """
+
+    def __init__(self, segmentation_loss: nn.Module, consistency: Callable, weight: float):
+        super().__init__()
+        self.segmentation_loss = segmentation_loss
+        self.consistency = consistency
+        self.weight = float(weight)
+        self.active = False
+        self.last_consistency = math.nan
+
+    def forward(self, output, target):
+        loss = self.segmentation_loss(output, target)
+        if not self.active or self.weight == 0:
+            return loss
+        term = self.consistency(output, target)
+        self.last_consistency = float(term.detach())
+        return loss + self.weight * term
