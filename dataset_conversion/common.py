@@ -552,13 +552,13 @@ def _missing_ancestors(path: str) -> list[str]:
     return missing
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _write_json(obj, path: str) -> None:
+def write_json(obj, path: str) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
@@ -627,8 +627,8 @@ def _stage_preprocessed_splits(preprocessed_root: str, folder_name: str, splits:
         handle, staged.temporary = tempfile.mkstemp(prefix=_staged_splits_prefix(), suffix=".incomplete",
                                                     dir=preprocessed_folder)
         os.close(handle)
-        _write_json(splits, staged.temporary)
-        os.chmod(staged.temporary, 0o666 & ~_current_umask())
+        write_json(splits, staged.temporary)
+        os.chmod(staged.temporary, 0o666 & ~current_umask())
     except OSError as e:
         staged.discard()
         raise ConversionError(f"cannot write {target} ({e.strerror or e}): make {preprocessed_folder} writable, "
@@ -714,7 +714,7 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
         except OSError as e:
             raise ConversionError(f"cannot write into {output_root} ({e.strerror}): choose a writable "
                                   f"-o/--output (or nnUNet_raw)") from None
-        os.chmod(temp_folder, 0o777 & ~_current_umask())  # mkdtemp makes it private (0700)
+        os.chmod(temp_folder, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
         jobs = []
         for sub in (("imagesTr", "labelsTr") + (("imagesTs",) if unlabelled else ())
                     + ((OTHER_MODALITY_IMAGES, OTHER_MODALITY_LABELS) if other_modality else ())):
@@ -772,8 +772,8 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
         if other_modality:
             dataset_json[OTHER_MODALITY_KEY] = {c.case_id: {"modality": c.modality, "patient": c.patient}
                                                 for c in other_modality}
-        _write_json(dataset_json, os.path.join(temp_folder, "dataset.json"))
-        _write_json(splits, os.path.join(temp_folder, "splits_final.json"))
+        write_json(dataset_json, os.path.join(temp_folder, "dataset.json"))
+        write_json(splits, os.path.join(temp_folder, "splits_final.json"))
 
         # the split for nnU-Net_preprocessed is staged too: raw dataset and split land together or not at all
         if preprocessed_root:
@@ -918,8 +918,8 @@ def common_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_main(convert: Callable[..., str], args: argparse.Namespace, **kwargs) -> int:
-    """Run a converter from the command line: warnings as one line each, a ConversionError
-    as ``error: ...`` on stderr with exit code 1."""
+    """Run a converter from the command line: warnings as one line each, bad input (a
+    ConversionError, a ModalityTagError) as ``error: ...`` on stderr with exit code 1."""
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
 
@@ -934,7 +934,7 @@ def run_main(convert: Callable[..., str], args: argparse.Namespace, **kwargs) ->
         warnings.showwarning = show
         try:
             convert(**kwargs)
-        except ConversionError as e:
+        except UserInputError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         finally:
