@@ -21,6 +21,13 @@ def consecutive_conv_layers(network: nn.Module, part: str = "encoder", stage: in
     ``stage=None`` takes the middle encoder stage (``n_stages // 2``): the paper uses
     "intermediate" layers, close to each other, because the deepest features are too
     close to the labels and distant layers relate poorly.
+
+    PlainConvUNet: ``encoder.stages.{s}.0.convs.0`` and ``.convs.1``. ResidualEncoderUNet
+    (the ResEnc presets): the first residual block's ``conv1`` and ``conv2``
+    (``encoder.stages.{s}.blocks.0.conv1`` / ``.conv2``): conv1's output is convolution +
+    norm + non-linearity, conv2's is convolution + norm, taken before the residual sum and
+    the block's non-linearity (a block has no layer of its own after the sum), so both are
+    maps of one convolution each, two consecutive layers as in the paper.
     """
     network = unwrap_network(network)
     if part not in ("encoder", "decoder"):

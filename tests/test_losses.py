@@ -537,3 +537,61 @@ def test_ummkd_gradients_autocast_and_degenerate_batches():
         kd(torch.randn(4, 2, 6, 6), labels, modality)
     with pytest.raises(ValueError, match="temperature"):
         UnpairedKnowledgeDistillationLoss(3, temperature=0)
+
+
+# --------------------------------------------------------------------------- 3D feature maps
+
+def _as_3d(batch, depth):
+    """The batch's 2D maps (H = depth * h) cut into ``depth`` slabs: (B, C, depth, h, W). The
+    equations run over all positions, so the loss must not change."""
+    def cut(t):
+        b, c, height, width = t.shape
+        return t.reshape(b, c, depth, height // depth, width)
+    return dict(batch, features_l=cut(batch["features_l"]), features_k=cut(batch["features_k"]),
+                labels=cut(batch["labels"]))
+
+
+@HYPOTHESIS
+@given(batch=batches(label_factor=1), opts=options, depth=st.sampled_from([1, 2]), class_specific=st.booleans())
+def test_3d_features_give_the_loss_of_the_same_positions_in_2d(batch, opts, depth, class_specific):
+    if batch["features_l"].shape[2] % depth:
+        depth = 1
+    loss_class = ClassSpecificAffinityLoss if class_specific else AffinityLoss
+    loss_2d = loss_class(batch["num_classes"], **opts)(batch["features_l"], batch["features_k"], batch["labels"],
+                                                       batch["modality"])
+    volume = _as_3d(batch, depth)
+    assert volume["features_l"].ndim == 5
+    loss_3d = loss_class(batch["num_classes"], **opts)(volume["features_l"], volume["features_k"], volume["labels"],
+                                                       volume["modality"])
+    assert torch.allclose(loss_3d, loss_2d, rtol=1e-5, atol=1e-7)
+
+
+def test_3d_labels_are_resized_nearest_exact_in_all_three_axes():
+    labels = torch.arange(4 * 6 * 8).reshape(1, 1, 4, 6, 8)
+    # nearest-exact halving keeps the second voxel of every pair, in every axis, as nnU-Net's targets
+    assert torch.equal(resize_labels(labels, (2, 3, 4)), labels[:, 0, 1::2, 1::2, 1::2])
+    assert torch.equal(resize_labels(labels[:, 0], (4, 6, 8)), labels[:, 0])
+    with pytest.raises(ValueError, match="for 3D features"):
+        resize_labels(torch.zeros(1, 6, 8), (2, 3, 4))
+
+
+def test_3d_csa_gradients_reach_both_modalities_and_mixed_dimensions_are_refused():
+    features_l = torch.randn(2, 3, 2, 4, 4, requires_grad=True)
+    features_k = torch.randn(2, 2, 2, 4, 4, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 1, 4, 8, 8))
+    loss = ClassSpecificAffinityLoss(3)(features_l, features_k, labels, torch.tensor([0, 1]))
+    loss.backward()
+    assert loss > 0 and all(features_l.grad[b].abs().sum() > 0 for b in range(2))
+    with pytest.raises(ValueError, match=r"\(B, channels, D, H, W\)"):
+        ClassSpecificAffinityLoss(3)(features_l, torch.randn(2, 2, 4, 4), labels, torch.tensor([0, 1]))
+
+
+@HYPOTHESIS
+@given(batch=kd_batches(), temperature=st.sampled_from([1.0, 2.0]))
+def test_3d_ummkd_gives_the_loss_of_the_same_positions_in_2d(batch, temperature):
+    logits, labels, modality = batch["logits"], batch["labels"], batch["modality"]
+    loss_2d = ummkd_loss(logits, labels, modality, temperature)
+    b, c, height, width = logits.shape
+    loss_3d = ummkd_loss(logits.reshape(b, c, 1, height, width), labels.reshape(b, 1, 1, *labels.shape[-2:]), modality,
+                         temperature)
+    assert torch.allclose(loss_3d, loss_2d, rtol=1e-5, atol=1e-7)

@@ -238,20 +238,38 @@ def test_short_budget_names():
     assert issubclass(variant, trainers.nnUNetTrainerUMMKD_BN)
 
 
-def test_progress_panel_is_drawn_from_the_log_without_reading_nnunets_png(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
+def _logged_epochs(with_consistency: bool, epochs: int = 3):
+    """A logger after ``epochs`` epochs of what a trainer logs (Joint: no consistency series)."""
     from nnunetv2.training.logging.nnunet_logger import LocalLogger
-    from nnunetv2_csa.training.progress import PROGRESS_FILE, ModalityAwareLocalLogger
+    from nnunetv2_csa.training.progress import ModalityAwareLocalLogger
 
-    logger = ModalityAwareLocalLogger(("LGE", "C0"), LocalLogger())
-    for epoch in range(3):
-        for key in ("mean_fg_dice", "ema_fg_dice", "train_losses", "val_losses", "lrs", "train_consistency_losses",
-                    "val_consistency_losses"):
+    logger = ModalityAwareLocalLogger(("LGE", "C0"), LocalLogger(), with_consistency)
+    consistency = ("train_consistency_losses", "val_consistency_losses") if with_consistency else ()
+    for epoch in range(epochs):
+        for key in ("mean_fg_dice", "ema_fg_dice", "train_losses", "val_losses", "lrs", *consistency):
             logger.log(key, 0.1 * epoch, epoch)
         logger.log("dice_per_class_or_region", [0.5, 0.5], epoch)
         logger.log("mean_fg_dice_per_modality", [0.4, 0.6], epoch)
         logger.log("epoch_start_timestamps", float(epoch), epoch)
         logger.log("epoch_end_timestamps", epoch + 0.5, epoch)
+    return logger
+
+
+@pytest.mark.parametrize("with_consistency", [True, False], ids=["CSA family", "Joint"])
+def test_every_series_of_the_log_has_one_value_per_epoch_so_nnunets_plot_counts_them_all(with_consistency):
+    # nnU-Net's progress.png takes the shortest series as the number of epochs: a series the
+    # trainer never logs (Joint has no consistency term) would make it plot nothing
+    logger = _logged_epochs(with_consistency)
+    assert {len(v) for v in logger.my_fantastic_logging.values()} == {3}
+    assert ("train_consistency_losses" in logger.my_fantastic_logging) == with_consistency
+
+
+@pytest.mark.parametrize("with_consistency", [True, False], ids=["CSA family", "Joint"])
+def test_progress_panel_is_drawn_from_the_log_without_reading_nnunets_png(tmp_path, monkeypatch, with_consistency):
+    import matplotlib.pyplot as plt
+    from nnunetv2_csa.training.progress import PROGRESS_FILE
+
+    logger = _logged_epochs(with_consistency)
 
     def no_reading(*args, **kwargs):
         raise AssertionError("progress.png was read back")

@@ -16,6 +16,8 @@ Notation (paper, Sec. 2.3-2.4). For one sample, a feature map ``F(l)`` of layer 
                 {\\max(\\|F^c_m(l)\\|, \\epsilon)\\,\\max(\\|F^c_n(k)\\|, \\epsilon)}  \\quad (3)
 
 The cosine runs over the ``H*W`` spatial positions; ``A^c = [a^c_{m,n}]`` is ``M x N``.
+For 3D feature maps ``(B, channels, D, H, W)`` (nnU-Net's 3d configurations; the paper's
+stated future work) the same equations run over all ``D*H*W`` positions.
 ``A^{c,j}`` is the mean of the per-sample ``A^c`` over the samples of modality ``j`` in
 which class ``c`` is present (``M^c`` non-empty at the feature resolution). The loss is
 
@@ -46,6 +48,8 @@ Where the paper is ambiguous (see DESIGN.md, "The CSA term"):
 The affinity is computed in float32 even under ``torch.autocast``.
 """
 from __future__ import annotations
+
+import math
 
 from typing import Optional, Sequence
 
@@ -131,9 +135,10 @@ class ClassSpecificAffinityLoss(torch.nn.Module):
 
     # ------------------------------------------------------------------ building blocks
     def _check_features(self, features_l: Tensor, features_k: Tensor) -> None:
-        if features_l.ndim != 4 or features_k.ndim != 4:
+        if features_l.ndim not in (4, 5) or features_k.ndim != features_l.ndim:
             raise ValueError(
-                f"features must be (B, channels, H, W); got {tuple(features_l.shape)} and {tuple(features_k.shape)}")
+                f"features must be (B, channels, H, W) or, in 3D, (B, channels, D, H, W); got "
+                f"{tuple(features_l.shape)} and {tuple(features_k.shape)}")
         if features_l.shape[0] != features_k.shape[0] or features_l.shape[2:] != features_k.shape[2:]:
             raise ValueError(
                 "features_l and features_k must share batch size and spatial size (take two layers of one "
@@ -141,9 +146,9 @@ class ClassSpecificAffinityLoss(torch.nn.Module):
 
     def _masks(self, labels: Optional[Tensor], batch_size: int, size: Sequence[int],
                device: torch.device) -> Tensor:
-        """``(B, K, H*W)`` float32 masks ``M^c`` at the feature resolution."""
+        """``(B, K, positions)`` float32 masks ``M^c`` at the feature resolution."""
         if not self.class_specific:
-            return torch.ones(batch_size, 1, size[0] * size[1], device=device)
+            return torch.ones(batch_size, 1, math.prod(size), device=device)
         if labels is None:
             raise ValueError("labels are required for the class-specific affinity (class_specific=True)")
         if labels.shape[0] != batch_size:
@@ -162,12 +167,12 @@ class ClassSpecificAffinityLoss(torch.nn.Module):
         with torch.autocast(device_type=features_l.device.type, enabled=False):
             f_l = features_l.float()
             f_k = features_k.float()
-            batch, m_channels, height, width = f_l.shape
+            batch, m_channels, *spatial = f_l.shape
             n_channels = f_k.shape[1]
-            positions = height * width
+            positions = math.prod(spatial)  # H*W, or D*H*W in 3D: the same equations over all positions
             f_l = f_l.reshape(batch, m_channels, positions)
             f_k = f_k.reshape(batch, n_channels, positions)
-            masks = self._masks(labels, batch, (height, width), f_l.device)  # (B, K, P)
+            masks = self._masks(labels, batch, spatial, f_l.device)  # (B, K, P)
             num_masks = masks.shape[1]
             pixel_counts = masks.sum(-1)  # (B, K)
             present = pixel_counts > 0
@@ -222,10 +227,11 @@ class ClassSpecificAffinityLoss(torch.nn.Module):
                 modality: Tensor) -> Tensor:
         """
         Args:
-            features_l: ``(B, M, H, W)`` feature map of layer ``l``.
-            features_k: ``(B, N, H, W)`` feature map of layer ``k`` (same ``H, W``).
+            features_l: ``(B, M, H, W)`` feature map of layer ``l`` (3D: ``(B, M, D, H, W)``).
+            features_k: ``(B, N, H, W)`` feature map of layer ``k`` (same spatial size).
             labels: ``(B, 1, h, w)`` or ``(B, h, w)`` integer label map at any resolution
-                (nearest-neighbour resized to ``H, W``); unused (may be ``None``) when
+                (3D: ``(B, 1, d, h, w)`` or ``(B, d, h, w)``; nearest-neighbour resized to the
+                features' size); unused (may be ``None``) when
                 ``class_specific=False``.
             modality: ``(B,)`` integer modality index of each sample.
 

@@ -11,24 +11,27 @@ from torch import Tensor
 
 
 def resize_labels(labels: Tensor, size: Sequence[int]) -> Tensor:
-    """Integer label map ``(B, 1, h, w)`` or ``(B, h, w)`` -> ``(B, H, W)`` long.
+    """Integer label map ``(B, 1, *spatial)`` or ``(B, *spatial)`` -> ``(B, *size)`` long, in
+    2D (``size`` = ``(H, W)``) or 3D (``(D, H, W)``).
 
     Resizing uses ``nearest-exact``, the mode nnU-Net's deep-supervision target
     downsampling uses, so that a mask at a decoder resolution matches nnU-Net's own
     target at that resolution. nnU-Net hands labels over as float tensors; they are
     rounded back to integers.
     """
-    if labels.ndim == 4:
+    size = tuple(int(s) for s in size)
+    layout = "h, w" if len(size) == 2 else "d, h, w"
+    if labels.ndim == len(size) + 2:
         if labels.shape[1] != 1:
             raise ValueError(
-                f"labels must be (B, 1, h, w) or (B, h, w) integer maps, got shape {tuple(labels.shape)}; "
+                f"labels must be (B, 1, {layout}) or (B, {layout}) integer maps, got shape {tuple(labels.shape)}; "
                 "pass the label map, not a one-hot encoding")
         labels = labels[:, 0]
-    elif labels.ndim != 3:
+    elif labels.ndim != len(size) + 1:
         raise ValueError(
-            f"labels must be (B, 1, h, w) or (B, h, w) integer maps, got shape {tuple(labels.shape)}")
-    size = tuple(int(s) for s in size)
-    if tuple(labels.shape[-2:]) != size:
+            f"labels must be (B, 1, {layout}) or (B, {layout}) integer maps for {len(size)}D features, got shape "
+            f"{tuple(labels.shape)}")
+    if tuple(labels.shape[1:]) != size:
         labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[:, 0]
     if labels.is_floating_point():
         labels = labels.round()
@@ -36,7 +39,7 @@ def resize_labels(labels: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def class_masks(labels: Tensor, class_ids: Tensor) -> Tensor:
-    """``(B, H, W)`` label map -> ``(B, K, H*W)`` float32 binary masks, one per id in
+    """``(B, *spatial)`` label map -> ``(B, K, positions)`` float32 binary masks, one per id in
     ``class_ids``. Label values not in ``class_ids`` (e.g. nnU-Net's ignore label)
     belong to no mask."""
     return (labels.flatten(1)[:, None, :] == class_ids[None, :, None]).float()

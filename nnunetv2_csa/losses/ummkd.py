@@ -70,19 +70,19 @@ class UnpairedKnowledgeDistillationLoss(torch.nn.Module):
                           ) -> tuple[Tensor, Tensor, Tensor]:
         """``z̄^{c,j}``: ``(J, C, C)`` float32 (modality, class mask, logit channel), the
         pixel count of each class per modality ``(J, C)``, and the modality ids ``(J,)``."""
-        if logits.ndim != 4 or logits.shape[1] != self.num_classes:
+        if logits.ndim not in (4, 5) or logits.shape[1] != self.num_classes:
             raise ValueError(
-                f"logits must be (B, {self.num_classes}, H, W) (num_classes={self.num_classes}), "
-                f"got {tuple(logits.shape)}")
+                f"logits must be (B, {self.num_classes}, H, W) or (B, {self.num_classes}, D, H, W) "
+                f"(num_classes={self.num_classes}), got {tuple(logits.shape)}")
         if labels.shape[0] != logits.shape[0]:
             raise ValueError(f"labels hold {labels.shape[0]} samples but the logits hold {logits.shape[0]}")
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits = logits.float()
-            batch, channels, height, width = logits.shape
+            batch, channels, *spatial = logits.shape
             modality_ids, membership = group_by_modality(modality.to(logits.device), batch)
-            masks = class_masks(resize_labels(labels.to(logits.device), (height, width)),
+            masks = class_masks(resize_labels(labels.to(logits.device), spatial),
                                 self._class_ids.to(logits.device))  # (B, C, P)
-            sums = torch.bmm(masks, logits.reshape(batch, channels, height * width).transpose(1, 2))  # (B, C, C)
+            sums = torch.bmm(masks, logits.reshape(batch, channels, -1).transpose(1, 2))  # (B, C, C)
             sums = torch.einsum("bj,bck->jck", membership, sums)
             pixel_counts = membership.T @ masks.sum(-1)  # (J, C)
             return sums / pixel_counts.clamp_min(1)[..., None], pixel_counts, modality_ids
@@ -90,7 +90,7 @@ class UnpairedKnowledgeDistillationLoss(torch.nn.Module):
     def forward(self, logits: Tensor, labels: Tensor, modality: Tensor) -> Tensor:
         """
         Args:
-            logits: ``(B, C, H, W)`` network output (before softmax).
+            logits: ``(B, C, H, W)`` network output (before softmax); 3D: ``(B, C, D, H, W)``.
             labels: ``(B, 1, h, w)`` or ``(B, h, w)`` integer label map at any resolution
                 (nearest-neighbour resized to ``H, W``).
             modality: ``(B,)`` integer modality index of each sample.

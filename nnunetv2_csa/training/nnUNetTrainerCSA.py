@@ -85,6 +85,7 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
     distillation_temperature = 2.0
     #: the stock trainer that predicts one exported modality (nnunetv2_csa.export)
     stock_trainer_name = "nnUNetTrainer"
+    logs_consistency = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):

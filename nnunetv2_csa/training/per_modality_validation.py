@@ -40,12 +40,15 @@ def gathered(trainer, value) -> list:
 class PerModalityValidationMixin:
     """Put before nnU-Net's trainer class in the bases; needs the dataset's modality tags."""
 
+    #: whether the trainer logs the consistency term's series each epoch (the CSA family)
+    logs_consistency = False
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.modality_tags: ModalityTags = modality_tags_from_dataset_json(dataset_json)
         self.logger.local_logger = ModalityAwareLocalLogger(self.modality_tags.modalities,
-                                                            self.logger.local_logger)
+                                                            self.logger.local_logger, self.logs_consistency)
 
     def _route(self, modality) -> None:
         """Select the network's norms of ``modality`` (shared norms: nothing to do)."""

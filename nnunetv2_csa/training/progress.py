@@ -18,16 +18,20 @@ from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
 
 CONSISTENCY_SERIES = ("train_consistency_losses", "val_consistency_losses")
 PER_MODALITY_DICE = "mean_fg_dice_per_modality"
-EXTRA_SERIES = (*CONSISTENCY_SERIES, PER_MODALITY_DICE)
 PROGRESS_FILE = "progress_modalities.png"
 
 
 class ModalityAwareLocalLogger(LocalLogger):
-    def __init__(self, modalities, previous: LocalLogger):
+    """``with_consistency``: the trainer logs the consistency series (not Joint). Every series
+    of the log must get a value each epoch: nnU-Net's own plot counts the epochs as the
+    shortest series."""
+
+    def __init__(self, modalities, previous: LocalLogger, with_consistency: bool = True):
         super().__init__(previous.verbose)
         self.modalities = tuple(modalities)
+        self.consistency_series = CONSISTENCY_SERIES if with_consistency else ()
         self.my_fantastic_logging = previous.my_fantastic_logging
-        for key in EXTRA_SERIES:
+        for key in (*self.consistency_series, PER_MODALITY_DICE):
             self.my_fantastic_logging.setdefault(key, [])
 
     def load_checkpoint(self, checkpoint: dict):
@@ -35,7 +39,7 @@ class ModalityAwareLocalLogger(LocalLogger):
         # a checkpoint of a plain nnU-Net run (or of an older release) lacks some series:
         # start them empty but aligned
         n_epochs = len(checkpoint.get("train_losses", []))
-        for key in CONSISTENCY_SERIES:
+        for key in self.consistency_series:
             self.my_fantastic_logging.setdefault(key, [np.nan] * n_epochs)
         self.my_fantastic_logging.setdefault(PER_MODALITY_DICE, [[np.nan] * len(self.modalities)] * n_epochs)
 
@@ -51,17 +55,20 @@ class ModalityAwareLocalLogger(LocalLogger):
         log = self.my_fantastic_logging
         x = np.arange(epochs)
         fig, ax = plt.subplots(1, 1, figsize=(10, 4), dpi=80)
-        ax.plot(x, log["train_consistency_losses"][:epochs], color="m", label="consistency term (train steps)")
-        ax.plot(x, log["val_consistency_losses"][:epochs], color="m", ls=":", marker=".",
-                label="consistency term (validation batches)")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("consistency term (unweighted)")
+        if self.consistency_series:
+            ax.plot(x, log["train_consistency_losses"][:epochs], color="m", label="consistency term (train steps)")
+            ax.plot(x, log["val_consistency_losses"][:epochs], color="m", ls=":", marker=".",
+                    label="consistency term (validation batches)")
+            ax.set_ylabel("consistency term (unweighted)")
+            ax.legend(loc="upper left", fontsize=8)
+        else:
+            ax.set_yticks([])  # Joint: no consistency term
         dice_axis = ax.twinx()
         dice = np.array(log[PER_MODALITY_DICE][:epochs], dtype=float).reshape(epochs, -1)
         for m, name in enumerate(self.modalities):
             dice_axis.plot(x, dice[:, m], ls="--", label=f"pseudo Dice {name}")
         dice_axis.set_ylabel("pseudo Dice per modality")
-        ax.legend(loc="upper left", fontsize=8)
         dice_axis.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         fig.savefig(path)

@@ -1,0 +1,117 @@
+"""Beyond the paper's path, end to end through nnU-Net's own commands on CPU: the
+residual-encoder presets (nnUNetPlannerResEncM) and the 3d_fullres configuration."""
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import TINY_DATASET_ID, nnunet_environment, run_command
+
+pytestmark = pytest.mark.integration
+
+TRAINER = "nnUNetTrainerCSA_1epochs_5its"
+RESENC_PLANS = "nnUNetResEncUNetMPlans"
+VOLUME_DATASET_ID = 995
+
+
+def _read_labels(folder):
+    return {f: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, f)))
+            for f in sorted(os.listdir(folder)) if f.endswith(".nii.gz")}
+
+
+def _validation_inputs(env, dataset_name, modality, destination):
+    """The fold-0 validation images of one modality, in a folder of their own."""
+    with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "splits_final.json")) as f:
+        cases = [c for c in json.load(f)[0]["val"] if c.endswith(f"_{modality}") or c.startswith(f"{modality}_")]
+    assert cases, f"fold 0 validates no {modality} case"
+    os.makedirs(destination)
+    for case in cases:
+        shutil.copy(os.path.join(env["nnUNet_raw"], dataset_name, "imagesTr", f"{case}_0000.nii.gz"), destination)
+    return destination, cases
+
+
+def _predict_from_model_folder(env, model_folder, inputs, output, modality=None):
+    env = {k: v for k, v in env.items() if k != "nnUNet_csa_modality"}
+    if modality is not None:
+        env["nnUNet_csa_modality"] = modality
+    run_command(["nnUNetv2_predict_from_modelfolder", "-i", inputs, "-o", output, "-m", model_folder, "-f", "0",
+                 "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    return _read_labels(output)
+
+
+def _train_predict_and_export(env, dataset_name, configuration, plans, modality, tmp_path):
+    """Trains the CSA row, predicts one modality's validation cases with the model and with
+    its stock export; returns the model's fold folder and both predictions."""
+    run_command(["nnUNetv2_train", str(env["dataset_id"]), configuration, "0", "-tr", TRAINER, "-p", plans,
+                 "-device", "cpu"], env)
+    model_folder = os.path.join(env["nnUNet_results"], dataset_name, f"{TRAINER}__{plans}__{configuration}")
+    inputs, cases = _validation_inputs(env, dataset_name, modality, str(tmp_path / "inputs"))
+    predicted = _predict_from_model_folder(env, model_folder, inputs, str(tmp_path / "predicted"), modality)
+    assert sorted(predicted) == sorted(f"{c}.nii.gz" for c in cases)
+    exported = str(tmp_path / "exported")
+    run_command(["nnUNetv2_csa_export_modality", "-m", model_folder, "--modality", modality, "-o", exported], env)
+    stock_env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
+    stock = _predict_from_model_folder(stock_env, exported, inputs, str(tmp_path / "stock"))
+    return os.path.join(model_folder, "fold_0"), predicted, stock
+
+
+def _log_text(fold_folder):
+    return "".join(open(os.path.join(fold_folder, f)).read() for f in sorted(os.listdir(fold_folder))
+                   if f.startswith("training_log_"))
+
+
+def test_resenc_m_plans_train_predict_and_export_with_taps_inside_a_residual_block(tiny_preprocessed_dataset,
+                                                                                   tmp_path):
+    env, dataset_name = tiny_preprocessed_dataset
+    env = dict(env, dataset_id=str(TINY_DATASET_ID))
+    # the preset's batch for an 8 GB GPU is 180 slices of 48 x 48 here: a small memory target keeps the
+    # residual encoder (and the patch) but gives a batch a CPU can run
+    run_command(["nnUNetv2_plan_experiment", "-d", str(TINY_DATASET_ID), "-pl", "nnUNetPlannerResEncM",
+                 "-gpu_memory_target", "0.05"], env)
+    run_command(["nnUNetv2_preprocess", "-d", str(TINY_DATASET_ID), "-plans_name", RESENC_PLANS, "-c", "2d",
+                 "-np", "2"], env)
+    with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, f"{RESENC_PLANS}.json")) as f:
+        architecture = json.load(f)["configurations"]["2d"]["architecture"]["network_class_name"]
+    assert architecture.endswith("ResidualEncoderUNet")
+
+    fold, predicted, stock = _train_predict_and_export(env, dataset_name, "2d", RESENC_PLANS, "LGE", tmp_path)
+    # the two convolutions of the first residual block of the middle encoder stage
+    assert re.search(r"csa consistency between layers \('encoder\.stages\.(\d+)\.blocks\.0\.conv1', "
+                     r"'encoder\.stages\.\1\.blocks\.0\.conv2'\)", _log_text(fold))
+    with open(os.path.join(fold, "validation", "summary_per_modality.json")) as f:
+        assert set(json.load(f)) == {"LGE", "C0"}
+    for name in predicted:
+        np.testing.assert_array_equal(stock[name], predicted[name])
+
+
+@pytest.fixture(scope="module")
+def volume_dataset(tmp_path_factory):
+    """The MM-WHS phantom (CT + MR volumes, 32^3), converted and planned for 3d_fullres."""
+    from nnunetv2_csa.phantom import write_mmwhs_phantom
+    root = tmp_path_factory.mktemp("nnunet_3d")
+    env = nnunet_environment(root)
+    write_mmwhs_phantom(str(root / "phantom"), n_per_modality=3, size=32, seed=2)
+    run_command(["nnUNetv2_csa_convert_mmwhs", "-i", str(root / "phantom"), "-d", str(VOLUME_DATASET_ID),
+                 "--split", "80-20"], env)
+    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(VOLUME_DATASET_ID), "-c", "3d_fullres", "-np", "2"], env)
+    name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{VOLUME_DATASET_ID}_"))
+    return dict(env, dataset_id=str(VOLUME_DATASET_ID)), name
+
+
+def test_3d_fullres_trains_with_the_affinity_over_volumes_predicts_and_exports(volume_dataset, tmp_path):
+    env, dataset_name = volume_dataset
+    with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "nnUNetPlans.json")) as f:
+        assert len(json.load(f)["configurations"]["3d_fullres"]["patch_size"]) == 3
+    fold, predicted, stock = _train_predict_and_export(env, dataset_name, "3d_fullres", "nnUNetPlans", "CT", tmp_path)
+    log = _log_text(fold)
+    assert re.search(r"train_consistency_loss \d", log), "the CSA term was not computed on the 3D features"
+    assert re.search(r"Pseudo dice per modality \{'CT': ", log)
+    with open(os.path.join(fold, "validation", "summary_per_modality.json")) as f:
+        assert set(json.load(f)) == {"CT", "MR"}
+    for name, segmentation in predicted.items():
+        assert segmentation.ndim == 3
+        np.testing.assert_array_equal(stock[name], segmentation)
