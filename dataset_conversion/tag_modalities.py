@@ -272,12 +272,15 @@ def _commit(folder: str, dataset_json: dict, splits: list, preprocessed_root: st
     try:
         if not os.path.exists(backup):
             shutil.copy2(json_file, backup)
+        # the split first: a new split without the tags is refused by every trainer of this package,
+        # tags without their split would train on nnU-Net's random, ungrouped one
         for target in targets:
             _replace_file(splits, target)
         _replace_file(dataset_json, json_file)
     except OSError as e:
-        raise ConversionError(f"could not write the tags into {folder} ({e}); dataset.json is unchanged "
-                              f"(its original is in {backup})") from None
+        raise ConversionError(f"could not write the tags into {folder} ({e}); dataset.json is unchanged (its "
+                              f"original is in {backup}), splits_final.json may be new: run the command again") \
+            from None
     print(f"tags written to {json_file} (original kept as {os.path.basename(backup)}); split: "
           f"{', '.join(targets)}")
     dataset_id = int(os.path.basename(folder)[len("Dataset"):].split("_")[0])
