@@ -113,6 +113,12 @@ class SourceCase:
 _LOOKS_LIKE_IMAGE = re.compile(r"\.nii(\.gz)?\s*$", re.IGNORECASE)
 
 
+def first_few(items: Sequence[str], limit: int) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are: what a message
+    about many files or cases names."""
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def scan_input(input_folder: str, filename_pattern: re.Pattern) -> list[tuple[re.Match, str]]:
     """Every file under ``input_folder`` (recursively, sorted) whose name matches."""
     if not os.path.isdir(input_folder):
@@ -134,8 +140,7 @@ def scan_input(input_folder: str, filename_pattern: re.Pattern) -> list[tuple[re
                 skipped.append(repr(os.path.join(root, name)))
     if skipped:
         # a near miss ("Case3002_C0 (1).nii.gz", a trailing space) is data the user meant to convert
-        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10
-                                                             else "")
+        shown = first_few(skipped, 10)
         warnings.warn(f"{len(skipped)} image-like name(s) under {input_folder} do not follow the dataset's file "
                       f"naming and were skipped: {shown}; rename them if they belong to the dataset",
                       ConversionWarning, stacklevel=2)

@@ -31,8 +31,8 @@ from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITI
                                    check_case_name)
 
 from dataset_conversion.common import (DEFAULT_SEED, SPLIT_CHOICES, ConversionError, ConversionWarning,
-                                       check_splits_cover_modalities, current_umask, make_patient_splits, run_main,
-                                       stale_preprocessed_message, write_json)
+                                       check_splits_cover_modalities, current_umask, first_few, make_patient_splits,
+                                       run_main, stale_preprocessed_message, write_json)
 
 TAGGING_KEY = "csa_tagging"
 BACKUP_SUFFIX = ".before_csa_tags"
@@ -41,8 +41,7 @@ NAMED_IN_ERRORS = 5
 
 
 def _some(cases: Sequence[str]) -> str:
-    shown = ", ".join(cases[:NAMED_IN_ERRORS])
-    return shown + (f" and {len(cases) - NAMED_IN_ERRORS} more" if len(cases) > NAMED_IN_ERRORS else "")
+    return first_few(cases, NAMED_IN_ERRORS)
 
 
 def compile_rules(rules: Sequence[Sequence[str]]) -> list[tuple[str, re.Pattern]]:
