@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python -m nnunetv2_csa.demo --output $(DEMO_OUTPUT)
+	$(BIN)/python -m nnunetv2_csa.tools.demo --output $(DEMO_OUTPUT)
 
 test: setup
 	$(BIN)/python -m pytest -q -ra

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from nnunetv2_csa.errors import UserInputError
 from nnunetv2_csa.image_files import (IncompleteFileError, check_file_complete, count_non_finite_voxels,
                                       grid_differences)
-from nnunetv2_csa.phantom import read_phantom_marker
+from nnunetv2_csa.tools.phantom import read_phantom_marker
 from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, OTHER_MODALITY_IMAGES,
                                    OTHER_MODALITY_KEY, OTHER_MODALITY_LABELS, ModalityTags)
 

@@ -24,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
+
+from nnunetv2_csa.tools.commands import run_console
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASET_ID = 990
@@ -42,20 +43,6 @@ GPU_ESTIMATE = "about 8 minutes on an H100 (wheels ~1 min, data and plan ~1 min,
 
 
 # ============================================================================ commands
-def console_command(name: str) -> list[str]:
-    """The argv prefix that runs console script ``name`` with this interpreter: from the installed
-    distributions' entry points, else from this checkout's pyproject.toml (the package runs from
-    the checkout on the GPU machine, uninstalled)."""
-    target = next((ep.value for ep in importlib.metadata.entry_points(group="console_scripts")
-                   if ep.name == name), None)
-    if target is None:
-        with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-            target = tomllib.load(f)["project"]["scripts"][name]
-    module, function = target.split(":")
-    return [sys.executable, "-c",
-            f"import sys; sys.argv[0] = {name!r}; from {module} import {function} as main; sys.exit(main())"]
-
-
 #: (step, seconds) of every command the check ran, in order: where its wall time went
 STEP_SECONDS: list[tuple[str, float]] = []
 
@@ -63,9 +50,7 @@ STEP_SECONDS: list[tuple[str, float]] = []
 def run(name: str, args: list, log, env: dict | None = None) -> float:
     """Runs console command ``name``; its output goes to ``log``; returns its wall time."""
     start = time.perf_counter()
-    print(f"[gpu_check] $ {name} {' '.join(map(str, args))}", file=log, flush=True)
-    completed = subprocess.run(console_command(name) + [str(a) for a in args], stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, **(env or {})})
+    completed = run_console(name, args, log, {**os.environ, **(env or {})})
     if completed.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {completed.returncode}); its output is in {log.name}")
     STEP_SECONDS.append((name, time.perf_counter() - start))

@@ -24,7 +24,6 @@ def real_data_root():
 
 # ---------------------------------------------------------------- tiny nnU-Net dataset
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 TINY_DATASET_ID = 991
 
@@ -53,10 +52,11 @@ def _trainer_dir() -> str:
 
 
 def run_command(args, env, timeout=900, check=True) -> subprocess.CompletedProcess:
-    """Run a console script of this venv; on failure the assertion shows its output."""
-    bindir = os.path.dirname(sys.executable)
-    executable = os.path.join(bindir, args[0])
-    result = subprocess.run([executable, *args[1:]], env=env, capture_output=True, text=True, timeout=timeout)
+    """Run a console script of this venv (as the tools do); on failure the assertion shows its output."""
+    from nnunetv2_csa.tools.commands import console_command
+
+    result = subprocess.run(console_command(args[0]) + [str(a) for a in args[1:]], env=env, capture_output=True,
+                            text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n--- stdout\n{result.stdout[-6000:]}"
                              f"\n--- stderr\n{result.stderr[-6000:]}")
@@ -67,7 +67,7 @@ def run_command(args, env, timeout=900, check=True) -> subprocess.CompletedProce
 def tiny_preprocessed_dataset(tmp_path_factory):
     """Phantom MS-CMRSeg (LGE + C0, 6 patients, 48 x 48 in-plane) converted and planned with
     nnU-Net's own commands. Returns (environment, dataset folder name)."""
-    from nnunetv2_csa.phantom import write_mscmrseg_phantom
+    from nnunetv2_csa.tools.phantom import write_mscmrseg_phantom
 
     root = tmp_path_factory.mktemp("nnunet")
     env = nnunet_environment(root)

@@ -12,10 +12,13 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_DATASET_ID, nnunet_environment, run_command
-from nnunetv2_csa import benchmark
 from nnunetv2_csa.modality import ModalityTagError
-from nnunetv2_csa.benchmark import (BenchmarkError, RESULT_COLUMNS, best_marks, error_from_log, format_table,
-                                    trainer_name)
+from nnunetv2_csa.tools.benchmark import pipeline, report, rows as benchmark_rows, runner, scoring, tables
+from nnunetv2_csa.tools.benchmark.common import BenchmarkError
+from nnunetv2_csa.tools.benchmark.rows import trainer_name
+from nnunetv2_csa.tools.benchmark.runner import error_from_log
+from nnunetv2_csa.tools.benchmark.scoring import RESULT_COLUMNS
+from nnunetv2_csa.tools.benchmark.tables import best_marks, format_table
 
 RUN_ROWS = ["Single", "Joint", "CSA"]
 FOLDS = [0, 1]
@@ -82,7 +85,7 @@ def test_test_set_adds_the_other_modality_of_held_out_patients_only(tmp_path):
         (raw / "labelsOtherModality" / f"{case}.nii.gz").write_bytes(b"")
     validation = ["p2_C0", "p1_LGE"]  # p3 trained: its other modality is no test case
 
-    test_set = benchmark.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {"p1_LGE": "p1", "p2_C0": "p2"},
+    test_set = scoring.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {"p1_LGE": "p1", "p2_C0": "p2"},
                                        "/gt", str(raw), ".nii.gz")
 
     assert test_set.cases == ["p1_C0", "p1_LGE", "p2_C0", "p2_LGE"]
@@ -96,37 +99,37 @@ def test_test_set_adds_the_other_modality_of_held_out_patients_only(tmp_path):
     assert test_set.other_modality_images["p2_LGE"] == str(raw / "imagesOtherModality" / "p2_LGE_0000.nii.gz")
 
     # a paired dataset (no key) or no raw folder: the validation cases alone
-    assert benchmark.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {}, "/gt", None,
+    assert scoring.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {}, "/gt", None,
                                    ".nii.gz").cases == ["p1_LGE", "p2_C0"]
     # a case name from dataset.json that is a path would read outside the dataset
     (raw / "dataset.json").write_text(json.dumps({"csa_other_modality_cases": {
         "../../p1_C0": {"modality": "C0", "patient": "p1"}}}))
     with pytest.raises(ModalityTagError, match="not a plain file name"):
-        benchmark.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {"p1_LGE": "p1", "p2_C0": "p2"}, "/gt",
+        scoring.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {"p1_LGE": "p1", "p2_C0": "p2"}, "/gt",
                                 str(raw), ".nii.gz")
     (raw / "dataset.json").write_text(json.dumps({"csa_other_modality_cases": other}))
     (raw / "labelsOtherModality" / "p2_LGE.nii.gz").unlink()
     with pytest.raises(BenchmarkError, match=r"p2_LGE.nii.gz is listed under 'csa_other_modality_cases'.*--overwrite"):
-        benchmark.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {"p1_LGE": "p1", "p2_C0": "p2"}, "/gt",
+        scoring.fold_test_set(validation, {"p1_LGE": "LGE", "p2_C0": "C0"}, {"p1_LGE": "p1", "p2_C0": "p2"}, "/gt",
                                 str(raw), ".nii.gz")
 
 
 def test_single_equal_data_budget_halves_the_iterations():
-    assert benchmark.row_budget("Single", (30, 20), 2, "equal-data") == (30, 10)
-    assert benchmark.row_budget("Single", (30, 20), 2) == (30, 20)
-    assert benchmark.row_budget("CSA", (30, 20), 2, "equal-data") == (30, 20)
+    assert benchmark_rows.row_budget("Single", (30, 20), 2, "equal-data") == (30, 10)
+    assert benchmark_rows.row_budget("Single", (30, 20), 2) == (30, 20)
+    assert benchmark_rows.row_budget("CSA", (30, 20), 2, "equal-data") == (30, 20)
     with pytest.raises(BenchmarkError, match="equal-data needs a --budget"):
-        benchmark.row_budget("Single", None, 2, "equal-data")
+        benchmark_rows.row_budget("Single", None, 2, "equal-data")
 
 
 def test_smallest_two_sided_wilcoxon_p():
     from scipy import stats
     for n in (2, 3, 6):
-        assert benchmark.smallest_two_sided_p(n) == pytest.approx(stats.wilcoxon(np.arange(1, n + 1)).pvalue)
+        assert tables.smallest_two_sided_p(n) == pytest.approx(stats.wilcoxon(np.arange(1, n + 1)).pvalue)
 
 
 def test_a_rerun_keeps_each_trainers_first_timing_unless_retimed(tmp_path):
-    cache = str(tmp_path / benchmark.TIMING_FILE)
+    cache = str(tmp_path / runner.TIMING_FILE)
     measured = []
 
     def measure(trainer):
@@ -135,54 +138,54 @@ def test_a_rerun_keeps_each_trainers_first_timing_unless_retimed(tmp_path):
             return {"trainer": trainer, "error": "boom"}
         return {"trainer": trainer, "iterations": 10, "seconds_per_iteration_median": float(len(measured))}
 
-    first = benchmark.kept_or_new_timings([("Joint", "a"), ("CSA", "b"), ("X", "broken")], cache, 10, False, measure)
+    first = runner.kept_or_new_timings([("Joint", "a"), ("CSA", "b"), ("X", "broken")], cache, 10, False, measure)
     assert measured == ["a", "b", "broken"] and first["CSA"]["seconds_per_iteration_median"] == 2.0
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", first["Joint"]["measured_at"])
     # a rerun keeps the timings (a failed one is measured again), with their dates
-    again = benchmark.kept_or_new_timings([("Joint", "a"), ("CSA", "b"), ("X", "broken")], cache, 10, False, measure)
+    again = runner.kept_or_new_timings([("Joint", "a"), ("CSA", "b"), ("X", "broken")], cache, 10, False, measure)
     assert measured == ["a", "b", "broken", "broken"] and again["CSA"] == first["CSA"]
     # --retime measures again and replaces the record
-    retimed = benchmark.kept_or_new_timings([("CSA", "b")], cache, 10, True, measure)
+    retimed = runner.kept_or_new_timings([("CSA", "b")], cache, 10, True, measure)
     assert measured[-1] == "b" and retimed["CSA"]["seconds_per_iteration_median"] == 5.0
-    assert benchmark.kept_or_new_timings([("CSA", "b")], cache, 10, False, measure)["CSA"] == retimed["CSA"]
+    assert runner.kept_or_new_timings([("CSA", "b")], cache, 10, False, measure)["CSA"] == retimed["CSA"]
     # another number of timed iterations is another measurement
-    benchmark.kept_or_new_timings([("Joint", "a")], cache, 20, False, measure)
+    runner.kept_or_new_timings([("Joint", "a")], cache, 20, False, measure)
     assert measured[-1] == "a"
 
 
 def test_data_source_names_a_phantom_and_a_real_conversion():
     phantom = {"description": "SYNTHETIC ...", "csa_conversion": {
-        "converter": "MyoPS 2020", "source": "/x", "phantom": {"generator": "nnunetv2_csa.phantom", "layout": "myops",
+        "converter": "MyoPS 2020", "source": "/x", "phantom": {"generator": "nnunetv2_csa.tools.phantom", "layout": "myops",
                                                                 "n_patients": 10, "seed": 0}}}
-    text = benchmark.data_source_text(phantom)
+    text = report.data_source_text(phantom)
     assert text.startswith("SYNTHETIC phantom images") and "MyoPS 2020 layout (n_patients 10, seed 0)" in text
     real = {"description": "MyoPS 2020 multi-sequence cardiac MR", "reference": "Zhuang and Li 2020",
             "csa_conversion": {"converter": "MyoPS 2020", "source": "/data/myops2020/train", "phantom": None}}
-    assert benchmark.data_source_text(real) == ("MyoPS 2020: MyoPS 2020 multi-sequence cardiac MR (Zhuang and Li "
+    assert report.data_source_text(real) == ("MyoPS 2020: MyoPS 2020 multi-sequence cardiac MR (Zhuang and Li "
                                                 "2020), converted from `/data/myops2020/train`.")
-    assert "no converter record" in benchmark.data_source_text({"name": "Dataset123_X"})
+    assert "no converter record" in report.data_source_text({"name": "Dataset123_X"})
 
 
 def _row(name, status="ok", error=""):
-    row = benchmark.RowResult(name, [benchmark.Model(name, f"tr{name}", None, "/x", "/log")], status=status)
+    row = benchmark_rows.RowResult(name, [benchmark_rows.Model(name, f"tr{name}", None, "/x", "/log")], status=status)
     row.error = error
     return row
 
 
 def test_a_row_failed_in_one_fold_fails_as_a_whole():
-    runs = [benchmark.FoldRun(0, benchmark.TestSet({}, {}, {}), [_row("Joint"), _row("CSA")], []),
-            benchmark.FoldRun(1, benchmark.TestSet({}, {}, {}), [_row("Joint"), _row("CSA", "failed", "boom")], [])]
-    merged = {r.row: r for r in benchmark.merge_fold_rows(runs)}
+    runs = [scoring.FoldRun(0, scoring.TestSet({}, {}, {}), [_row("Joint"), _row("CSA")], []),
+            scoring.FoldRun(1, scoring.TestSet({}, {}, {}), [_row("Joint"), _row("CSA", "failed", "boom")], [])]
+    merged = {r.row: r for r in pipeline.merge_fold_rows(runs)}
     assert merged["Joint"].status == "ok" and len(merged["Joint"].models) == 2
     assert merged["CSA"].failed and merged["CSA"].error == "fold 1: boom"
 
 
 def test_test_sets_of_folds_must_not_share_a_case():
-    a = benchmark.TestSet({"p1_LGE": "LGE"}, {"p1_LGE": "p1"}, {"p1_LGE": "/a"})
-    b = benchmark.TestSet({"p2_C0": "C0"}, {"p2_C0": "p2"}, {"p2_C0": "/b"})
-    assert benchmark.merge_test_sets([a, b]).cases == ["p1_LGE", "p2_C0"]
+    a = scoring.TestSet({"p1_LGE": "LGE"}, {"p1_LGE": "p1"}, {"p1_LGE": "/a"})
+    b = scoring.TestSet({"p2_C0": "C0"}, {"p2_C0": "p2"}, {"p2_C0": "/b"})
+    assert scoring.merge_test_sets([a, b]).cases == ["p1_LGE", "p2_C0"]
     with pytest.raises(BenchmarkError, match="held out by more than one"):
-        benchmark.merge_test_sets([a, a])
+        scoring.merge_test_sets([a, a])
 
 
 # --------------------------------------------------------------------------- end to end
@@ -210,7 +213,7 @@ def unpaired_dataset(tmp_path_factory):
     """10 phantom patients, each contributing one modality (--unpaired), 5 folds stratified by
     modality: each fold holds out one patient per modality, whose other modality the benchmark
     must predict and score too."""
-    from nnunetv2_csa.phantom import write_mscmrseg_phantom
+    from nnunetv2_csa.tools.phantom import write_mscmrseg_phantom
 
     root = tmp_path_factory.mktemp("nnunet_unpaired")
     env = nnunet_environment(root)
@@ -406,14 +409,14 @@ def test_rerun_skips_finished_rows_and_a_failing_row_is_reported(benchmark_run, 
                 "nnUNet_compile"):
         monkeypatch.setenv(key, env[key])
     # a row whose trainer nnU-Net cannot find: its training command fails like any broken row
-    monkeypatch.setitem(benchmark.ROW_TRAINERS, "MSBN", "nnUNetTrainerDoesNotExist")
+    monkeypatch.setitem(benchmark_rows.ROW_TRAINERS, "MSBN", "nnUNetTrainerDoesNotExist")
     results = os.path.join(env["nnUNet_results"], dataset_name)
     checkpoints = {name: os.path.getmtime(os.path.join(results, f"{name}__nnUNetPlans__2d", "fold_0",
                                                        "checkpoint_final.pth"))
                    for name in ("nnUNetTrainerJoint_1epochs_5its", "nnUNetTrainerCSA_1epochs_5its")}
     second = tmp_path / "second"
 
-    benchmark.run_benchmark(UNPAIRED_DATASET_ID, budget=(1, 5), rows=["Joint", "MSBN", "CSA"], device="cpu",
+    pipeline.run_benchmark(UNPAIRED_DATASET_ID, budget=(1, 5), rows=["Joint", "MSBN", "CSA"], device="cpu",
                             report_folder=str(second), timing_iterations=0)
 
     stdout = capsys.readouterr().out
@@ -448,7 +451,7 @@ def test_timing_cli_prints_json_and_leaves_no_model_folder(tiny_preprocessed_dat
     env, dataset_name = tiny_preprocessed_dataset
     trainer = "nnUNetTrainerMSBN_2epochs_5its"  # trained by no test
     env = dict(env, nnUNet_n_proc_DA="0")
-    result = subprocess.run([sys.executable, "-m", "nnunetv2_csa.timing", "-d", str(TINY_DATASET_ID), "-tr", trainer,
+    result = subprocess.run([sys.executable, "-m", "nnunetv2_csa.tools.timing", "-d", str(TINY_DATASET_ID), "-tr", trainer,
                              "-device", "cpu", "-n", "2", "--warmup", "1"], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nnunetv2_csa.checkpoints import CheckpointError, load_checkpoint
-from nnunetv2_csa.export import main as export_main
+from nnunetv2_csa.tools.export import main as export_main
 
 
 class _RunsCodeWhenUnpickled:

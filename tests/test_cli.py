@@ -54,7 +54,7 @@ def test_importing_the_trainers_turns_this_packages_errors_into_one_line():
 
 
 def test_a_console_commands_input_error_is_one_line_with_exit_status_2(tmp_path):
-    completed = subprocess.run([sys.executable, "-c", "from nnunetv2_csa.export import main; main()",
+    completed = subprocess.run([sys.executable, "-c", "from nnunetv2_csa.tools.export import main; main()",
                                 "-m", str(tmp_path / "missing"), "--modality", "LGE", "-o", str(tmp_path / "out")],
                                capture_output=True, text=True, cwd=ROOT, timeout=120,
                                env={**os.environ, "NNUNETV2_CSA_TRACEBACK": "0"})

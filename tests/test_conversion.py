@@ -19,7 +19,7 @@ from dataset_conversion import ConversionError, ConversionWarning, convert_mmwhs
 from dataset_conversion import common, mmwhs, mscmrseg, myops
 from dataset_conversion.common import SourceCase, crop_box, make_patient_splits, select_unpaired
 from nnunetv2_csa.modality import read_modality_tags
-from nnunetv2_csa.phantom import write_mmwhs_phantom, write_mscmrseg_phantom, write_myops_phantom
+from nnunetv2_csa.tools.phantom import write_mmwhs_phantom, write_mscmrseg_phantom, write_myops_phantom
 
 NNUNET_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 MSCMRSEG_CODES = {0: 0, 200: 1, 500: 2, 600: 3}

@@ -1,4 +1,4 @@
-"""Tests of nnunetv2_csa.evaluation against hand-computed values, a brute-force surface
+"""Tests of nnunetv2_csa.tools.evaluation against hand-computed values, a brute-force surface
 distance in numpy/scipy, and scipy's Wilcoxon test."""
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from scipy import ndimage, stats
 from scipy.spatial.distance import cdist
 
 from nnunetv2_csa.image_files import IncompleteFileError
-from nnunetv2_csa.statistics import bootstrap_mean_ci
-from nnunetv2_csa.evaluation import (evaluate_case, evaluate_folder, main, run_cli, summarize,
+from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
+from nnunetv2_csa.tools.evaluation import (evaluate_case, evaluate_folder, main, run_cli, summarize,
                                      symmetric_surface_distances, wilcoxon_between_methods)
 
 # spacing in SimpleITK order (x, y, z); arrays below are in numpy order (z, y, x)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from nnunetv2_csa.export import ExportError, export_modality
+from nnunetv2_csa.tools.export import ExportError, export_modality
 from nnunetv2_csa.modality import ModalityTagError
 from nnunetv2_csa.training.nnUNetTrainerCSA import nnUNetTrainerCSA
 from test_trainer_units import _plans

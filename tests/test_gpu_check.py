@@ -19,17 +19,6 @@ def _load_gpu_check():
     return module
 
 
-def test_console_command_falls_back_to_the_checkouts_pyproject_when_the_package_is_not_installed(monkeypatch):
-    # on the GPU machine the package runs from the checkout: its console scripts are not installed
-    gpu_check = _load_gpu_check()
-    monkeypatch.setattr(gpu_check.importlib.metadata, "entry_points", lambda group: [])
-    command = gpu_check.console_command("nnUNetv2_csa_heldout")
-    assert command[:2] == [sys.executable, "-c"]
-    assert "from nnunetv2_csa.heldout import main as main" in command[2]
-    completed = subprocess.run(command + ["--help"], capture_output=True, text=True, cwd=ROOT)
-    assert completed.returncode == 0 and "held-out" in completed.stdout
-
-
 @pytest.mark.integration
 def test_dry_run_trains_the_three_rows_measures_them_and_checks_the_exports(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"

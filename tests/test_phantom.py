@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from hypothesis import given, settings, strategies as st
 from scipy import ndimage
 
-from nnunetv2_csa import phantom
+from nnunetv2_csa.tools import phantom
 
 SMALL = 48  # smallest allowed in-plane matrix: keeps the tests fast
 
@@ -313,7 +313,7 @@ def test_cli_writes_each_layout(tmp_path, capsys, layout, expected):
     assert len(files) == counts[layout] + 1
     # the record that lets a converter, and every report, name the data synthetic
     assert phantom.read_phantom_marker(str(tmp_path)) == {
-        "generator": "nnunetv2_csa.phantom", "layout": layout, "seed": 1,
+        "generator": "nnunetv2_csa.tools.phantom", "layout": layout, "seed": 1,
         **({"n_per_modality": 2, "first_id": 1001, "size": 32} if layout == "mmwhs" else
            {"n_patients": 2, "first_id": 3001, "in_plane_size": SMALL} if layout == "myops" else
            {"n_patients": 2, "modalities": ["C0", "LGE", "T2"], "in_plane_size": SMALL})}

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import nnunet_environment
-from nnunetv2_csa.phantom import write_mmwhs_phantom, write_mscmrseg_phantom, write_myops_phantom
+from nnunetv2_csa.tools.phantom import write_mmwhs_phantom, write_mscmrseg_phantom, write_myops_phantom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT_TRAINER = "nnUNetTrainerCSA_1epochs_5its"

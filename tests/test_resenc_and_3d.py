@@ -91,7 +91,7 @@ def test_resenc_m_plans_train_predict_and_export_with_taps_inside_a_residual_blo
 @pytest.fixture(scope="module")
 def volume_dataset(tmp_path_factory):
     """The MM-WHS phantom (CT + MR volumes, 32^3), converted and planned for 3d_fullres."""
-    from nnunetv2_csa.phantom import write_mmwhs_phantom
+    from nnunetv2_csa.tools.phantom import write_mmwhs_phantom
     root = tmp_path_factory.mktemp("nnunet_3d")
     env = nnunet_environment(root)
     write_mmwhs_phantom(str(root / "phantom"), n_per_modality=3, size=32, seed=2)

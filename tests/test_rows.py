@@ -2,7 +2,7 @@
 import pytest
 
 import nnunetv2_csa.training.trainers as trainers
-from nnunetv2_csa import benchmark
+from nnunetv2_csa.tools.benchmark import rows as benchmark_rows
 from nnunetv2_csa.training.nnUNetTrainerCSA import nnUNetTrainerCSA, nnUNetTrainerCSA_BN
 from nnunetv2_csa.training.rows import MAX_SINGLE_MODALITIES, PAPER_LAMBDA, ROW_TABLE, ROWS_BY_NAME, Row
 
@@ -33,14 +33,14 @@ def test_the_stock_rows_have_their_trainers_for_every_modality_index():
 
 
 def test_the_benchmark_rows_are_the_tables_and_every_one_resolves_to_a_trainer():
-    assert benchmark.ROWS == ("Single", "Joint", "MSBN", "Affinity", "UMMKD", "CSA")
-    assert set(benchmark.LAMBDA_ROWS) == {r.name for r in ROW_TABLE if r.benchmark == "lambda"}
-    assert set(benchmark.CSA_FAMILY) == {r for r in benchmark.ALL_ROWS if ROWS_BY_NAME[r].kind == "csa"}
-    for row in benchmark.ALL_ROWS:
+    assert benchmark_rows.ROWS == ("Single", "Joint", "MSBN", "Affinity", "UMMKD", "CSA")
+    assert set(benchmark_rows.LAMBDA_ROWS) == {r.name for r in ROW_TABLE if r.benchmark == "lambda"}
+    assert set(benchmark_rows.CSA_FAMILY) == {r for r in benchmark_rows.ALL_ROWS if ROWS_BY_NAME[r].kind == "csa"}
+    for row in benchmark_rows.ALL_ROWS:
         for norm in ("instance", "bn"):
-            assert hasattr(trainers, benchmark.trainer_name(row, norm, (1, 5))), (row, norm)
+            assert hasattr(trainers, benchmark_rows.trainer_name(row, norm, (1, 5))), (row, norm)
     # the ablations of Eq. 3 and 4 are trainers, not benchmark rows
-    assert "CSA_Literal" not in benchmark.ALL_ROWS and hasattr(trainers, "nnUNetTrainerCSA_Literal")
+    assert "CSA_Literal" not in benchmark_rows.ALL_ROWS and hasattr(trainers, "nnUNetTrainerCSA_Literal")
 
 
 def test_which_rows_train_with_the_consistency_term():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from nnunetv2_csa.statistics import bootstrap_mean_ci, holm_adjust
+from nnunetv2_csa.tools.statistics import bootstrap_mean_ci, holm_adjust
 
 
 def test_holm_hand_computed():

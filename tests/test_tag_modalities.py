@@ -75,7 +75,7 @@ def _tree_digest(folder) -> str:
 def plain_nnunet_dataset(tmp_path_factory):
     """A phantom converted by this package, then stripped to a plain nnU-Net raw dataset (no
     tags, no split): the converter's tags and split are the answer the tagging must reproduce."""
-    from nnunetv2_csa.phantom import write_mscmrseg_phantom
+    from nnunetv2_csa.tools.phantom import write_mscmrseg_phantom
     root = tmp_path_factory.mktemp("tagging")
     env = nnunet_environment(root)
     write_mscmrseg_phantom(str(root / "phantom"), n_patients=6, modalities=("LGE", "C0"), seed=4, in_plane_size=48)

@@ -83,7 +83,7 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
     affinity_layers = ("encoder", None)
     #: UMMKD temperature
     distillation_temperature = 2.0
-    #: the stock trainer that predicts one exported modality (nnunetv2_csa.export)
+    #: the stock trainer that predicts one exported modality (nnunetv2_csa.tools.export)
     stock_trainer_name = "nnUNetTrainer"
     logs_consistency = True
 

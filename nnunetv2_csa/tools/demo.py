@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 from nnunetv2_csa.errors import UserInputError
+from nnunetv2_csa.tools.commands import run_console
 
 DEFAULT_ROWS = ("Joint", "CSA")
 DEFAULT_BUDGET = (10, 10)
@@ -82,12 +82,8 @@ def planning_environment() -> dict:
 
 def run_logged(args: list[str], log_file: str) -> None:
     """Run an nnU-Net console script of this Python environment, its output to ``log_file``."""
-    executable = os.path.join(os.path.dirname(sys.executable), args[0])
     with open(log_file, "a") as log:
-        log.write(f"$ {' '.join(args)}\n")
-        log.flush()
-        result = subprocess.run([executable, *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                env=planning_environment())
+        result = run_console(args[0], args[1:], log, planning_environment())
     if result.returncode != 0:
         with open(log_file) as f:
             tail = f.read()[-2000:]
@@ -95,7 +91,7 @@ def run_logged(args: list[str], log_file: str) -> None:
 
 
 def make_phantom(folder: str, n_patients: int, size: int) -> None:
-    from nnunetv2_csa.phantom import write_mscmrseg_phantom
+    from nnunetv2_csa.tools.phantom import write_mscmrseg_phantom
 
     staging = folder + ".partial"
     if os.path.isdir(staging):
@@ -190,7 +186,7 @@ def run_demo(output: str = "demo_output", data: str | None = None, layout: str |
         plans = json.load(f)["plans"]
 
     say(f"4/4 benchmark: rows {list(rows)}, budget {budget[0]} epochs x {budget[1]} iterations, device {device}")
-    from nnunetv2_csa.benchmark import run_benchmark
+    from nnunetv2_csa.tools.benchmark.pipeline import run_benchmark
     report = run_benchmark(dataset_id, "2d", plans, 0, budget=tuple(budget), rows=list(rows), device=device,
                            report_folder=os.path.join(output, "report"), timing_iterations=timing_iterations)
     say(f"finished in {time.time() - started:.0f} s; the report is {os.path.join(report, 'report.md')}")

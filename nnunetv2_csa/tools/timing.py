@@ -20,7 +20,7 @@ The trainer writes into a temporary ``nnUNet_results`` that is deleted afterward
 run never leaves a model folder that a later ``nnUNetv2_train`` or the benchmark could
 mistake for a (finished or resumable) training.
 
-``python -m nnunetv2_csa.timing -d ID -tr NAME ...`` prints the result as one JSON line.
+``python -m nnunetv2_csa.tools.timing -d ID -tr NAME ...`` prints the result as one JSON line.
 Run it in a fresh process per trainer: nnU-Net reads some settings (e.g. ``nnUNet_def_n_proc``)
 at import time.
 """
@@ -173,7 +173,7 @@ def measure_step_time(dataset_id, configuration: str = "2d", plans: str = "nnUNe
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m nnunetv2_csa.timing",
+        prog="python -m nnunetv2_csa.tools.timing",
         description="Seconds per training iteration (data loading included) and peak memory of one "
                     "nnU-Net trainer; prints one JSON line on stdout (nnU-Net's own output goes to stderr).")
     parser.add_argument("-d", required=True, help="dataset ID or name")

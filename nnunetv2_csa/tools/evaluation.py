@@ -74,7 +74,7 @@ from tqdm import tqdm
 
 from nnunetv2_csa.errors import one_line_errors
 from nnunetv2_csa.image_files import check_file_complete, grid_differences
-from nnunetv2_csa.statistics import bootstrap_mean_ci
+from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
 
 METRICS = ("dice", "hd", "hd95", "assd")
 ALL_MODALITIES = "all"
@@ -425,7 +425,7 @@ def wilcoxon_between_methods(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str
     ``pair_on="patient"`` further over a patient's cases within the group; the two methods are
     paired on ``pair_on``. Returns one row per group: n, statistic, p_value, mean_a, mean_b,
     mean_difference (A - B), ci_low, ci_high (95 % percentile-bootstrap interval of the mean
-    difference, ``nnunetv2_csa.statistics``), n_unmatched, reason. Degenerate groups do not raise:
+    difference, ``nnunetv2_csa.tools.statistics``), n_unmatched, reason. Degenerate groups do not raise:
     n < 2 gives statistic and p_value NaN with a reason; all differences zero gives
     statistic 0 and p_value 1.0 (no evidence of a difference) with a reason."""
     by = list(by)

@@ -45,7 +45,7 @@ def _dataset_folder(root_variable: str, dataset_id: str) -> str:
 def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, list[str]]:
     """Copy fold ``fold``'s held-out images and labels into ``output_folder``/<modality>/{images,labels};
     returns the cases per modality."""
-    from nnunetv2_csa.benchmark import fold_test_set
+    from nnunetv2_csa.tools.benchmark.scoring import fold_test_set
 
     raw = _dataset_folder("nnUNet_raw", dataset_id)
     preprocessed = _dataset_folder("nnUNet_preprocessed", dataset_id)

@@ -131,7 +131,7 @@ PHANTOM_MARKER = "nnunetv2_csa_phantom.json"
 def _write_marker(out_dir: str, layout: str, **parameters) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, PHANTOM_MARKER), "w") as f:
-        json.dump({"generator": "nnunetv2_csa.phantom", "layout": layout, **parameters}, f, indent=1)
+        json.dump({"generator": "nnunetv2_csa.tools.phantom", "layout": layout, **parameters}, f, indent=1)
 
 
 def read_phantom_marker(folder: str) -> dict | None:

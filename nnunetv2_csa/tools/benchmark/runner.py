@@ -1,0 +1,189 @@
+"""Running the stock commands: nnUNetv2_train per model (resumable), nnUNetv2_predict for the
+other-modality test cases, and the timing of each trainer in a fresh process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+from tqdm import tqdm
+
+from nnunetv2_csa.tools.benchmark.common import BenchmarkError, json_safe, log_stage
+from nnunetv2_csa.tools.benchmark.rows import CSA_FAMILY, Model, RowResult
+from nnunetv2_csa.tools.benchmark.scoring import TestSet, model_for
+from nnunetv2_csa.tools.commands import run_console
+
+
+#: the report folder's record of each trainer's timing and its date, kept across reruns
+TIMING_FILE = "timing.json"
+
+
+def required_folder(variable: str) -> str:
+    value = os.environ.get(variable)
+    if not value:
+        raise BenchmarkError(f"{variable} is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results "
+                             f"as for nnUNetv2_train")
+    if not os.path.isdir(value):
+        raise BenchmarkError(f"{variable}={value} is not a folder")
+    return value
+
+
+def _trainer_dir() -> str:
+    from nnunetv2_csa.ext_trainers import TRAINER_DIR
+    return TRAINER_DIR
+
+
+def subprocess_environment(device: str) -> dict:
+    """The benchmark's environment plus this package's trainer folder; on CPU the data
+    augmentation runs in the training process (nnUNet_n_proc_DA=0, unless set already)."""
+    env = dict(os.environ)
+    paths = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if _trainer_dir() not in paths:
+        paths.append(_trainer_dir())
+    env["nnUNet_extTrainer"] = os.pathsep.join(paths)
+    if device == "cpu":
+        env.setdefault("nnUNet_n_proc_DA", "0")
+    # training needs no inference modality; a stray value must not leak into the logs' meaning
+    env.pop("nnUNet_csa_modality", None)
+    return env
+
+
+def error_from_log(text: str, max_chars: int = 300) -> str:
+    """The most telling line of a failed command's output: the last exception line, else
+    the last non-empty line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "no output"
+    pattern = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b|AssertionError)")
+    for line in reversed(lines):
+        if pattern.match(line):
+            return line[:max_chars]
+    return lines[-1][:max_chars]
+
+
+def train_model(model: Model, dataset_id: str, configuration: str, plans: str, fold: int, device: str,
+                rerun: bool, env: dict, result: RowResult) -> None:
+    """Train one model with the stock ``nnUNetv2_train`` unless it is finished already."""
+    if model.is_finished() and not rerun:
+        result.reused.append(model.trainer)
+        log_stage(f"{model.row}: {model.trainer} is trained and validated already: skipped "
+                  f"(--rerun trains it again)")
+        return
+    arguments = [dataset_id, configuration, fold, "-tr", model.trainer, "-p", plans, "-device", device]
+    if rerun:
+        # a stale final checkpoint or validation must not pass for the result of this run
+        for stale in (model.checkpoint, os.path.join(model.fold_folder, "checkpoint_best.pth")):
+            if os.path.isfile(stale):
+                os.remove(stale)
+        shutil.rmtree(model.validation_folder, ignore_errors=True)
+    elif model.has_partial_training():
+        arguments.append("--c")
+    log_stage(f"{model.row}: training {model.trainer} ({'continuing with --c' if '--c' in arguments else 'new'}), "
+              f"log {model.log_file}")
+    os.makedirs(os.path.dirname(model.log_file), exist_ok=True)
+    start = time.perf_counter()
+    with open(model.log_file, "a") as log:
+        completed = run_console("nnUNetv2_train", arguments, log, env)
+    result.training_seconds[model.trainer] = time.perf_counter() - start
+    if completed.returncode != 0:
+        with open(model.log_file) as log:
+            message = error_from_log(log.read())
+        result.fail(f"training {model.trainer} exited {completed.returncode}: {message}")
+        log_stage(f"{model.row}: FAILED ({message})")
+        return
+    result.trained.append(model.trainer)
+    if not model.is_finished():
+        result.fail(f"training {model.trainer} finished without {model.checkpoint} or a final validation")
+        log_stage(f"{model.row}: FAILED (no final checkpoint or validation)")
+        return
+    log_stage(f"{model.row}: {model.trainer} trained in {result.training_seconds[model.trainer]:.0f} s")
+
+
+def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str, configuration: str, plans: str,
+                           fold: int, device: str, env: dict, report_folder: str) -> None:
+    """Predict the other-modality test cases with the stock ``nnUNetv2_predict``, one call per
+    model and modality (the CSA family folds that modality's norms in: nnUNet_csa_modality)."""
+    by_modality: dict[str, list[str]] = {}
+    for case in test_set.other_modality_images:
+        by_modality.setdefault(test_set.case_modality[case], []).append(case)
+    for model in result.models:
+        # a stale prediction from an earlier model must never pass for this one's
+        shutil.rmtree(model.other_modality_predictions, ignore_errors=True)
+    for modality, cases in sorted(by_modality.items()):
+        if result.failed:
+            return
+        try:
+            model = model_for(result, modality)
+        except FileNotFoundError as e:
+            result.fail(str(e))
+            return
+        input_folder = os.path.join(report_folder, "other_modality_inputs", f"fold_{model.fold}", modality)
+        os.makedirs(input_folder, exist_ok=True)
+        for case in cases:
+            link = os.path.join(input_folder, os.path.basename(test_set.other_modality_images[case]))
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(test_set.other_modality_images[case]), link)
+        arguments = ["-i", input_folder, "-o", model.other_modality_predictions, "-d", dataset_id, "-c", configuration,
+                     "-p", plans, "-tr", model.trainer, "-f", fold, "-device", device, "-npp", 1, "-nps", 1]
+        call_env = dict(env, nnUNet_csa_modality=modality) if result.row in CSA_FAMILY else env
+        log_file = os.path.join(report_folder, "logs", f"predict_{model.trainer}_{modality}_fold{model.fold}.log")
+        with open(log_file, "w") as log:
+            completed = run_console("nnUNetv2_predict", arguments, log, call_env)
+        if completed.returncode != 0:
+            with open(log_file) as log:
+                message = error_from_log(log.read())
+            result.fail(f"nnUNetv2_predict of the {modality} other-modality cases with {model.trainer} exited "
+                        f"{completed.returncode}: {message}")
+            log_stage(f"{result.row}: FAILED ({result.error})")
+
+
+def kept_or_new_timings(to_time: Sequence[tuple[str, str]], cache_file: str, iterations: int, retime: bool,
+                        measure) -> dict:
+    """The timing of each (row, trainer): the one kept in ``cache_file`` from an earlier run
+    of this report (same number of timed iterations, no error), unless ``retime``; else
+    ``measure(trainer)``, stamped with its date and kept. A rerun under other load would
+    otherwise silently replace the first measurement."""
+    kept = {}
+    if os.path.isfile(cache_file):
+        with open(cache_file) as f:
+            kept = json.load(f)
+    timing = {}
+    for row, trainer in tqdm(to_time, desc="timing", file=sys.stderr):
+        entry = kept.get(trainer)
+        if not retime and entry and "error" not in entry and entry.get("iterations") == iterations:
+            log_stage(f"{row}: timing kept from {entry.get('measured_at', 'an earlier run')} (--retime measures again)")
+        else:
+            entry = {**measure(trainer), "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+            kept[trainer] = entry
+            log_stage(f"{row}: timing " + (f"FAILED ({entry['error']})" if "error" in entry else
+                                           f"{entry['seconds_per_iteration_median']:.3f} s/iteration"))
+        timing[row] = entry
+    staging = f"{cache_file}.{os.getpid()}.tmp"
+    with open(staging, "w") as f:
+        json.dump(json_safe(kept), f, indent=1, allow_nan=False)
+    os.replace(staging, cache_file)  # a run stopped while writing keeps the old record whole
+    return timing
+
+
+def time_trainer(dataset_id: str, configuration: str, plans: str, trainer: str, device: str, iterations: int,
+                 fold: int, env: dict, log_file: str) -> dict:
+    """``python -m nnunetv2_csa.tools.timing`` in a fresh process (nnU-Net reads settings at import)."""
+    command = [sys.executable, "-m", "nnunetv2_csa.tools.timing", "-d", str(dataset_id), "-c", configuration,
+               "-p", plans, "-tr", trainer, "-f", str(fold), "-device", device, "-n", str(iterations)]
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    with open(log_file, "w") as log:
+        completed = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    if completed.returncode != 0:
+        with open(log_file) as log:
+            return {"trainer": trainer, "error": error_from_log(log.read())}
+    try:
+        return json.loads(completed.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        return {"trainer": trainer, "error": f"no JSON result on stdout: {completed.stdout[-200:]!r}"}
+

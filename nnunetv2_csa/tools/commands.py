@@ -1,0 +1,62 @@
+"""How the tools run a console command (nnU-Net's or this package's): as a user would, in a
+fresh process with this interpreter, its output appended to a log file.
+
+A fresh process because nnU-Net reads its environment (``nnUNet_raw``, ``nnUNet_extTrainer``,
+``nnUNet_n_proc_DA``) at import; the same interpreter because a command found on PATH may
+belong to another Python environment.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tomllib
+from typing import IO, Sequence
+
+from nnunetv2_csa.errors import UserInputError
+
+
+#: the checkout this package runs from, if it runs uninstalled (the GPU check does)
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class CommandNotFound(UserInputError, RuntimeError):
+    """A console command is neither installed beside this interpreter nor an entry point."""
+
+
+def _script_beside_interpreter(name: str) -> str | None:
+    script = os.path.join(os.path.dirname(sys.executable), name)
+    return script if os.path.isfile(script) else None
+
+
+def console_command(name: str) -> list[str]:
+    """The argv prefix that runs console command ``name`` with this interpreter: the script
+    installed beside it; else its entry point (installed distributions, then this checkout's
+    pyproject.toml), run with ``python -c``."""
+    script = _script_beside_interpreter(name)
+    if script:
+        return [script]
+    target = next((entry.value for entry in importlib.metadata.entry_points(group="console_scripts")
+                   if entry.name == name), None)
+    pyproject = os.path.join(CHECKOUT, "pyproject.toml")
+    if target is None and os.path.isfile(pyproject):
+        with open(pyproject, "rb") as f:
+            target = tomllib.load(f).get("project", {}).get("scripts", {}).get(name)
+    if target is None:
+        raise CommandNotFound(f"{name} is neither installed beside {sys.executable} nor an entry point of an "
+                              f"installed package: install nnunetv2 and this package into that environment")
+    module, function = target.split(":")
+    return [sys.executable, "-c",
+            f"import sys; sys.argv[0] = {name!r}; from {module} import {function} as main; sys.exit(main())"]
+
+
+def run_console(name: str, args: Sequence, log: IO[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run console command ``name`` with ``args``; a ``$ name args`` line with the time, then
+    its stdout and stderr, are appended to the open text file ``log``. ``env``: the whole
+    environment of the command (None: this process's)."""
+    args = [str(a) for a in args]
+    log.write(f"\n===== {datetime.datetime.now().isoformat(timespec='seconds')} $ {' '.join([name, *args])}\n")
+    log.flush()
+    return subprocess.run(console_command(name) + args, stdout=log, stderr=subprocess.STDOUT, env=env)
