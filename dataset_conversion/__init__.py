@@ -4,7 +4,8 @@
 ``nnUNetv2_csa_convert_mscmrseg`` / ``_mmwhs`` / ``_myops``) each return the written
 ``Dataset{ID:03d}_{Name}`` folder; the shared machinery lives in :mod:`dataset_conversion.common`.
 """
-from dataset_conversion.common import ConversionError, ConversionWarning
+from dataset_conversion.errors import ConversionError, ConversionWarning
+
 
 __all__ = ["ConversionError", "ConversionWarning", "convert_mscmrseg", "convert_mmwhs", "convert_myops"]
 

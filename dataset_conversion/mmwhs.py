@@ -37,9 +37,11 @@ from typing import Sequence
 
 import numpy as np
 
-from dataset_conversion.common import (CaseResult, LabelScheme, SourceCase, add_common_arguments, common_kwargs,
-                                       index_unique, parse_modalities, run_conversion, run_main, scan_input,
-                                       DEFAULT_SEED)
+from dataset_conversion.cases import CaseResult, LabelScheme, SourceCase
+from dataset_conversion.common import (add_common_arguments, common_kwargs, index_unique, parse_modalities,
+                                       run_conversion, run_main, scan_input)
+from dataset_conversion.splits import DEFAULT_SEED
+
 
 MODALITIES = ("CT", "MR")
 DEFAULT_NAME = "MMWHS2017"

@@ -17,8 +17,11 @@ import argparse
 import re
 from typing import Sequence
 
-from dataset_conversion.common import (LabelScheme, SourceCase, add_common_arguments, common_kwargs, index_unique,
-                                       parse_modalities, run_conversion, run_main, scan_input, DEFAULT_SEED)
+from dataset_conversion.cases import LabelScheme, SourceCase
+from dataset_conversion.common import (add_common_arguments, common_kwargs, index_unique, parse_modalities,
+                                       run_conversion, run_main, scan_input)
+from dataset_conversion.splits import DEFAULT_SEED
+
 
 MODALITIES = ("C0", "LGE", "T2")
 DEFAULT_MODALITIES = ("C0", "LGE")

@@ -27,12 +27,12 @@ import tempfile
 import warnings
 from typing import Mapping, Sequence
 
-from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, ModalityTags,
-                                   check_case_name)
+from dataset_conversion.common import first_few, run_main
+from dataset_conversion.errors import ConversionError, ConversionWarning
+from dataset_conversion.splits import DEFAULT_SEED, SPLIT_CHOICES, check_splits_cover_modalities, make_patient_splits
+from dataset_conversion.staging import current_umask, stale_preprocessed_message, write_json
+from nnunetv2_csa.modality import CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, ModalityTags, check_case_name
 
-from dataset_conversion.common import (DEFAULT_SEED, SPLIT_CHOICES, ConversionError, ConversionWarning,
-                                       check_splits_cover_modalities, current_umask, first_few, make_patient_splits,
-                                       run_main, stale_preprocessed_message, write_json)
 
 TAGGING_KEY = "csa_tagging"
 BACKUP_SUFFIX = ".before_csa_tags"

@@ -17,7 +17,8 @@ from hypothesis import given, settings, strategies as st
 
 from dataset_conversion import ConversionError, ConversionWarning, convert_mmwhs, convert_mscmrseg, convert_myops
 from dataset_conversion import common, mmwhs, mscmrseg, myops
-from dataset_conversion.common import SourceCase, crop_box, make_patient_splits, select_unpaired
+from dataset_conversion.cases import SourceCase, crop_box
+from dataset_conversion.splits import make_patient_splits, select_unpaired
 from nnunetv2_csa.modality import read_modality_tags
 from nnunetv2_csa.tools.phantom import write_mmwhs_phantom, write_mscmrseg_phantom, write_myops_phantom
 
@@ -313,7 +314,7 @@ def test_mmwhs_coronal_orientation(mmwhs_source, tmp_path):
 
 
 def test_coronal_warning_logic():
-    from dataset_conversion.common import CaseResult
+    from dataset_conversion.cases import CaseResult
     isotropic = [CaseResult("a_CT", (1,), (1.0, 1.0, 1.0), []), CaseResult("b_CT", (1,), (0.8, 0.8, 0.8), [])]
     assert mmwhs.coronal_spacing_warnings(isotropic, 7) == []  # ties keep the coronal axis first
     assert mmwhs.coronal_target_spacing(isotropic) is None

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import nnunet_environment, run_command
-from dataset_conversion.common import ConversionError
+from dataset_conversion.errors import ConversionError
 from dataset_conversion.tag_modalities import (compile_rules, modalities_from_rules, patients_from_rule,
                                                tags_from_csv)
 
