@@ -155,8 +155,8 @@ def test_a_rerun_keeps_each_trainers_first_timing_unless_retimed(tmp_path):
 
 def test_data_source_names_a_phantom_and_a_real_conversion():
     phantom = {"description": "SYNTHETIC ...", "csa_conversion": {
-        "converter": "MyoPS 2020", "source": "/x", "phantom": {"generator": "nnunetv2_csa.tools.phantom", "layout": "myops",
-                                                                "n_patients": 10, "seed": 0}}}
+        "converter": "MyoPS 2020", "source": "/x",
+        "phantom": {"generator": "nnunetv2_csa.tools.phantom", "layout": "myops", "n_patients": 10, "seed": 0}}}
     text = report.data_source_text(phantom)
     assert text.startswith("SYNTHETIC phantom images") and "MyoPS 2020 layout (n_patients 10, seed 0)" in text
     real = {"description": "MyoPS 2020 multi-sequence cardiac MR", "reference": "Zhuang and Li 2020",
@@ -451,9 +451,9 @@ def test_timing_cli_prints_json_and_leaves_no_model_folder(tiny_preprocessed_dat
     env, dataset_name = tiny_preprocessed_dataset
     trainer = "nnUNetTrainerMSBN_2epochs_5its"  # trained by no test
     env = dict(env, nnUNet_n_proc_DA="0")
-    result = subprocess.run([sys.executable, "-m", "nnunetv2_csa.tools.timing", "-d", str(TINY_DATASET_ID), "-tr", trainer,
-                             "-device", "cpu", "-n", "2", "--warmup", "1"], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-m", "nnunetv2_csa.tools.timing", "-d", str(TINY_DATASET_ID),
+                             "-tr", trainer, "-device", "cpu", "-n", "2", "--warmup", "1"], env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     timing = json.loads(result.stdout.strip().splitlines()[-1])
     assert timing["trainer"] == trainer and timing["iterations"] == 2 and len(timing["seconds_per_iteration"]) == 2
