@@ -5,8 +5,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUTPUT ?= demo_output
-# test files run in parallel, each file whole in one worker (its module-scoped trainings are shared)
-TEST_WORKERS ?= 2
 
 .PHONY: demo test setup clean
 
@@ -22,7 +20,7 @@ demo: setup
 	$(BIN)/python -m nnunetv2_csa.tools.demo --output $(DEMO_OUTPUT)
 
 test: setup
-	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -ra
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUTPUT)
