@@ -1,5 +1,5 @@
 """The benchmark's rows (from the package's row table), their trainer names and budgets, and the
-models each row trains (Single: one per modality), merged over folds.
+models each row trains (Single: one per modality).
 """
 from __future__ import annotations
 
