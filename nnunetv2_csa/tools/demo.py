@@ -31,6 +31,7 @@ MODALITIES = {"mscmrseg": ("LGE", "C0"), "myops": ("LGE", "C0"), "mmwhs": ("CT",
 CPU_PLANS_NAME = "nnUNetPlansCPU"
 CPU_TARGET_SPACING = ("5", "2.0", "2.0")
 CPU_GPU_MEMORY_TARGET = "0.18"
+CONFIGURATIONS = ("2d", "3d_fullres")
 
 
 class DemoError(UserInputError, RuntimeError):
@@ -112,16 +113,17 @@ def convert(layout: str, source: str, dataset_id: int, crop) -> str:
     return converter(source, dataset_id, **kwargs)
 
 
-def plan_and_preprocess(dataset_id: int, reduced: bool, log_file: str) -> str:
+def plan_and_preprocess(dataset_id: int, reduced: bool, log_file: str, configuration: str = "2d") -> str:
     d = str(dataset_id)
     if not reduced:
-        run_logged(["nnUNetv2_plan_and_preprocess", "-d", d, "-c", "2d", "-np", "2", "--verify_dataset_integrity"],
-                   log_file)
+        run_logged(["nnUNetv2_plan_and_preprocess", "-d", d, "-c", configuration, "-np", "2",
+                    "--verify_dataset_integrity"], log_file)
         return "nnUNetPlans"
     run_logged(["nnUNetv2_extract_fingerprint", "-d", d, "-np", "2", "--verify_dataset_integrity"], log_file)
     run_logged(["nnUNetv2_plan_experiment", "-d", d, "-overwrite_target_spacing", *CPU_TARGET_SPACING,
                 "-gpu_memory_target", CPU_GPU_MEMORY_TARGET, "-overwrite_plans_name", CPU_PLANS_NAME], log_file)
-    run_logged(["nnUNetv2_preprocess", "-d", d, "-plans_name", CPU_PLANS_NAME, "-c", "2d", "-np", "2"], log_file)
+    run_logged(["nnUNetv2_preprocess", "-d", d, "-plans_name", CPU_PLANS_NAME, "-c", configuration, "-np", "2"],
+               log_file)
     return CPU_PLANS_NAME
 
 
@@ -138,7 +140,10 @@ def summarize(report_folder: str) -> list[str]:
 
 def run_demo(output: str = "demo_output", data: str | None = None, layout: str | None = None,
              rows=DEFAULT_ROWS, budget=DEFAULT_BUDGET, device: str = "cpu", dataset_id: int = DEMO_DATASET_ID,
-             phantom_patients: int = 10, phantom_size: int = 48, timing_iterations: int = 5) -> str:
+             phantom_patients: int = 10, phantom_size: int = 48, timing_iterations: int = 5,
+             configuration: str = "2d") -> str:
+    if configuration not in CONFIGURATIONS:
+        raise DemoError(f"configuration {configuration!r}: choose one of {list(CONFIGURATIONS)}")
     output = os.path.abspath(output)
     os.makedirs(output, exist_ok=True)
     stages = Stages(output)
@@ -176,19 +181,25 @@ def run_demo(output: str = "demo_output", data: str | None = None, layout: str |
         say("2/4 convert: done before, reused")
 
     reduced_plan = real_data and device == "cpu"
-    if not stages.done("plan"):
-        say("3/4 plan and preprocess (nnU-Net)" + (" with a reduced CPU plan" if reduced_plan else ""))
-        plans = plan_and_preprocess(dataset_id, reduced_plan, stages.log("plan"))
-        stages.mark("plan", {"plans": plans})
+    # one stage (and one report) per configuration: a 3d_fullres run after a 2d one reuses the
+    # data and the conversion, and never mixes its timings or scores with the 2d report's
+    plan_stage = "plan" if configuration == "2d" else f"plan_{configuration}"
+    if not stages.done(plan_stage):
+        say(f"3/4 plan and preprocess (nnU-Net, {configuration})" + (" with a reduced CPU plan" if reduced_plan
+                                                                     else ""))
+        plans = plan_and_preprocess(dataset_id, reduced_plan, stages.log(plan_stage), configuration)
+        stages.mark(plan_stage, {"plans": plans})
     else:
-        say("3/4 plan and preprocess: done before, reused")
-    with open(os.path.join(stages.folder, "plan.done")) as f:
+        say(f"3/4 plan and preprocess ({configuration}): done before, reused")
+    with open(os.path.join(stages.folder, f"{plan_stage}.done")) as f:
         plans = json.load(f)["plans"]
 
-    say(f"4/4 benchmark: rows {list(rows)}, budget {budget[0]} epochs x {budget[1]} iterations, device {device}")
+    say(f"4/4 benchmark: rows {list(rows)}, {configuration}, budget {budget[0]} epochs x {budget[1]} iterations, "
+        f"device {device}")
     from nnunetv2_csa.tools.benchmark.pipeline import run_benchmark
-    report = run_benchmark(dataset_id, "2d", plans, 0, budget=tuple(budget), rows=list(rows), device=device,
-                           report_folder=os.path.join(output, "report"), timing_iterations=timing_iterations)
+    report_folder = os.path.join(output, "report" if configuration == "2d" else f"report_{configuration}")
+    report = run_benchmark(dataset_id, configuration, plans, 0, budget=tuple(budget), rows=list(rows), device=device,
+                           report_folder=report_folder, timing_iterations=timing_iterations)
     say(f"finished in {time.time() - started:.0f} s; the report is {os.path.join(report, 'report.md')}")
     for line in summarize(report):
         print(line)
@@ -215,13 +226,16 @@ def main(argv=None) -> None:
                         help=f"nnU-Net dataset ID the demo converts into (default {DEMO_DATASET_ID})")
     parser.add_argument("--timing-iterations", type=int, default=5,
                         help="timed training iterations per trainer (default 5; 0 skips the timing)")
+    parser.add_argument("-c", "--configuration", default="2d", choices=CONFIGURATIONS,
+                        help="nnU-Net configuration (default 2d, the paper's); 3d_fullres writes its report to "
+                             "<output>/report_3d_fullres and reuses the data and conversion of a 2d run")
     parser.add_argument("--phantom-patients", type=int, default=10, help="phantom patients (default 10)")
     parser.add_argument("--phantom-size", type=int, default=48, help="phantom in-plane matrix (default 48)")
     args = parser.parse_args(argv)
     try:
         run_demo(args.output, args.data, args.layout, args.rows, args.budget, args.device, args.dataset_id,
                  phantom_patients=args.phantom_patients, phantom_size=args.phantom_size,
-                 timing_iterations=args.timing_iterations)
+                 timing_iterations=args.timing_iterations, configuration=args.configuration)
     except KeyboardInterrupt:
         say("interrupted; run the same command again to continue from the last finished stage")
         sys.exit(130)
