@@ -99,6 +99,7 @@ class Benchmark:
     report_folder: str
     env: dict
     fold_runs: list[FoldRun] = field(default_factory=list)
+    test_set: TestSet | None = None  # every fold's test cases; set (and checked for overlaps) by prepare
 
     @property
     def modalities(self) -> list[str]:
@@ -115,10 +116,6 @@ class Benchmark:
     @property
     def file_ending(self) -> str:
         return self.dataset_json.get("file_ending", ".nii.gz")
-
-    @property
-    def test_set(self) -> TestSet:
-        return merge_test_sets([run.test_set for run in self.fold_runs])
 
     def log_folder(self, *parts: str) -> str:
         return os.path.join(self.report_folder, "logs", *parts)
@@ -176,6 +173,7 @@ def prepare(dataset_id, configuration: str, plans: str, folds, budget: tuple[int
                                                                       plans, configuration, report_folder,
                                                                       len(folds)),
                                            list(splits[fold]["train"])))
+    benchmark.test_set = merge_test_sets([run.test_set for run in benchmark.fold_runs])
     return benchmark
 
 
