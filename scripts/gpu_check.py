@@ -209,8 +209,11 @@ def _dataset_folder(root_variable: str) -> str:
     return glob.glob(os.path.join(os.environ[root_variable], f"Dataset{DATASET_ID}_*"))[0]
 
 
-def train_all(args, log) -> dict:
-    results = {}
+def train_all(args, log) -> tuple[dict, dict]:
+    """Trains every row; returns (measurements, failures). A failed training does not stop the
+    others, and each row's measurements are in --out as soon as it ends: a GPU lease is short, and
+    a run stopped at its time limit still returns what it measured."""
+    results, failures = {}, {}
     for row, trainer in TRAINERS.items():
         name = f"{trainer}_{args.epochs}epochs_{args.iterations}its"
         total = args.epochs * args.iterations
@@ -219,7 +222,7 @@ def train_all(args, log) -> dict:
         profiled_steps = min(PROFILED_STEPS, max(1, total // 3))
         profile_from = max(1, min(total - TIMING_WINDOW - profiled_steps, total - 2 * profiled_steps))
         print(f"[gpu_check] training {row} ({name}, {total} iterations)", flush=True)
-        out_file = os.path.join(args.work, f"train_{row}.json")
+        out_file = os.path.join(args.out, f"train_{row}.json")
         command = [sys.executable, os.path.abspath(__file__), "--train-one", name, "--device", args.device,
                    "--profile-from", str(profile_from), "--profile-steps", str(profiled_steps), "--result", out_file]
         print(f"[gpu_check] $ {' '.join(command)}", file=log, flush=True)
@@ -229,10 +232,14 @@ def train_all(args, log) -> dict:
         completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         STEP_SECONDS.append((f"train {row}", time.perf_counter() - start))
         if completed.returncode != 0:
-            raise RuntimeError(f"training {name} failed (exit {completed.returncode}); its output is in {log.name}")
+            failures[row] = f"training {name} failed (exit {completed.returncode}); its output is in {log.name}"
+            print(f"[gpu_check] {failures[row]}", flush=True)
+            continue
         with open(out_file) as f:
             results[row] = json.load(f)
-    return results
+        print(f"[gpu_check] {row}: {results[row]['seconds_per_iteration_median_last']} s/iteration, peak "
+              f"{results[row]['peak_memory_bytes']} bytes, graphs {results[row]['unique_graphs']}", flush=True)
+    return results, failures
 
 
 def _read_segmentation(path: str):
@@ -367,7 +374,9 @@ def check(args) -> dict:
     with open(os.path.join(args.out, "gpu_check.log"), "w") as log:
         print("[gpu_check] converting and planning", flush=True)
         data = prepare_dataset(args.work, args.dry_run, log)
-        trained = train_all(args, log)
+        trained, failures = train_all(args, log)
+        if failures:
+            raise SystemExit("gpu_check: " + "; ".join(failures.values()))
         print("[gpu_check] predicting held-out cases with the CSA model and its exports", flush=True)
         exports = export_check(trained, args, log)
     result = {"dry_run": args.dry_run, "machine": machine(args.device), "data": data,
