@@ -26,6 +26,7 @@ import tempfile
 import time
 
 from nnunetv2_csa.tools.commands import run_console
+from nnunetv2_csa.training.short_budget import short_budget_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASET_ID = 990
@@ -38,8 +39,10 @@ CONSISTENCY_LABEL = "csa_consistency_term"
 STEP_LABEL = "csa_train_step"
 #: the issue's goals: CSA within 1.10x of Joint; no graph compiled after the first epoch
 GOAL_RATIO = 1.10
-GPU_ESTIMATE = "about 8 minutes on an H100 (wheels ~1 min, data and plan ~1 min, 3 trainings with compile " \
-               "~1.5 min each, export check ~1 min)"
+#: measured on an H200 (2026-11-28, 12 MyoPS patients, default 2d plan: 512 x 512, batch 3)
+GPU_ESTIMATE = "about 12 minutes on an H200: data and plan ~1 min, each training ~3.5 min (torch.compile's first " \
+               "epoch ~2.3 min, nnU-Net's final validation ~45 s), export check ~1.5 min; more than one 10-minute " \
+               "device call holds, so train --rows Joint MSBN in one call and --rows CSA in the next (same --work)"
 
 
 # ============================================================================ commands
@@ -89,6 +92,7 @@ def _validation_mean_dice(folder: str) -> dict:
 
 def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from: int, profiled_steps: int) -> dict:
     """Trains ``trainer_name`` on fold 0 with nnU-Net's defaults and returns the measurements."""
+    import numpy as np
     import torch
     from torch._dynamo.utils import counters
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -105,6 +109,7 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
 
     trainer = get_trainer_from_args(str(dataset_id), "2d", 0, trainer_name, "nnUNetPlans", device=device)
     durations: list[float] = []
+    nonfinite_losses = []  # indices of train_steps whose loss was NaN or inf (AMP skips their update)
     profiled_window = range(profile_from, profile_from + profiled_steps)  # step indices under the profiler
     graphs = {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
@@ -128,6 +133,8 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
             result = original_step(batch)
         synchronize()
         durations.append(time.perf_counter() - start)
+        if not np.isfinite(result["loss"]).all():
+            nonfinite_losses.append(index)
         if index == profiled_window[-1]:
             profiler.stop()
         return result
@@ -170,6 +177,7 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
         "amp": on_cuda,  # nnU-Net's train_step autocasts on CUDA only
         "batch_size": int(trainer.batch_size), "patch_size": [int(p) for p in trainer.configuration_manager.patch_size],
         "iterations": len(durations),
+        "nonfinite_training_losses": len(nonfinite_losses), "first_nonfinite_step": (nonfinite_losses or [None])[0],
         "seconds_per_iteration_median_last": _median_of_last(window, TIMING_WINDOW),
         "timing_window": min(TIMING_WINDOW, len(window)),
         "peak_memory_bytes": peak,
@@ -191,6 +199,13 @@ def _data_source(dry_run: bool) -> str | None:
 
 
 def prepare_dataset(work: str, dry_run: bool, log) -> dict:
+    """Converts and plans the data once per --work folder (a second call reuses it)."""
+    prepared = os.path.join(work, "prepared_data.json")
+    if os.path.isfile(prepared):
+        print(f"[gpu_check] reusing the data converted and planned in {work}", flush=True)
+        with open(prepared) as f:
+            return json.load(f)
+    print("[gpu_check] converting and planning", flush=True)
     source = _data_source(dry_run)
     if source is None:
         source = os.path.join(work, "phantom_myops")
@@ -202,27 +217,36 @@ def prepare_dataset(work: str, dry_run: bool, log) -> dict:
     run("nnUNetv2_csa_convert_myops", ["-i", source, "-d", DATASET_ID, "--modalities", "C0", "LGE", "--unpaired",
                                        "--split", "80-20", "-np", 2 if dry_run else 8], log)
     run("nnUNetv2_plan_and_preprocess", ["-d", DATASET_ID, "-c", "2d", "-np", 2 if dry_run else 8], log)
+    with open(prepared, "w") as f:
+        json.dump({"source": description}, f)
     return {"source": description}
 
 
-def _dataset_folder(root_variable: str) -> str:
-    return glob.glob(os.path.join(os.environ[root_variable], f"Dataset{DATASET_ID}_*"))[0]
+def _row_result_file(work: str, row: str) -> str:
+    return os.path.join(work, f"train_{row}.json")
 
 
 def train_all(args, log) -> tuple[dict, dict]:
-    """Trains every row; returns (measurements, failures). A failed training does not stop the
-    others, and each row's measurements are in --out as soon as it ends: a GPU lease is short, and
-    a run stopped at its time limit still returns what it measured."""
+    """Trains the rows of --rows and reads the others' measurements from earlier calls with the
+    same --work; returns (measurements, failures). A failed training does not stop the others,
+    and each row's measurements are in --out as soon as it ends: a GPU call is short, and one
+    stopped at its time limit still returns what it measured."""
     results, failures = {}, {}
-    for row, trainer in TRAINERS.items():
-        name = f"{trainer}_{args.epochs}epochs_{args.iterations}its"
+    for row in TRAINERS:
+        earlier = _row_result_file(args.work, row)
+        if row not in args.rows and os.path.isfile(earlier):
+            with open(earlier) as f:
+                results[row] = json.load(f)
+    for row in args.rows:
+        trainer = TRAINERS[row]
+        name = short_budget_name(trainer, args.epochs, args.iterations)
         total = args.epochs * args.iterations
         # profile a window that ends before the timing window (the last TIMING_WINDOW steps),
         # after the first step (compilation, cudnn's autotuning)
         profiled_steps = min(PROFILED_STEPS, max(1, total // 3))
         profile_from = max(1, min(total - TIMING_WINDOW - profiled_steps, total - 2 * profiled_steps))
         print(f"[gpu_check] training {row} ({name}, {total} iterations)", flush=True)
-        out_file = os.path.join(args.out, f"train_{row}.json")
+        out_file = _row_result_file(args.work, row)
         command = [sys.executable, os.path.abspath(__file__), "--train-one", name, "--device", args.device,
                    "--profile-from", str(profile_from), "--profile-steps", str(profiled_steps), "--result", out_file]
         print(f"[gpu_check] $ {' '.join(command)}", file=log, flush=True)
@@ -237,8 +261,10 @@ def train_all(args, log) -> tuple[dict, dict]:
             continue
         with open(out_file) as f:
             results[row] = json.load(f)
+        shutil.copy(out_file, args.out)
         print(f"[gpu_check] {row}: {results[row]['seconds_per_iteration_median_last']} s/iteration, peak "
-              f"{results[row]['peak_memory_bytes']} bytes, graphs {results[row]['unique_graphs']}", flush=True)
+              f"{results[row]['peak_memory_bytes']} bytes, graphs {results[row]['unique_graphs']}, "
+              f"{results[row]['nonfinite_training_losses']} non-finite training losses", flush=True)
     return results, failures
 
 
@@ -293,6 +319,7 @@ def summarise(trained: dict, exports: dict, dry_run: bool) -> dict:
         "peak_memory_ratio_CSA_to_Joint": _ratio(trained, "peak_memory_bytes", "CSA", REFERENCE_ROW),
         "consistency_share_by_step_difference": (step_csa - step_msbn) / step_csa if step_csa and step_msbn else None,
         "graphs_compiled_after_first_epoch": after_first,
+        "nonfinite_training_losses": {row: r["nonfinite_training_losses"] for row, r in trained.items()},
         "export_identical": all(c["identical"] for c in exports.values()) and bool(exports),
     }
     def within_goal(ratio):
@@ -303,6 +330,8 @@ def summarise(trained: dict, exports: dict, dry_run: bool) -> dict:
         f"CSA step time within {GOAL_RATIO}x of Joint": within_goal(summary["step_time_ratio_CSA_to_Joint"]),
         f"CSA peak memory within {GOAL_RATIO}x of Joint": within_goal(summary["peak_memory_ratio_CSA_to_Joint"]),
         "no graph compiled after the first epoch": None if dry_run else all(v == 0 for v in after_first.values()),
+        "every training loss finite (AMP skips the update of a non-finite step)":
+            all(r["nonfinite_training_losses"] == 0 for r in trained.values()),
         "exported modalities predict identically": summary["export_identical"],
     }
     return summary
@@ -322,8 +351,9 @@ def markdown(result: dict) -> str:
              f"nnunetv2 {result['machine']['nnunetv2']}; {result['wall_seconds']:.0f} s in all ("
              + ", ".join(f"{s['step']} {s['seconds']:.0f} s" for s in result["step_seconds"]) + ")", "",
              "| row | compile | batch | patch | s/iteration (median, last steps) | peak memory (GiB) | graphs after "
-             "epoch 1 / training / final validation | consistency forward share (profiled) | validation Dice |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "epoch 1 / training / final validation | consistency forward share (profiled) | non-finite training "
+             "losses | validation Dice |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row, r in result["trainers"].items():
         graphs = r["unique_graphs"]
         dice = ", ".join(f"{m} {v:.3f}" for m, v in r["validation_mean_dice"].items())
@@ -332,7 +362,8 @@ def markdown(result: dict) -> str:
                      f"{'x'.join(map(str, r['patch_size']))} | {_format(r['seconds_per_iteration_median_last'], 4)} "
                      f"(n={r['timing_window']}) | {_format(memory, 2)} | {graphs.get('after_first_epoch', 'n/a')} / "
                      f"{graphs['after_training']} / {graphs['after_final_validation']} | "
-                     f"{_format(r['consistency_forward_share_profiled'])} | {dice} |")
+                     f"{_format(r['consistency_forward_share_profiled'])} | {r['nonfinite_training_losses']} of "
+                     f"{r['iterations']} | {dice} |")
     s = result["summary"]
     lines += ["", f"- CSA / Joint step time: {_format(s['step_time_ratio_CSA_to_Joint'])}; peak memory: "
                   f"{_format(s['peak_memory_ratio_CSA_to_Joint'])}",
@@ -355,7 +386,7 @@ def machine(device: str) -> dict:
             "python": platform.python_version()}
 
 
-def check(args) -> dict:
+def check(args) -> dict | None:
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: torch sees no CUDA device; on a machine without a GPU run "
@@ -372,11 +403,15 @@ def check(args) -> dict:
     if args.dry_run:
         os.environ.setdefault("nnUNet_def_n_proc", "2")
     with open(os.path.join(args.out, "gpu_check.log"), "w") as log:
-        print("[gpu_check] converting and planning", flush=True)
         data = prepare_dataset(args.work, args.dry_run, log)
         trained, failures = train_all(args, log)
         if failures:
             raise SystemExit("gpu_check: " + "; ".join(failures.values()))
+        missing = [row for row in TRAINERS if row not in trained]
+        if missing:
+            print(f"[gpu_check] trained {' '.join(args.rows)}; the report needs {' '.join(missing)} as well: run "
+                  f"again with --work {args.work} --rows {' '.join(missing)}", flush=True)
+            return None
         print("[gpu_check] predicting held-out cases with the CSA model and its exports", flush=True)
         exports = export_check(trained, args, log)
     result = {"dry_run": args.dry_run, "machine": machine(args.device), "data": data,
@@ -400,6 +435,9 @@ def main(argv=None) -> None:
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed after)")
     parser.add_argument("--epochs", type=int, default=None, help="default 5 (dry run 1)")
     parser.add_argument("--iterations", type=int, default=None, help="per epoch; default 50 (dry run 5)")
+    parser.add_argument("--rows", nargs="+", choices=list(TRAINERS), default=list(TRAINERS),
+                        help="train only these rows; the others' measurements are read from an earlier call with "
+                             "the same --work (a check that does not fit one GPU call spans two)")
     parser.add_argument("--train-one", metavar="TRAINER", help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--profile-from", type=int, default=0, help=argparse.SUPPRESS)
@@ -414,14 +452,20 @@ def main(argv=None) -> None:
     args.device = "cpu" if args.dry_run else "cuda"
     args.epochs = args.epochs or (1 if args.dry_run else 5)
     args.iterations = args.iterations or (5 if args.dry_run else 50)
+    try:
+        short_budget_name("", args.epochs, args.iterations)
+    except ValueError as error:  # before anything runs, not after the data are planned
+        parser.error(str(error))
     scratch = args.work is None
+    if scratch and set(args.rows) != set(TRAINERS):
+        parser.error("--rows needs --work: the other rows' measurements are read from there")
     args.work = args.work or tempfile.mkdtemp(prefix="gpu_check_")
     try:
         result = check(args)
     finally:
         if scratch:
             shutil.rmtree(args.work, ignore_errors=True)
-    if not result["summary"]["export_identical"]:
+    if result is not None and not result["summary"]["export_identical"]:
         raise SystemExit("gpu_check: an exported modality predicts differently from the CSA model (see "
                          "export_check in gpu_check.json)")
 

@@ -27,11 +27,17 @@
 #                     12 MyoPS patients, about 25 MB); all three are in .gitignore
 #   GPU call 1:       carry gpu_part1:               bash scripts/gpu_check.sh --install-only
 #   GPU call 2 (at once, while the machine is warm):
-#                     carry gpu_part2 and gpu_data:  bash scripts/gpu_check.sh
+#                     carry gpu_part2 and gpu_data:  bash scripts/gpu_check.sh --work /tmp/gpu_check_work --rows Joint MSBN
+#   GPU call 3 (at once): no carry needed:           bash scripts/gpu_check.sh --work /tmp/gpu_check_work --rows CSA
+# The whole check took about 12 min on an H200 (2026-11-28: torch.compile's first epoch is
+# ~2.3 min per trainer), more than one 10-minute call: --rows trains some rows, and a later
+# call with the same --work trains the rest, reuses the data and writes the report. Each
+# row's measurements are in --out as soon as it ends, so a call stopped at its limit keeps them.
 # On CPU, `bash scripts/gpu_check.sh --dry-run` runs every step on a phantom with a tiny
 # budget and -device cpu (the test suite does, so the script cannot rot).
-# Other options: --out DIR, --work DIR (scratch, default a temporary folder), --epochs E
-# and --iterations I (a short-budget variant: E in 1 2 5 10 ..., I in 5 10 20 50).
+# Other options: --out DIR, --work DIR (scratch, default a temporary folder removed after),
+# --rows (some of Joint MSBN CSA; needs --work), --epochs E and --iterations I (a short-budget
+# variant: E in 1 2 5 10 ..., I in 5 10 20 50).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SITE="${GPU_CHECK_SITE:-/tmp/site}"

@@ -20,21 +20,34 @@ def _load_gpu_check():
 
 
 @pytest.mark.integration
-def test_dry_run_trains_the_three_rows_measures_them_and_checks_the_exports(tmp_path):
-    out, work = tmp_path / "out", tmp_path / "work"
+def test_dry_run_in_two_calls_trains_the_three_rows_measures_them_and_checks_the_exports(tmp_path):
+    """As on a GPU, where the check spans two device calls: Joint and MSBN, then CSA and the report."""
+    work = tmp_path / "work"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
     env.pop("OUT", None)
-    completed = subprocess.run(["bash", SCRIPT, "--dry-run", "--out", str(out), "--work", str(work)],
-                               env=env, capture_output=True, text=True, timeout=900)
-    log = out / "gpu_check.log"
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:] + (
-        log.read_text()[-3000:] if log.exists() else "")
+
+    def dry_run(out, rows):
+        completed = subprocess.run(["bash", SCRIPT, "--dry-run", "--out", str(out), "--work", str(work),
+                                    "--rows", *rows], env=env, capture_output=True, text=True, timeout=900)
+        log = out / "gpu_check.log"
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:] + (
+            log.read_text()[-3000:] if log.exists() else "")
+        return completed.stdout
+
+    first = dry_run(tmp_path / "out1", ["Joint", "MSBN"])
+    assert f"--work {work} --rows CSA" in first  # says how to finish
+    assert not (tmp_path / "out1" / "gpu_check.json").exists()
+    assert {p.name for p in (tmp_path / "out1").glob("train_*.json")} == {"train_Joint.json", "train_MSBN.json"}
+    out = tmp_path / "out2"
+    second = dry_run(out, ["CSA"])
+    assert f"reusing the data converted and planned in {work}" in second
 
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["dry_run"] is True and result["data"]["source"].startswith("phantom")
     assert set(result["trainers"]) == {"Joint", "MSBN", "CSA"}
     for row, trainer in result["trainers"].items():
         assert trainer["trainer"].endswith("_1epochs_5its") and trainer["iterations"] == 5
+        assert trainer["nonfinite_training_losses"] == 0 and trainer["first_nonfinite_step"] is None
         assert trainer["compiled"] is False and trainer["device"] == "cpu"  # nnU-Net never compiles on CPU
         assert 0 < trainer["seconds_per_iteration_median_last"] < 600 and trainer["timing_window"] == 4
         assert set(trainer["unique_graphs"]) == {"after_first_epoch", "after_training", "after_final_validation"}
@@ -52,5 +65,6 @@ def test_dry_run_trains_the_three_rows_measures_them_and_checks_the_exports(tmp_
     assert math.isfinite(summary["step_time_ratio_CSA_to_Joint"]) and summary["peak_memory_ratio_CSA_to_Joint"] is None
     assert summary["goals"]["exported modalities predict identically"] is True
     assert summary["goals"]["no graph compiled after the first epoch"] is None  # a GPU goal: not judged on CPU
+    assert summary["goals"]["every training loss finite (AMP skips the update of a non-finite step)"] is True
     report = (out / "gpu_check.md").read_text()
     assert "dry run" in report and "| CSA | off |" in report and "not evaluated (CPU dry run)" in report
