@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -151,6 +152,54 @@ def test_a_rerun_keeps_each_trainers_first_timing_unless_retimed(tmp_path):
     # another number of timed iterations is another measurement
     runner.kept_or_new_timings([("Joint", "a")], cache, 20, False, measure)
     assert measured[-1] == "a"
+
+
+def test_other_modality_predictions_are_kept_only_for_the_same_checkpoint_and_cases(tmp_path, monkeypatch):
+    fold_folder = tmp_path / "fold_0"
+    fold_folder.mkdir()
+    (fold_folder / "checkpoint_final.pth").write_bytes(b"weights 1")
+    model = benchmark_rows.Model("CSA", "nnUNetTrainerCSA", None, str(fold_folder), str(tmp_path / "train.log"),
+                                 str(tmp_path / "predictions"), 0)
+    images = {}
+    for case in ("p1_C0", "p2_C0"):
+        images[case] = str(tmp_path / f"{case}_0000.nii.gz")
+        open(images[case], "w").close()
+    test_set = scoring.TestSet({c: "C0" for c in images}, {"p1_C0": "p1", "p2_C0": "p2"}, {}, images)
+    predicted = []
+
+    def fake_console(name, arguments, log, env):
+        assert name == "nnUNetv2_predict" and env["nnUNet_csa_modality"] == "C0"
+        output = arguments[arguments.index("-o") + 1]
+        inputs = sorted(os.listdir(arguments[arguments.index("-i") + 1]))
+        for image in inputs:
+            with open(os.path.join(output, image.replace("_0000.nii.gz", ".nii.gz")), "w") as f:
+                f.write(str(len(predicted)))
+        predicted.append(inputs)
+        return subprocess.CompletedProcess([name], 0)
+
+    monkeypatch.setattr(runner, "run_console", fake_console)
+    (tmp_path / "logs").mkdir()
+
+    def predict(test_set=test_set):
+        result = benchmark_rows.RowResult("CSA", [model])
+        runner.predict_other_modality(result, test_set, "1", "2d", "nnUNetPlans", 0, "cpu", {}, str(tmp_path),
+                                      ".nii.gz")
+        assert not result.failed, result.error
+
+    predict()
+    predict()  # same checkpoint, same cases: kept
+    assert len(predicted) == 1
+    (fold_folder / "checkpoint_final.pth").write_bytes(b"weights 2")  # trained again
+    predict()
+    assert len(predicted) == 2 and (tmp_path / "predictions" / "p1_C0.nii.gz").read_text() == "1"
+    os.remove(tmp_path / "predictions" / "p2_C0.nii.gz")  # an output gone
+    predict()
+    assert len(predicted) == 3
+    one_case = scoring.TestSet({"p1_C0": "C0"}, {"p1_C0": "p1"}, {}, {"p1_C0": images["p1_C0"]})
+    predict(one_case)  # other cases: predicted again (those alone), the stale record replaced
+    assert predicted[-1] == ["p1_C0_0000.nii.gz"] and len(predicted) == 4
+    with open(tmp_path / "predictions" / "predicted_with_C0.json") as f:
+        assert json.load(f)["cases"] == ["p1_C0"]
 
 
 def test_data_source_names_a_phantom_and_a_real_conversion():
@@ -415,6 +464,9 @@ def test_rerun_skips_finished_rows_and_a_failing_row_is_reported(benchmark_run, 
                                                        "checkpoint_final.pth"))
                    for name in ("nnUNetTrainerJoint_1epochs_5its", "nnUNetTrainerCSA_1epochs_5its")}
     second = tmp_path / "second"
+    # the first run's fold-0 predictions, where a one-fold report keeps them: the same checkpoints
+    # and cases, so the rerun keeps them instead of predicting again
+    shutil.copytree(report / "predictions" / "fold_0", second / "predictions")
 
     pipeline.run_benchmark(UNPAIRED_DATASET_ID, budget=(1, 5), rows=["Joint", "MSBN", "CSA"], device="cpu",
                             report_folder=str(second), timing_iterations=0)
@@ -422,6 +474,9 @@ def test_rerun_skips_finished_rows_and_a_failing_row_is_reported(benchmark_run, 
     stdout = capsys.readouterr().out
     assert "Joint: nnUNetTrainerJoint_1epochs_5its is trained and validated already: skipped" in stdout
     assert "CSA: nnUNetTrainerCSA_1epochs_5its is trained and validated already: skipped" in stdout
+    for row, modality in (("Joint", "LGE"), ("Joint", "C0"), ("CSA", "LGE"), ("CSA", "C0")):
+        assert (f"{row}: {modality} other-modality predictions of nnUNetTrainer{row}_1epochs_5its kept (same "
+                f"checkpoint and cases)") in stdout
     for name, mtime in checkpoints.items():
         checkpoint = os.path.join(results, f"{name}__nnUNetPlans__2d", "fold_0", "checkpoint_final.pth")
         assert os.path.getmtime(checkpoint) == mtime

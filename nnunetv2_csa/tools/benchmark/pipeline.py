@@ -199,7 +199,7 @@ def evaluate(benchmark: Benchmark) -> tuple[list[RowResult], pd.DataFrame, pd.Da
             for result in tqdm([r for r in run.rows if not r.failed], desc="predict", file=sys.stderr):
                 predict_other_modality(result, run.test_set, benchmark.dataset_id, benchmark.configuration,
                                        benchmark.plans, run.fold, benchmark.device, benchmark.env,
-                                       benchmark.report_folder)
+                                       benchmark.report_folder, benchmark.file_ending)
         log_stage(f"stage 2/4: fold {run.fold}: evaluating the predictions of the test cases")
         run.results = evaluate_rows(run.rows, run.test_set, benchmark.labels, benchmark.file_ending)
     row_results = merge_fold_rows(benchmark.fold_runs)

@@ -3,6 +3,7 @@ other-modality test cases, and the timing of each trainer in a fresh process.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -105,16 +106,47 @@ def train_model(model: Model, dataset_id: str, configuration: str, plans: str, f
     log_stage(f"{model.row}: {model.trainer} trained in {result.training_seconds[model.trainer]:.0f} s")
 
 
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _prediction_record(model: Model, modality: str) -> str:
+    return os.path.join(model.other_modality_predictions, f"predicted_with_{modality}.json")
+
+
+def _made_by(model: Model, modality: str, cases: Sequence[str], file_ending: str) -> dict:
+    """What a modality's other-modality predictions must come from: this checkpoint (by its
+    content, so a model trained again never passes for the old one) and these cases."""
+    return {"checkpoint": os.path.abspath(model.checkpoint), "checkpoint_sha256": file_sha256(model.checkpoint),
+            "modality": modality, "cases": sorted(cases), "file_ending": file_ending}
+
+
+def _kept_predictions(model: Model, modality: str, made_by: dict) -> bool:
+    """True if the predictions in the folder were written by ``made_by`` and are all there."""
+    try:
+        with open(_prediction_record(model, modality)) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return recorded == made_by and all(
+        os.path.isfile(os.path.join(model.other_modality_predictions, case + made_by["file_ending"]))
+        for case in made_by["cases"])
+
+
 def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str, configuration: str, plans: str,
-                           fold: int, device: str, env: dict, report_folder: str) -> None:
+                           fold: int, device: str, env: dict, report_folder: str, file_ending: str) -> None:
     """Predict the other-modality test cases with the stock ``nnUNetv2_predict``, one call per
-    model and modality (the CSA family folds that modality's norms in: nnUNet_csa_modality)."""
+    model and modality (the CSA family folds that modality's norms in: nnUNet_csa_modality).
+    Predictions a rerun finds from the same checkpoint and cases are kept (adding a row to a
+    five-fold report would otherwise predict every other row's cases again); any others are
+    deleted before predicting, so a stale prediction never passes for this model's."""
     by_modality: dict[str, list[str]] = {}
     for case in test_set.other_modality_images:
         by_modality.setdefault(test_set.case_modality[case], []).append(case)
-    for model in result.models:
-        # a stale prediction from an earlier model must never pass for this one's
-        shutil.rmtree(model.other_modality_predictions, ignore_errors=True)
     for modality, cases in sorted(by_modality.items()):
         if result.failed:
             return
@@ -123,12 +155,23 @@ def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str
         except FileNotFoundError as e:
             result.fail(str(e))
             return
+        made_by = _made_by(model, modality, cases, file_ending)
+        if _kept_predictions(model, modality, made_by):
+            log_stage(f"{result.row}: {modality} other-modality predictions of {model.trainer} kept (same checkpoint "
+                      f"and cases)")
+            continue
+        os.makedirs(model.other_modality_predictions, exist_ok=True)
+        for name in [_prediction_record(model, modality)] + [case + file_ending for case in cases]:
+            stale = os.path.join(model.other_modality_predictions, name)
+            if os.path.lexists(stale):
+                os.remove(stale)
         input_folder = os.path.join(report_folder, "other_modality_inputs", f"fold_{model.fold}", modality)
-        os.makedirs(input_folder, exist_ok=True)
+        # links to exactly this test set's images: one left by an earlier run would be predicted too
+        shutil.rmtree(input_folder, ignore_errors=True)
+        os.makedirs(input_folder)
         for case in cases:
-            link = os.path.join(input_folder, os.path.basename(test_set.other_modality_images[case]))
-            if not os.path.lexists(link):
-                os.symlink(os.path.abspath(test_set.other_modality_images[case]), link)
+            os.symlink(os.path.abspath(test_set.other_modality_images[case]),
+                       os.path.join(input_folder, os.path.basename(test_set.other_modality_images[case])))
         arguments = ["-i", input_folder, "-o", model.other_modality_predictions, "-d", dataset_id, "-c", configuration,
                      "-p", plans, "-tr", model.trainer, "-f", fold, "-device", device, "-npp", 1, "-nps", 1]
         call_env = dict(env, nnUNet_csa_modality=modality) if result.row in CSA_FAMILY else env
@@ -141,6 +184,9 @@ def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str
             result.fail(f"nnUNetv2_predict of the {modality} other-modality cases with {model.trainer} exited "
                         f"{completed.returncode}: {message}")
             log_stage(f"{result.row}: FAILED ({result.error})")
+            return
+        with open(_prediction_record(model, modality), "w") as f:
+            json.dump(made_by, f, indent=1)
 
 
 def kept_or_new_timings(to_time: Sequence[tuple[str, str]], cache_file: str, iterations: int, retime: bool,
