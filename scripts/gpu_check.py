@@ -39,7 +39,8 @@ CONSISTENCY_LABEL = "csa_consistency_term"
 STEP_LABEL = "csa_train_step"
 #: the issue's goals: CSA within 1.10x of Joint; no graph compiled after the first epoch
 GOAL_RATIO = 1.10
-#: measured on an H200 (2026-11-28, 12 MyoPS patients, default 2d plan: 512 x 512, batch 3)
+#: from the parts measured on an H200 (2026-11-28, 12 MyoPS patients, default 2d plan: 512 x 512, batch 3;
+#: the run stopped during CSA, so the whole is an estimate)
 GPU_ESTIMATE = "about 12 minutes on an H200: data and plan ~1 min, each training ~3.5 min (torch.compile's first " \
                "epoch ~2.3 min, nnU-Net's final validation ~45 s), export check ~1.5 min; more than one 10-minute " \
                "device call holds, so train --rows Joint MSBN in one call and --rows CSA in the next (same --work)"

@@ -26,10 +26,11 @@
 #                     53 MB), gpu_part2/ (nnU-Net and the rest, 20 MB), gpu_data/ (C0, LGE and labels of
 #                     12 MyoPS patients, about 25 MB); all three are in .gitignore
 #   GPU call 1:       carry gpu_part1:               bash scripts/gpu_check.sh --install-only
-#   GPU call 2 (at once, while the machine is warm):
-#                     carry gpu_part2 and gpu_data:  bash scripts/gpu_check.sh --work /tmp/gpu_check_work --rows Joint MSBN
-#   GPU call 3 (at once): no carry needed:           bash scripts/gpu_check.sh --work /tmp/gpu_check_work --rows CSA
-# The whole check took about 12 min on an H200 (2026-11-28: torch.compile's first epoch is
+#   GPU call 2 (at once, while the machine is warm), carry gpu_part2 and gpu_data:
+#                     bash scripts/gpu_check.sh --work /tmp/gpu_check_work --rows Joint MSBN
+#   GPU call 3 (at once), nothing to carry:
+#                     bash scripts/gpu_check.sh --work /tmp/gpu_check_work --rows CSA
+# The whole check needs about 12 min on an H200 (2026-11-28: torch.compile's first epoch is
 # ~2.3 min per trainer), more than one 10-minute call: --rows trains some rows, and a later
 # call with the same --work trains the rest, reuses the data and writes the report. Each
 # row's measurements are in --out as soon as it ends, so a call stopped at its limit keeps them.
