@@ -215,8 +215,8 @@ def prepare_dataset(work: str, dry_run: bool, log) -> dict:
         description = "phantom (MyoPS layout, 10 patients)"
     else:
         description = f"MyoPS 2020, {len(glob.glob(os.path.join(source, 'Case*')))} patients from gpu_data/"
-    # no marker: an earlier call may have stopped (at a device's time limit) after the conversion
-    # began; its half-made dataset is this script's own scratch, replaced once the new one is complete
+    # no marker: an earlier call may have stopped (at a device's time limit) after converting and
+    # before planning ended; that dataset is this script's own scratch, replaced once the new one is complete
     run("nnUNetv2_csa_convert_myops", ["-i", source, "-d", DATASET_ID, "--modalities", "C0", "LGE", "--unpaired",
                                        "--split", "80-20", "-np", 2 if dry_run else 8, "--overwrite"], log)
     run("nnUNetv2_plan_and_preprocess", ["-d", DATASET_ID, "-c", "2d", "-np", 2 if dry_run else 8], log)

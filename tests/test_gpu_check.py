@@ -71,13 +71,13 @@ def test_dry_run_in_two_calls_trains_the_three_rows_measures_them_and_checks_the
 
 
 def test_a_call_stopped_before_the_data_were_ready_is_redone_over_its_half_made_dataset(tmp_path, monkeypatch):
-    """A device call stopped during conversion leaves no marker; the next call with the same
-    --work converts again with --overwrite (else the converter refuses the existing dataset),
-    and once the marker is written a call converts nothing."""
+    """A device call stopped after converting and before planning ended leaves no marker; the
+    next call with the same --work converts again with --overwrite (else the converter refuses
+    the existing dataset), and once the marker is written a call converts nothing."""
     gpu_check = _load_gpu_check()
     calls = []
     monkeypatch.setattr(gpu_check, "run", lambda name, args, log, env=None: calls.append((name, list(args))))
-    (tmp_path / "nnUNet_raw" / "Dataset990_MyoPS2020" / "imagesTr").mkdir(parents=True)  # the stopped call's
+    (tmp_path / "nnUNet_raw" / "Dataset990_MyoPS2020" / "imagesTr").mkdir(parents=True)  # the stopped call's data
     with open(tmp_path / "log.txt", "w") as log:
         first = gpu_check.prepare_dataset(str(tmp_path), True, log)
         assert [name for name, _ in calls] == ["nnUNetv2_csa_phantom", "nnUNetv2_csa_convert_myops",
