@@ -168,34 +168,94 @@ def test_weights_without_a_recorded_order_load_with_a_warning():
         network.load_state_dict(old_release)
 
 
-class _RecordingValidation:
-    """Stands in for nnU-Net's perform_actual_validation: records what it would predict."""
+class _FakeDataset:
+    """nnU-Net's dataset class as its final validation uses it: identifiers and load_case."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, folder, identifiers, folder_with_segs_from_previous_stage=None):
+        self.identifiers = list(identifiers)
 
-    def __call__(self, trainer, save_probabilities=False):
+    def load_case(self, identifier):
+        return torch.zeros(1, 1, 32, 32), None, None, {"case": identifier}
+
+
+def _validation_like_nnunet(order="nnunet"):
+    """Stands in for nnU-Net's perform_actual_validation (2.8.1: build the validation dataset
+    from ``self.dataset_class``, then load each case and predict it); ``order`` breaks that
+    loop as a later nnU-Net might. Records each forward's case and the norms' modality."""
+    import threading
+
+    def validation(trainer, save_probabilities=False):
         _, val_keys = trainer.do_split()
+        dataset = trainer.dataset_class("/preprocessed", val_keys, folder_with_segs_from_previous_stage=None)
         norms = [m for m in trainer.network.modules() if isinstance(m, ModalitySpecificNorm)]
-        self.calls.append((list(val_keys), {n.modality for n in norms}))
+
+        def predict(case, data):
+            trainer.network(data)
+            trainer.predicted.append((case, {n.modality for n in norms}))
+
+        if order == "prefetch":  # the next case is loaded before the current one is predicted
+            loaded = [(k, dataset.load_case(k)[0]) for k in dataset.identifiers]
+            for case, data in loaded:
+                predict(case, data)
+        elif order == "thread":  # cases loaded by a background thread (whose errors go nowhere)
+            loaded = []
+
+            def load_all():
+                try:
+                    loaded.extend((k, dataset.load_case(k)[0]) for k in dataset.identifiers)
+                except Exception:
+                    pass
+            worker = threading.Thread(target=load_all)
+            worker.start()
+            worker.join()
+            for case, data in loaded:
+                predict(case, data)
+        elif order == "elsewhere":  # cases loaded in a worker process: this network never sees a load
+            for k in dataset.identifiers:
+                predict(k, torch.zeros(1, 1, 32, 32))
+        else:
+            for k in dataset.identifiers:
+                data, _, _, _ = dataset.load_case(k)
+                predict(k, data)
+    return validation
 
 
-def test_final_validation_predicts_each_modality_in_its_own_pass_with_its_norms(monkeypatch):
+def _trainer_for_validation(monkeypatch, cases, order="nnunet"):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    cases = {"p1_LGE": "LGE", "p2_C0": "C0", "p3_LGE": "LGE", "p4_C0": "C0"}
     trainer = nnUNetTrainerCSA.__new__(nnUNetTrainerCSA)
     trainer.modality_tags = ModalityTags(("LGE", "C0"), cases)
     trainer.network = nnUNetTrainerCSA.build_network_architecture(_plans(), _plans().get_configuration("2d"),
                                                                   1, 4, True)
+    trainer.network.decoder.deep_supervision = False
     trainer.local_rank = 1  # no summary to write
-    trainer.print_to_log_file = lambda *args, **kwargs: None
-    recorder = _RecordingValidation()
-    monkeypatch.setattr(nnUNetTrainer, "do_split", lambda self: (["p9_LGE", "p8_C0"], sorted(cases)))
-    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation",
-                        lambda self, save_probabilities=False: recorder(self, save_probabilities))
+    trainer.dataset_class = _FakeDataset
+    trainer.predicted = []
+    monkeypatch.setattr(nnUNetTrainer, "do_split", lambda self: (["p9_LGE", "p8_C0"], list(cases)))
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation", _validation_like_nnunet(order))
+    return trainer
+
+
+def test_final_validation_routes_each_case_to_its_modality_as_nnunet_loads_it(monkeypatch):
+    cases = {"p1_LGE": "LGE", "p2_C0": "C0", "p4_C0": "C0", "p3_LGE": "LGE"}
+    trainer = _trainer_for_validation(monkeypatch, cases)
     trainer.perform_actual_validation()
-    assert recorder.calls == [(["p1_LGE", "p3_LGE"], {0}), (["p2_C0", "p4_C0"], {1})]
-    assert trainer.do_split()[1] == sorted(cases)  # the filter ends with the validation
+    assert trainer.predicted == [("p1_LGE", {0}), ("p2_C0", {1}), ("p4_C0", {1}), ("p3_LGE", {0})]
+    # validation over: nnU-Net's dataset class and a hook-free network again
+    assert trainer.dataset_class is _FakeDataset and not trainer.network._forward_pre_hooks
+
+
+@pytest.mark.parametrize("order, message", [
+    ("prefetch", "loaded p2_C0 before it predicted p1_LGE"),
+    ("thread", "loaded p1_LGE in another thread than its own"),
+    ("elsewhere", "predicted a case that it did not load")])
+def test_final_validation_stops_when_nnunet_no_longer_predicts_each_case_right_after_loading_it(
+        monkeypatch, order, message):
+    from nnunetv2_csa.training.per_modality_validation import CaseRoutingError
+    trainer = _trainer_for_validation(monkeypatch, {"p1_LGE": "LGE", "p2_C0": "C0"}, order)
+    with pytest.raises(CaseRoutingError, match=message):
+        trainer.perform_actual_validation()
+    assert trainer.predicted == []  # stopped before any case met the wrong norms
+    assert trainer.dataset_class is _FakeDataset and not trainer.network._forward_pre_hooks
 
 
 def test_inference_network_needs_a_known_modality(monkeypatch):

@@ -4,21 +4,23 @@ rows with modality-specific norms).
 - Each validation batch runs nnU-Net's own ``validation_step`` once per modality's
   sub-batch, so that the pseudo Dice is logged per modality (``Pseudo dice per modality``
   in the log, ``progress_modalities.png``); the totals equal one pass over the whole batch.
-- nnU-Net's final validation runs once per modality on that modality's cases
-  (``do_split`` filtered), and ``validation/summary_per_modality.json`` gives each
-  modality's Dice. A trainer with modality-specific norms routes the network to that
-  modality before any of its cases is predicted (``_route``).
+- nnU-Net's final validation runs once over all cases, and
+  ``validation/summary_per_modality.json`` gives each modality's Dice. A trainer with
+  modality-specific norms routes the network to each case's modality as nnU-Net loads the
+  case (``CaseRouting``, which stops the validation if nnU-Net ever predicts out of order).
 """
 from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import List
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, save_json
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.collate_outputs import collate_outputs
 
 from nnunetv2_csa.modality import ModalityTags, modality_tags_from_dataset_json
@@ -35,6 +37,68 @@ def gathered(trainer, value) -> list:
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+class CaseRoutingError(RuntimeError):
+    """nnU-Net's final validation no longer predicts each case right after loading it."""
+
+
+class CaseRouting:
+    """Routes a trainer's network to each validation case's modality as nnU-Net loads the case.
+
+    This holds because nnU-Net (2.8.1, ``perform_actual_validation``) loads a case and predicts
+    it before it loads the next one, in the process and thread that own the network. Should a
+    later nnU-Net prefetch cases, or load them elsewhere, a case could meet another modality's
+    norms: every forward pass and every load is checked against that order, and a break of it
+    stops the validation with ``CaseRoutingError`` instead of scoring wrong predictions.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.thread = threading.get_ident()
+        self.case: str | None = None
+        self.forwards_of_case = 0
+        #: how the order was broken where the exception may not reach the validation (another thread)
+        self.broken: str | None = None
+
+    def dataset_class(self, base: type) -> type:
+        """``base`` (nnU-Net's dataset class) whose ``load_case`` routes the network."""
+        routing = self
+
+        class CaseRoutingDataset(base):
+            def load_case(self, identifier):
+                loaded = super().load_case(identifier)
+                routing.loaded(identifier)
+                return loaded
+
+        return CaseRoutingDataset
+
+    def _refuse(self, what: str):
+        raise CaseRoutingError(f"nnU-Net's final validation {what}, so routing each case to its modality's norms "
+                               f"is not safe with this nnU-Net version; nnunetv2_csa needs the order of nnU-Net "
+                               f"2.8.1 (load a case, predict it, then load the next)")
+
+    def loaded(self, case: str) -> None:
+        if threading.get_ident() != self.thread:
+            self.broken = f"loaded {case} in another thread than its own"
+            self._refuse(self.broken)
+        if self.case is not None and self.forwards_of_case == 0:
+            self._refuse(f"loaded {case} before it predicted {self.case}")
+        self.trainer._route(self.trainer.modality_tags.index_of_case(case))
+        self.case, self.forwards_of_case = case, 0
+
+    def before_forward(self, module, args) -> None:
+        if self.broken:
+            self._refuse(self.broken)
+        if self.case is None:
+            self._refuse("predicted a case that it did not load in the predicting process")
+        self.forwards_of_case += 1
+
+    def check_finished(self) -> None:
+        if self.broken:
+            self._refuse(self.broken)
+        if self.case is not None and self.forwards_of_case == 0:
+            self._refuse(f"never predicted {self.case}, the last case it loaded")
 
 
 class PerModalityValidationMixin:
@@ -104,33 +168,24 @@ class PerModalityValidationMixin:
         super().on_epoch_end()
 
     # ---------------------------------------------------------------- final validation
-    #: the modality index whose cases nnU-Net's final validation predicts now (None: all cases)
-    _validation_modality: int | None = None
-
-    def do_split(self):
-        tr_keys, val_keys = super().do_split()
-        if self._validation_modality is not None:
-            val_keys = [k for k in val_keys if self.modality_tags.index_of_case(k) == self._validation_modality]
-        return tr_keys, val_keys
-
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's final validation once per modality: the split is filtered to that
-        modality's cases (``do_split``) and the network is routed to its norms before nnU-Net
-        predicts any of them, so no case can meet another modality's norms, whatever order
-        nnU-Net loads cases in. nnU-Net scores the whole validation folder after each pass,
-        so the summary.json of the last pass covers every case."""
-        _, val_keys = super().do_split()
-        try:
-            for m, name in enumerate(self.modality_tags.modalities):
-                n_cases = sum(self.modality_tags.index_of_case(k) == m for k in val_keys)
-                if n_cases == 0:
-                    continue
-                self.print_to_log_file(f"final validation of modality {name}: {n_cases} case(s)")
-                self._validation_modality = m
-                self._route(m)
+        """nnU-Net's final validation, one pass over all cases; a trainer with modality-specific
+        norms routes the network to each case's modality right after nnU-Net loads the case
+        (``CaseRouting``), then writes ``summary_per_modality.json``."""
+        if type(self)._route is PerModalityValidationMixin._route:  # shared norms: nothing to route
+            super().perform_actual_validation(save_probabilities)
+        else:
+            routing = CaseRouting(self)
+            original = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
+            # nnU-Net builds its validation dataset from this attribute; only validation sees the subclass
+            self.dataset_class = routing.dataset_class(original)
+            hook = self.network.register_forward_pre_hook(routing.before_forward)
+            try:
                 super().perform_actual_validation(save_probabilities)
-        finally:
-            self._validation_modality = None
+                routing.check_finished()
+            finally:
+                hook.remove()
+                self.dataset_class = original
         if self.local_rank == 0:
             self._write_validation_summary_per_modality()
 
