@@ -25,7 +25,7 @@ def real_data_root():
 # ---------------------------------------------------------------- tiny nnU-Net dataset
 import subprocess  # noqa: E402
 
-TINY_DATASET_ID = 991
+TINY_DATASET_ID = 993
 
 
 def nnunet_environment(root) -> dict:
@@ -65,16 +65,19 @@ def run_command(args, env, timeout=900, check=True) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="session")
 def tiny_preprocessed_dataset(tmp_path_factory):
-    """Phantom MS-CMRSeg (LGE + C0, 6 patients, 48 x 48 in-plane) converted and planned with
-    nnU-Net's own commands. Returns (environment, dataset folder name)."""
+    """The one nnU-Net dataset of the session's 2D tests (the benchmark's, the trainers',
+    ResEnc's): phantom MS-CMRSeg, 10 patients of 48 x 48 in-plane, each contributing one
+    modality (--unpaired), 5 folds stratified by modality, so that each fold holds out one
+    patient per modality, whose other modality the benchmark must predict and score too.
+    Converted and planned with the commands a user runs. Returns (environment, dataset folder name)."""
     from nnunetv2_csa.tools.phantom import write_mscmrseg_phantom
 
     root = tmp_path_factory.mktemp("nnunet")
     env = nnunet_environment(root)
     source = root / "phantom"
-    write_mscmrseg_phantom(str(source), n_patients=6, modalities=("LGE", "C0"), seed=3, in_plane_size=48)
+    write_mscmrseg_phantom(str(source), n_patients=10, modalities=("LGE", "C0"), seed=5, in_plane_size=48)
     run_command(["nnUNetv2_csa_convert_mscmrseg", "-i", str(source), "-d", str(TINY_DATASET_ID),
-                 "--modalities", "LGE", "C0"], env)
+                 "--modalities", "LGE", "C0", "--unpaired"], env)
     run_command(["nnUNetv2_plan_and_preprocess", "-d", str(TINY_DATASET_ID), "-c", "2d", "-np", "2",
                  "--verify_dataset_integrity"], env)
     name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{TINY_DATASET_ID}_"))

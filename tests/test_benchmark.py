@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATASET_ID, nnunet_environment, run_command
+from conftest import TINY_DATASET_ID, run_command
 from nnunetv2_csa.modality import ModalityTagError
 from nnunetv2_csa.tools.benchmark import pipeline, report, rows as benchmark_rows, runner, scoring, tables
 from nnunetv2_csa.tools.benchmark.common import BenchmarkError
@@ -26,7 +26,7 @@ FOLDS = [0, 1]
 BUDGET = ("1", "5")
 CLASSES = ["myocardium", "left_ventricle", "right_ventricle"]
 MODALITIES = ["LGE", "C0"]
-UNPAIRED_DATASET_ID = 993
+UNPAIRED_DATASET_ID = TINY_DATASET_ID  # the session's dataset (conftest.py) is unpaired
 
 
 # --------------------------------------------------------------------------- unit tests
@@ -167,17 +167,15 @@ def test_other_modality_predictions_are_kept_only_for_the_same_checkpoint_and_ca
     test_set = scoring.TestSet({c: "C0" for c in images}, {"p1_C0": "p1", "p2_C0": "p2"}, {}, images)
     predicted = []
 
-    def fake_console(name, arguments, log, env):
-        assert name == "nnUNetv2_predict" and env["nnUNet_csa_modality"] == "C0"
-        output = arguments[arguments.index("-o") + 1]
-        inputs = sorted(os.listdir(arguments[arguments.index("-i") + 1]))
+    def fake_predictor(model_folder, fold, input_folder, output_folder, device, overrides, log):
+        assert model_folder == str(tmp_path) and fold == 0 and overrides["nnUNet_csa_modality"] == "C0"
+        inputs = sorted(os.listdir(input_folder))
         for image in inputs:
-            with open(os.path.join(output, image.replace("_0000.nii.gz", ".nii.gz")), "w") as f:
+            with open(os.path.join(output_folder, image.replace("_0000.nii.gz", ".nii.gz")), "w") as f:
                 f.write(str(len(predicted)))
         predicted.append(inputs)
-        return subprocess.CompletedProcess([name], 0)
 
-    monkeypatch.setattr(runner, "run_console", fake_console)
+    monkeypatch.setattr(runner, "predict_folder", fake_predictor)
     (tmp_path / "logs").mkdir()
 
     def predict(test_set=test_set):
@@ -200,6 +198,14 @@ def test_other_modality_predictions_are_kept_only_for_the_same_checkpoint_and_ca
     assert predicted[-1] == ["p1_C0_0000.nii.gz"] and len(predicted) == 4
     with open(tmp_path / "predictions" / "predicted_with_C0.json") as f:
         assert json.load(f)["cases"] == ["p1_C0"]
+
+    # a prediction that fails: the row fails with its error, and no record claims the outputs
+    monkeypatch.setattr(runner, "predict_folder", lambda *args: "RuntimeError: boom")
+    (fold_folder / "checkpoint_final.pth").write_bytes(b"weights 3")
+    result = benchmark_rows.RowResult("CSA", [model])
+    runner.predict_other_modality(result, test_set, "1", "2d", "nnUNetPlans", 0, "cpu", {}, str(tmp_path), ".nii.gz")
+    assert result.failed and "RuntimeError: boom" in result.error
+    assert not (tmp_path / "predictions" / "predicted_with_C0.json").exists()
 
 
 def test_data_source_names_a_phantom_and_a_real_conversion():
@@ -257,24 +263,6 @@ def _section(text: str, heading: str) -> str:
     return text[start: start + len(heading) + following.start()] if following else text[start:]
 
 
-@pytest.fixture(scope="module")
-def unpaired_dataset(tmp_path_factory):
-    """10 phantom patients, each contributing one modality (--unpaired), 5 folds stratified by
-    modality: each fold holds out one patient per modality, whose other modality the benchmark
-    must predict and score too."""
-    from nnunetv2_csa.tools.phantom import write_mscmrseg_phantom
-
-    root = tmp_path_factory.mktemp("nnunet_unpaired")
-    env = nnunet_environment(root)
-    source = root / "phantom"
-    write_mscmrseg_phantom(str(source), n_patients=10, modalities=("LGE", "C0"), seed=5, in_plane_size=48)
-    run_command(["nnUNetv2_csa_convert_mscmrseg", "-i", str(source), "-d", str(UNPAIRED_DATASET_ID),
-                 "--modalities", "LGE", "C0", "--unpaired"], env)
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(UNPAIRED_DATASET_ID), "-c", "2d", "-np", "2"], env)
-    name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{UNPAIRED_DATASET_ID}_"))
-    return env, name
-
-
 def expected_test_cases(env, dataset_name) -> dict:
     """case -> source: the validation cases of folds 0 and 1 and the other modality of their patients."""
     with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "splits_final.json")) as f:
@@ -290,8 +278,8 @@ def expected_test_cases(env, dataset_name) -> dict:
 
 
 @pytest.fixture(scope="module")
-def benchmark_run(unpaired_dataset, tmp_path_factory):
-    env, dataset_name = unpaired_dataset
+def benchmark_run(tiny_preprocessed_dataset, tmp_path_factory):
+    env, dataset_name = tiny_preprocessed_dataset
     report = tmp_path_factory.mktemp("benchmark") / "report"
     result = run_command(["nnUNetv2_csa_benchmark", "-d", str(UNPAIRED_DATASET_ID), "--budget", *BUDGET,
                           "--folds", *map(str, FOLDS), "--rows", *RUN_ROWS, "-device", "cpu", "--timing-iterations",
@@ -311,7 +299,8 @@ def test_report_has_every_row_bold_best_wilcoxon_and_timing(benchmark_run):
     assert ("8 cases (4 LGE, 4 C0) of the 4 patients that folds 0, 1 of `splits_final.json` hold out, each scored "
             "once") in text
     assert "# CSA benchmark: Dataset993_MSCMRSeg2019, folds 0, 1 (cross-validation, pooled)" in text
-    assert "the other modality of the same patients" in text and "`nnUNetv2_predict`" in text
+    assert "the other modality of the same patients" in text
+    assert "predicted by this benchmark with nnU-Net's predictor at the defaults of `nnUNetv2_predict`" in text
 
     for modality in MODALITIES:
         tables = _markdown_tables(_section(text, f"### {modality} "))

@@ -195,7 +195,7 @@ def evaluate(benchmark: Benchmark) -> tuple[list[RowResult], pd.DataFrame, pd.Da
     for run in benchmark.fold_runs:
         if run.test_set.other_modality_images:
             log_stage(f"stage 2/4: fold {run.fold}: predicting the {len(run.test_set.other_modality_images)} "
-                      f"other-modality test cases with nnUNetv2_predict")
+                      f"other-modality test cases with nnU-Net's predictor")
             for result in tqdm([r for r in run.rows if not r.failed], desc="predict", file=sys.stderr):
                 predict_other_modality(result, run.test_set, benchmark.dataset_id, benchmark.configuration,
                                        benchmark.plans, run.fold, benchmark.device, benchmark.env,
@@ -287,7 +287,7 @@ def write_outputs(benchmark: Benchmark, row_results: Sequence[RowResult], result
                        "case_fold": {c: run.fold for run in benchmark.fold_runs for c in run.test_set.cases},
                        "case_source": {c: test_set.source(c) for c in test_set.cases},
                        "sources": {VALIDATION_SOURCE: "final-validation predictions of the fold's held-out cases",
-                                   OTHER_MODALITY_SOURCE: "nnUNetv2_predict on the other modality of the held-out "
+                                   OTHER_MODALITY_SOURCE: "nnU-Net's predictor (nnUNetv2_predict's defaults) on the other modality of the held-out "
                                                           "patients (left out of training by --unpaired)"}},
         "rows": [{"row": r.row, "status": r.status, "error": r.error, "trainers": sorted({m.trainer for m in r.models}),
                   "trained": r.trained, "reused": r.reused, "training_seconds": r.training_seconds}

@@ -103,7 +103,7 @@ def write_report(report_folder: str, *, dataset_name: str, data_source: str, fol
             f"({count(test_set.validation_cases)}), scored from each row's own final-validation predictions"
             + (f", and the other modality of the same patients ({count(other)}; left out of training by the "
                f"converter's `--unpaired`, kept in `{OTHER_MODALITY_IMAGES}`), predicted by this benchmark with "
-               f"`nnUNetv2_predict`" if other else "")
+               f"nnU-Net's predictor at the defaults of `nnUNetv2_predict`" if other else "")
             + ". Source per case: `results.csv` column `source`. Both use nnU-Net's predictor (sliding "
               "window with mirroring); CSA-family rows predict each case with its own modality's norms; "
               "Single takes modality k's cases from its model trained on modality k. Metrics are 3D per "

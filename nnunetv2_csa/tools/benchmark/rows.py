@@ -19,7 +19,7 @@ LAMBDA_ROWS = rows_of_group("lambda")
 ALL_ROWS = ROWS + LAMBDA_ROWS
 #: trainer class of each row (Single: ``{index}`` is the modality index); the ``_BN`` twin adds "_BN"
 ROW_TRAINERS = {name: ROWS_BY_NAME[name].trainer_template for name in ALL_ROWS}
-#: rows whose models have modality-specific norms (nnUNetv2_predict needs nnUNet_csa_modality)
+#: rows whose models have modality-specific norms (nnU-Net's predictor needs nnUNet_csa_modality)
 CSA_FAMILY = tuple(name for name in ALL_ROWS if ROWS_BY_NAME[name].modality_specific_norms)
 REFERENCE_ROW = "Joint"
 PROPOSED_ROW = "CSA"
@@ -66,7 +66,7 @@ class Model:
     modality: str | None  # the only modality it predicts (Single), None: all
     fold_folder: str
     log_file: str
-    other_modality_predictions: str = ""  # where nnUNetv2_predict writes the other-modality test cases
+    other_modality_predictions: str = ""  # where the other-modality test cases are predicted to
     fold: int = 0
 
     @property

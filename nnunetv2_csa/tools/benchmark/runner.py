@@ -1,8 +1,9 @@
-"""Running the stock commands: nnUNetv2_train per model (resumable), nnUNetv2_predict for the
+"""Running nnU-Net: nnUNetv2_train per model (resumable), nnU-Net's predictor for the
 other-modality test cases, and the timing of each trainer in a fresh process.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from typing import Sequence
 
 from tqdm import tqdm
@@ -139,8 +141,8 @@ def _kept_predictions(model: Model, modality: str, made_by: dict) -> bool:
 
 def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str, configuration: str, plans: str,
                            fold: int, device: str, env: dict, report_folder: str, file_ending: str) -> None:
-    """Predict the other-modality test cases with the stock ``nnUNetv2_predict``, one call per
-    model and modality (the CSA family folds that modality's norms in: nnUNet_csa_modality).
+    """Predict the other-modality test cases with nnU-Net's predictor, once per model and
+    modality (the CSA family is told the modality by nnUNet_csa_modality, as for nnUNetv2_predict).
     Predictions a rerun finds from the same checkpoint and cases are kept (adding a row to a
     five-fold report would otherwise predict every other row's cases again); any others are
     deleted before predicting, so a stale prediction never passes for this model's."""
@@ -172,21 +174,66 @@ def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str
         for case in cases:
             os.symlink(os.path.abspath(test_set.other_modality_images[case]),
                        os.path.join(input_folder, os.path.basename(test_set.other_modality_images[case])))
-        arguments = ["-i", input_folder, "-o", model.other_modality_predictions, "-d", dataset_id, "-c", configuration,
-                     "-p", plans, "-tr", model.trainer, "-f", fold, "-device", device, "-npp", 1, "-nps", 1]
-        call_env = dict(env, nnUNet_csa_modality=modality) if result.row in CSA_FAMILY else env
+        overrides = {"nnUNet_extTrainer": env.get("nnUNet_extTrainer"),
+                     "nnUNet_csa_modality": modality if result.row in CSA_FAMILY else None}
         log_file = os.path.join(report_folder, "logs", f"predict_{model.trainer}_{modality}_fold{model.fold}.log")
         with open(log_file, "w") as log:
-            completed = run_console("nnUNetv2_predict", arguments, log, call_env)
-        if completed.returncode != 0:
-            with open(log_file) as log:
-                message = error_from_log(log.read())
-            result.fail(f"nnUNetv2_predict of the {modality} other-modality cases with {model.trainer} exited "
-                        f"{completed.returncode}: {message}")
+            error = predict_folder(os.path.dirname(model.fold_folder), model.fold, input_folder,
+                                   model.other_modality_predictions, device, overrides, log)
+        if error:
+            result.fail(f"predicting the {modality} other-modality cases with {model.trainer} failed: {error} "
+                        f"(see {log_file})")
             log_stage(f"{result.row}: FAILED ({result.error})")
             return
         with open(_prediction_record(model, modality), "w") as f:
             json.dump(made_by, f, indent=1)
+
+
+@contextlib.contextmanager
+def environment(overrides: dict):
+    """``os.environ`` with ``overrides`` (None: unset) for the duration."""
+    saved = {key: os.environ.get(key) for key in overrides}
+
+    def apply(values):
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    apply(overrides)
+    try:
+        yield
+    finally:
+        apply(saved)
+
+
+def predict_folder(model_folder: str, fold: int, input_folder: str, output_folder: str, device: str,
+                   overrides: dict, log) -> str | None:
+    """Segments every image of ``input_folder`` into ``output_folder`` with nnU-Net's own
+    predictor at ``nnUNetv2_predict``'s defaults (step 0.5, Gaussian weighting, mirroring,
+    checkpoint_final.pth), in this process: one import of nnU-Net for all the benchmark's
+    predictions instead of a command, its worker pools and their imports per model and
+    modality. ``overrides``: environment variables the trainer reads when it builds the
+    network (nnUNet_extTrainer to find it, nnUNet_csa_modality). Returns None, or the error,
+    whose traceback goes to ``log``."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    log.write(f"===== {time.strftime('%Y-%m-%dT%H:%M:%S')} nnUNetPredictor: {model_folder} fold {fold}, "
+              f"{input_folder} -> {output_folder}, device {device}, {overrides}\n")
+    log.flush()
+    try:
+        with environment(overrides), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            predictor = nnUNetPredictor(device=torch.device(device), verbose=False, allow_tqdm=False)
+            predictor.initialize_from_trained_model_folder(model_folder, (fold,), "checkpoint_final.pth")
+            os.makedirs(output_folder, exist_ok=True)
+            predictor.predict_from_files_sequential(input_folder, output_folder, save_probabilities=False,
+                                                    overwrite=True)
+    except Exception as e:  # noqa: BLE001 - a row's failure is reported in its table, the others go on
+        traceback.print_exc(file=log)
+        message = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {message[0] if message else ''}"[:300]
+    return None
 
 
 def kept_or_new_timings(to_time: Sequence[tuple[str, str]], cache_file: str, iterations: int, retime: bool,

@@ -45,7 +45,7 @@ class TestSet:
     case_modality: dict[str, str]
     case_patient: dict[str, str]
     references: dict[str, str]  # case -> reference segmentation file
-    other_modality_images: dict[str, str] = field(default_factory=dict)  # case -> image, for nnUNetv2_predict
+    other_modality_images: dict[str, str] = field(default_factory=dict)  # case -> image, to predict
 
     @property
     def cases(self) -> list[str]:
