@@ -6,6 +6,7 @@ import re
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 
@@ -43,11 +44,14 @@ def _predict_from_model_folder(env, model_folder, inputs, output, modality=None)
     return _read_labels(output)
 
 
-def _train_predict_and_export(env, dataset_name, configuration, plans, modality, tmp_path):
-    """Trains the CSA row, predicts one modality's validation cases with the model and with
-    its stock export; returns the model's fold folder and both predictions."""
+def _train(env, configuration, plans):
     run_command(["nnUNetv2_train", str(env["dataset_id"]), configuration, "0", "-tr", TRAINER, "-p", plans,
                  "-device", "cpu"], env)
+
+
+def _predict_and_export(env, dataset_name, configuration, plans, modality, tmp_path):
+    """Predicts one modality's validation cases with the trained CSA model and with its stock
+    export; returns the model's fold folder and both predictions."""
     model_folder = os.path.join(env["nnUNet_results"], dataset_name, f"{TRAINER}__{plans}__{configuration}")
     inputs, cases = _validation_inputs(env, dataset_name, modality, str(tmp_path / "inputs"))
     predicted = _predict_from_model_folder(env, model_folder, inputs, str(tmp_path / "predicted"), modality)
@@ -78,7 +82,8 @@ def test_resenc_m_plans_train_predict_and_export_with_taps_inside_a_residual_blo
         architecture = json.load(f)["configurations"]["2d"]["architecture"]["network_class_name"]
     assert architecture.endswith("ResidualEncoderUNet")
 
-    fold, predicted, stock = _train_predict_and_export(env, dataset_name, "2d", RESENC_PLANS, "LGE", tmp_path)
+    _train(env, "2d", RESENC_PLANS)
+    fold, predicted, stock = _predict_and_export(env, dataset_name, "2d", RESENC_PLANS, "LGE", tmp_path)
     # the two convolutions of the first residual block of the middle encoder stage
     assert re.search(r"csa consistency between layers \('encoder\.stages\.(\d+)\.blocks\.0\.conv1', "
                      r"'encoder\.stages\.\1\.blocks\.0\.conv2'\)", _log_text(fold))
@@ -102,11 +107,21 @@ def volume_dataset(tmp_path_factory):
     return dict(env, dataset_id=str(VOLUME_DATASET_ID)), name
 
 
-def test_3d_fullres_trains_with_the_affinity_over_volumes_predicts_and_exports(volume_dataset, tmp_path):
+def test_3d_fullres_benchmark_trains_with_the_affinity_over_volumes_scores_predicts_and_exports(volume_dataset,
+                                                                                                 tmp_path):
     env, dataset_name = volume_dataset
     with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "nnUNetPlans.json")) as f:
         assert len(json.load(f)["configurations"]["3d_fullres"]["patch_size"]) == 3
-    fold, predicted, stock = _train_predict_and_export(env, dataset_name, "3d_fullres", "nnUNetPlans", "CT", tmp_path)
+    # trained through the benchmark (the demo's -c 3d_fullres runs the same), scored there
+    report = tmp_path / "report"
+    run_command(["nnUNetv2_csa_benchmark", "-d", env["dataset_id"], "-c", "3d_fullres", "-f", "0", "--rows", "CSA",
+                 "--budget", "1", "5", "-device", "cpu", "--timing-iterations", "0", "-o", str(report)], env)
+    assert "configuration `3d_fullres`" in (report / "report.md").read_text()
+    scores = pd.read_csv(report / "results.csv")
+    assert set(scores["row"]) == {"CSA"} and set(scores["modality"]) == {"CT", "MR"}
+    assert scores["dice"].between(0, 1).all()
+
+    fold, predicted, stock = _predict_and_export(env, dataset_name, "3d_fullres", "nnUNetPlans", "CT", tmp_path)
     log = _log_text(fold)
     assert re.search(r"train_consistency_loss \d", log), "the CSA term was not computed on the 3D features"
     assert re.search(r"Pseudo dice per modality \{'CT': ", log)

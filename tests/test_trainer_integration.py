@@ -45,7 +45,8 @@ def test_training_writes_model_with_modalities_and_consistency_log(trained_csa_m
         assert json.load(f)["csa_modalities"] == ["LGE", "C0"]
     # the model folder alone is enough to recover the case -> modality map
     tags = read_modality_tags(model_folder)
-    assert tags.modalities == ("LGE", "C0") and tags.modality_of_case("patient001_C0") == "C0"
+    assert tags.modalities == ("LGE", "C0") and set(tags.case_modality.values()) == {"LGE", "C0"}
+    assert all(tags.modality_of_case(case) == case.rsplit("_", 1)[1] for case in tags.case_modality)
 
     # a real checkpoint of the CSA trainer loads without full pickle (nothing outside the allow-list)
     checkpoint = load_checkpoint(os.path.join(fold, "checkpoint_final.pth"))
@@ -68,10 +69,18 @@ def test_training_writes_model_with_modalities_and_consistency_log(trained_csa_m
     assert "Pseudo dice per modality" in log_text and "consistency_loss" in log_text
 
 
-def test_resume_with_continue_flag_restores_norms_and_logs(trained_csa_model):
+def _model_copy_in_results_of_its_own(model_folder, dataset_name, tmp_path):
+    """A copy of the model folder under a results folder of its own (a resume rewrites its model
+    folder; the other tests keep the trained model); returns (results folder, fold folder)."""
+    results = tmp_path / "nnUNet_results"
+    shutil.copytree(model_folder, results / dataset_name / os.path.basename(model_folder))
+    return results, results / dataset_name / os.path.basename(model_folder) / "fold_0"
+
+
+def test_resume_with_continue_flag_restores_norms_and_logs(trained_csa_model, tmp_path):
     env, dataset_name, model_folder = trained_csa_model
-    fold = os.path.join(model_folder, "fold_0")
-    final = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    results, fold = _model_copy_in_results_of_its_own(model_folder, dataset_name, tmp_path)
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     # pretend the run stopped after epoch 0: keep a checkpoint of that state as 'latest'
     stopped = dict(final, current_epoch=1)
     stopped["logging"] = {k: v[:1] for k, v in final["logging"].items()}
@@ -82,47 +91,29 @@ def test_resume_with_continue_flag_restores_norms_and_logs(trained_csa_model):
             if ".norms." in k and k.endswith(".weight") else v)
         for k, v in final["network_weights"].items()}
     assert any(".norms.1.weight" in k for k in stopped["network_weights"])
-    work = os.path.join(fold, "..", "resume_copy")
-    shutil.copytree(fold, work)
-    try:
-        os.remove(os.path.join(fold, "checkpoint_final.pth"))
-        if os.path.exists(os.path.join(fold, "checkpoint_best.pth")):
-            os.remove(os.path.join(fold, "checkpoint_best.pth"))
-        torch.save(stopped, os.path.join(fold, "checkpoint_latest.pth"))
-        logs_before = set(_training_logs(fold))
+    os.remove(fold / "checkpoint_final.pth")
+    if os.path.exists(fold / "checkpoint_best.pth"):
+        os.remove(fold / "checkpoint_best.pth")
+    torch.save(stopped, fold / "checkpoint_latest.pth")
+    logs_before = set(_training_logs(fold))
 
-        env_train = dict(env, nnUNet_n_proc_DA="0")
-        run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu", "--c"],
-                    env_train)
+    # one background augmentation worker: the unpaired loader must survive nnU-Net's
+    # multiprocess augmenter (it is pickled into the worker)
+    run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu", "--c"],
+                dict(env, nnUNet_results=str(results), nnUNet_n_proc_DA="1"))
 
-        resumed = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
-        assert resumed["current_epoch"] == 2
-        # one more epoch of 5 small steps moves them a little, not back to their trained values or across
-        for key, value in resumed["network_weights"].items():
-            if ".norms." in key and key.endswith(".weight"):
-                modality = int(key.split(".norms.")[1].split(".")[0])
-                assert (value - marked[modality]).abs().max() < 0.5, key
-        assert len(resumed["logging"]["train_consistency_losses"]) == 2
-        assert resumed["logging"]["train_consistency_losses"][0] == final["logging"]["train_consistency_losses"][0]
-        new_log = [f for f in _training_logs(fold) if f not in logs_before]
-        text = open(os.path.join(fold, new_log[0])).read()
-        assert "Epoch 1" in text and "Epoch 0\n" not in text
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _inputs_by_modality(env, dataset_name, destination):
-    """Copies the validation cases of fold 0 from imagesTr, one folder per modality."""
-    raw = os.path.join(env["nnUNet_raw"], dataset_name)
-    with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "splits_final.json")) as f:
-        val_cases = json.load(f)[0]["val"]
-    folders = {}
-    for case in val_cases:
-        modality = case.rsplit("_", 1)[1]
-        folder = folders.setdefault(modality, os.path.join(destination, f"in_{modality}"))
-        os.makedirs(folder, exist_ok=True)
-        shutil.copy(os.path.join(raw, "imagesTr", f"{case}_0000.nii.gz"), folder)
-    return folders
+    resumed = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert resumed["current_epoch"] == 2
+    # one more epoch of 5 small steps moves them a little, not back to their trained values or across
+    for key, value in resumed["network_weights"].items():
+        if ".norms." in key and key.endswith(".weight"):
+            modality = int(key.split(".norms.")[1].split(".")[0])
+            assert (value - marked[modality]).abs().max() < 0.5, key
+    assert len(resumed["logging"]["train_consistency_losses"]) == 2
+    assert resumed["logging"]["train_consistency_losses"][0] == final["logging"]["train_consistency_losses"][0]
+    new_log = [f for f in _training_logs(fold) if f not in logs_before]
+    text = open(fold / new_log[0]).read()
+    assert "Epoch 1" in text and "Epoch 0\n" not in text
 
 
 def _predict(env, trainer, input_folder, output_folder, modality=None, check=True):
@@ -131,7 +122,7 @@ def _predict(env, trainer, input_folder, output_folder, modality=None, check=Tru
     if modality is not None:
         env["nnUNet_csa_modality"] = modality
     return run_command(["nnUNetv2_predict", "-i", input_folder, "-o", output_folder, "-d", str(TINY_DATASET_ID),
-                        "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta",
+                        "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "-chk", "checkpoint_final.pth",
                         "-npp", "1", "-nps", "1"], env, check=check)
 
 
@@ -140,20 +131,44 @@ def _read_labels(folder):
             for f in sorted(os.listdir(folder)) if f.endswith(".nii.gz")}
 
 
-def test_predict_each_modality_and_exported_stock_model_agrees(trained_csa_model, tmp_path):
-    env, dataset_name, model_folder = trained_csa_model
-    inputs = _inputs_by_modality(env, dataset_name, str(tmp_path))
-    assert set(inputs) == {"LGE", "C0"}
-
+@pytest.fixture(scope="module")
+def heldout_predictions(trained_csa_model, tmp_path_factory):
+    """The fold's held-out cases as ``nnUNetv2_csa_heldout`` writes them (one folder per
+    modality), each modality predicted by ``nnUNetv2_predict`` told that modality, as the
+    README's workflow does (with nnU-Net's default test-time mirroring, as its final validation)."""
+    env, dataset_name, _ = trained_csa_model
+    heldout = tmp_path_factory.mktemp("heldout") / "heldout"
+    printed = run_command(["nnUNetv2_csa_heldout", "-d", str(TINY_DATASET_ID), "-f", "0", "-o", str(heldout)], env)
     predictions = {}
-    for modality, folder in inputs.items():
-        out = str(tmp_path / f"out_{modality}")
-        _predict(env, TRAINER, folder, out, modality)
-        predictions[modality] = _read_labels(out)
-        assert len(predictions[modality]) == len(os.listdir(folder))
-        for seg in predictions[modality].values():
-            assert set(np.unique(seg)) <= {0, 1, 2, 3}
+    for modality in ("LGE", "C0"):
+        predictions[modality] = heldout.parent / f"predicted_{modality}"
+        _predict(env, TRAINER, str(heldout / modality / "images"), str(predictions[modality]), modality)
+    return heldout, predictions, printed.stdout
 
+
+def test_predicting_each_modality_equals_the_final_validation_of_its_cases(trained_csa_model, heldout_predictions):
+    # the final validation must predict every case with its own modality's norms: its
+    # segmentations equal nnUNetv2_predict (same checkpoint, same mirroring) told the modality
+    _, _, model_folder = trained_csa_model
+    heldout, predictions, _ = heldout_predictions
+    validation = _read_labels(os.path.join(model_folder, "fold_0", "validation"))
+    compared, predicted_cases = 0, 0
+    for modality, folder in predictions.items():
+        predicted = _read_labels(str(folder))
+        assert sorted(predicted) == sorted(os.listdir(heldout / modality / "labels"))
+        predicted_cases += len(predicted)
+        for name, segmentation in predicted.items():
+            assert set(np.unique(segmentation)) <= {0, 1, 2, 3}
+            if name in validation:  # the others are the held-out patients' other modality (--unpaired)
+                np.testing.assert_array_equal(validation[name], segmentation, err_msg=f"{name} ({modality})")
+                compared += 1
+    assert compared == len(validation) and compared >= 2 and predicted_cases > compared
+
+
+def test_exported_modality_predicts_with_stock_nnunet_what_the_model_predicts(trained_csa_model, heldout_predictions,
+                                                                              tmp_path):
+    env, _, model_folder = trained_csa_model
+    heldout, predictions, _ = heldout_predictions
     exported = str(tmp_path / "exported_LGE")
     export = run_command(["nnUNetv2_csa_export_modality", "-m", model_folder, "--modality", "LGE", "-o", exported],
                          env)
@@ -166,45 +181,26 @@ def test_predict_each_modality_and_exported_stock_model_agrees(trained_csa_model
 
     stock_env = {k: v for k, v in env.items() if k not in ("nnUNet_extTrainer", "nnUNet_csa_modality")}
     stock_out = str(tmp_path / "stock_LGE")
-    run_command(["nnUNetv2_predict_from_modelfolder", "-i", inputs["LGE"], "-o", stock_out, "-m", exported,
-                 "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], stock_env)
-    stock = _read_labels(stock_out)
-    assert stock.keys() == predictions["LGE"].keys()
+    run_command(["nnUNetv2_predict_from_modelfolder", "-i", str(heldout / "LGE" / "images"), "-o", stock_out,
+                 "-m", exported, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], stock_env)
+    stock, predicted = _read_labels(stock_out), _read_labels(str(predictions["LGE"]))
+    assert stock.keys() == predicted.keys() and stock
     for name in stock:
-        np.testing.assert_array_equal(stock[name], predictions["LGE"][name])
+        np.testing.assert_array_equal(stock[name], predicted[name])
 
 
-def test_predict_without_or_with_unknown_modality_names_the_choices(trained_csa_model, tmp_path):
-    env, dataset_name, _ = trained_csa_model
-    inputs = _inputs_by_modality(env, dataset_name, str(tmp_path))
-    missing = _predict(env, TRAINER, inputs["LGE"], str(tmp_path / "o1"), None, check=False)
+def test_predict_without_or_with_unknown_modality_names_the_choices(heldout_predictions, trained_csa_model, tmp_path):
+    env, _, _ = trained_csa_model
+    images = str(heldout_predictions[0] / "LGE" / "images")
+    missing = _predict(env, TRAINER, images, str(tmp_path / "o1"), None, check=False)
     assert missing.returncode != 0
     assert "nnUNet_csa_modality" in missing.stderr and "LGE" in missing.stderr and "C0" in missing.stderr
     # nnU-Net's own command, this package's error: one line, no traceback
     assert re.search(r"(^|\n)error: this model has modality-specific normalization", missing.stderr)
     assert "Traceback" not in missing.stderr
-    unknown = _predict(env, TRAINER, inputs["LGE"], str(tmp_path / "o2"), "T2", check=False)
+    unknown = _predict(env, TRAINER, images, str(tmp_path / "o2"), "T2", check=False)
     assert unknown.returncode != 0
     assert "'T2'" in unknown.stderr and "['LGE', 'C0']" in unknown.stderr
-
-
-def test_final_validation_equals_nnunet_predict_with_each_cases_modality(trained_csa_model, tmp_path):
-    # the final validation must predict every case with its own modality's norms: its
-    # segmentations equal nnUNetv2_predict (same checkpoint, same TTA) told the modality
-    env, dataset_name, model_folder = trained_csa_model
-    inputs = _inputs_by_modality(env, dataset_name, str(tmp_path))
-    validation = _read_labels(os.path.join(model_folder, "fold_0", "validation"))
-    compared = 0
-    for modality, folder in inputs.items():
-        out = str(tmp_path / f"tta_{modality}")
-        env_m = dict(env, nnUNet_csa_modality=modality)
-        run_command(["nnUNetv2_predict", "-i", folder, "-o", out, "-d", str(TINY_DATASET_ID), "-c", "2d", "-f", "0",
-                     "-tr", TRAINER, "-device", "cpu", "-chk", "checkpoint_final.pth", "-npp", "1", "-nps", "1"],
-                    env_m)
-        for name, seg in _read_labels(out).items():
-            np.testing.assert_array_equal(validation[name], seg, err_msg=f"{name} ({modality})")
-            compared += 1
-    assert compared == len(validation) and compared >= 2
 
 
 def _model_copy_with_plans_modalities(model_folder, destination, modalities):
@@ -218,11 +214,12 @@ def _model_copy_with_plans_modalities(model_folder, destination, modalities):
     return destination
 
 
-def test_predict_and_export_refuse_a_model_folder_whose_plans_swap_the_modalities(trained_csa_model, tmp_path):
+def test_predict_and_export_refuse_a_model_folder_whose_plans_swap_the_modalities(trained_csa_model,
+                                                                                   heldout_predictions, tmp_path):
     env, dataset_name, model_folder = trained_csa_model
     swapped = _model_copy_with_plans_modalities(model_folder, str(tmp_path / "swapped"), ["C0", "LGE"])
-    inputs = _inputs_by_modality(env, dataset_name, str(tmp_path))
-    result = run_command(["nnUNetv2_predict_from_modelfolder", "-i", inputs["LGE"], "-o", str(tmp_path / "out"),
+    images = str(heldout_predictions[0] / "LGE" / "images")
+    result = run_command(["nnUNetv2_predict_from_modelfolder", "-i", images, "-o", str(tmp_path / "out"),
                           "-m", swapped, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
                          dict(env, nnUNet_csa_modality="LGE"), check=False)
     assert result.returncode != 0
@@ -244,9 +241,7 @@ def test_resume_refuses_a_dataset_reconverted_with_another_modality_order(traine
     dataset_json = json.loads(dataset_json_file.read_text())
     dataset_json["csa_modalities"] = ["C0", "LGE"]
     dataset_json_file.write_text(json.dumps(dataset_json))
-    results = tmp_path / "nnUNet_results"
-    shutil.copytree(model_folder, results / dataset_name / os.path.basename(model_folder))
-    fold = results / dataset_name / os.path.basename(model_folder) / "fold_0"
+    results, fold = _model_copy_in_results_of_its_own(model_folder, dataset_name, tmp_path)
     shutil.copy(fold / "checkpoint_final.pth", fold / "checkpoint_latest.pth")
     os.remove(fold / "checkpoint_final.pth")
     resumed = run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu",
@@ -275,21 +270,27 @@ def test_batch_smaller_than_the_number_of_modalities_is_refused_before_training(
     assert "error: " in result.stderr and "Traceback" not in result.stderr
 
 
-def test_heldout_folders_feed_predict_and_evaluate_as_the_readme_says(trained_csa_model, tmp_path):
+def test_heldout_folders_feed_predict_and_evaluate_as_the_readme_says(trained_csa_model, heldout_predictions,
+                                                                      tmp_path):
     env, dataset_name, _ = trained_csa_model
-    heldout = tmp_path / "heldout"
-    printed = run_command(["nnUNetv2_csa_heldout", "-d", str(TINY_DATASET_ID), "-f", "0", "-o", str(heldout)], env)
+    heldout, predictions, printed = heldout_predictions
     with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "splits_final.json")) as f:
-        validation = sorted(json.load(f)[0]["val"])
+        validation = json.load(f)[0]["val"]
+    # the fold's validation cases and, as the dataset is unpaired, the other modality of their patients
+    with open(os.path.join(env["nnUNet_raw"], dataset_name, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    patients = {dataset_json["csa_case_patient"][c] for c in validation}
+    heldout_cases = sorted(validation + [c for c, tag in dataset_json["csa_other_modality_cases"].items()
+                                         if tag["patient"] in patients])
+    assert len(heldout_cases) == 2 * len(validation)
     for modality in ("LGE", "C0"):
-        cases = [c for c in validation if c.endswith(f"_{modality}")]
+        cases = [c for c in heldout_cases if c.endswith(f"_{modality}")]
         assert sorted(os.listdir(heldout / modality / "images")) == [f"{c}_0000.nii.gz" for c in cases]
         assert sorted(os.listdir(heldout / modality / "labels")) == [f"{c}.nii.gz" for c in cases]
-        assert f"nnUNet_csa_modality={modality} nnUNetv2_predict -i {heldout / modality / 'images'}" in printed.stdout
-    out = tmp_path / "pred_LGE"
-    _predict(env, TRAINER, str(heldout / "LGE" / "images"), str(out), "LGE")
-    run_command(["nnUNetv2_csa_evaluate", "-pred", str(out), "-ref", str(heldout / "LGE" / "labels"), "-djfile",
-                 os.path.join(env["nnUNet_raw"], dataset_name, "dataset.json"), "-o", str(tmp_path / "eval")], env)
+        assert f"nnUNet_csa_modality={modality} nnUNetv2_predict -i {heldout / modality / 'images'}" in printed
+    run_command(["nnUNetv2_csa_evaluate", "-pred", str(predictions["LGE"]), "-ref", str(heldout / "LGE" / "labels"),
+                 "-djfile", os.path.join(env["nnUNet_raw"], dataset_name, "dataset.json"), "-o",
+                 str(tmp_path / "eval")], env)
     metrics = pd.read_csv(tmp_path / "eval" / "metrics.csv")
     assert set(metrics["modality"]) == {"LGE"} and len(metrics["case"].unique()) == len(
         os.listdir(heldout / "LGE" / "images"))
