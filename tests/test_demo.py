@@ -13,7 +13,7 @@ from nnunetv2_csa.tools import demo
 def test_demo_runs_end_to_end_and_a_rerun_reuses_every_finished_stage(tmp_path):
     output = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
-    env.update(nnUNet_n_proc_DA="0", nnUNet_compile="false")
+    env.update(nnUNet_n_proc_DA="0", nnUNet_compile="false", nnUNet_def_n_proc="1")  # as conftest.py, why there
     # the CSA row alone: the stock rows, the timing and 3d_fullres are trained end to end by
     # tests/test_benchmark.py and tests/test_resenc_and_3d.py through the same benchmark code
     args = ["nnUNetv2_csa_demo", "--output", str(output), "--budget", "1", "5", "--phantom-patients", "5",

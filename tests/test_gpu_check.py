@@ -23,7 +23,8 @@ def _load_gpu_check():
 def test_dry_run_in_two_calls_trains_the_three_rows_measures_them_and_checks_the_exports(tmp_path):
     """As on a GPU, where the check spans two device calls: Joint and MSBN, then CSA and the report."""
     work = tmp_path / "work"
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore",
+           "nnUNet_def_n_proc": "1"}  # as conftest.py, why there
     env.pop("OUT", None)
 
     def dry_run(out, rows):
