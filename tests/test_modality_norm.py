@@ -300,6 +300,26 @@ def test_compiled_network_does_not_recompile_for_new_batches_of_the_same_layout(
     torch._dynamo.reset()
 
 
+def test_compiled_inference_network_alternating_modalities_case_by_case_does_not_recompile():
+    """The final validation routes each case to its modality: after one graph per modality,
+    alternating modalities from case to case must reuse them."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    network = convert_to_modality_specific_norms(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True), nn.ReLU()), 2).eval()
+    compiled = torch.compile(network, backend="eager")
+    with torch.no_grad():
+        for modality in (0, 1):
+            set_modality(compiled, modality)
+            compiled(torch.randn(1, 1, 8, 8))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for modality in (0, 1, 1, 0, 1, 0):
+                x = torch.randn(1, 1, 8, 8)
+                set_modality(compiled, modality), set_modality(network, modality)
+                assert torch.allclose(compiled(x), network(x), atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_state_summary_reports_each_modality():
     layer = ModalitySpecificNorm(nn.BatchNorm2d(2), 2).train()
     set_modality(layer, 0)
