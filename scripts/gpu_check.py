@@ -2,7 +2,8 @@
 whose header says what it does, how to carry it to a GPU machine and what ``--dry-run`` is).
 
 The orchestrator runs every step as the console command a user would run (converter,
-nnUNetv2_plan_and_preprocess, nnUNetv2_csa_heldout, nnUNetv2_predict, the export). Each
+nnUNetv2_plan_and_preprocess, nnUNetv2_csa_heldout, the export), except the export check's
+predictions: nnU-Net's predictor in process (``export_check`` says why). Each
 training runs in a fresh process (``--train-one``) that builds the trainer the way
 ``nnUNetv2_train`` does and wraps three of its methods on the instance to measure:
 ``train_step`` (wall time, CUDA-synchronised; a window of steps under torch.profiler),
@@ -26,6 +27,7 @@ import tempfile
 import time
 
 from nnunetv2_csa.tools.commands import run_console
+from nnunetv2_csa.tools.prediction import predict_folder
 from nnunetv2_csa.training.short_budget import short_budget_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,26 +278,37 @@ def _read_segmentation(path: str):
     return sitk.GetArrayFromImage(sitk.ReadImage(path))
 
 
+def _predict(model_folder: str, images: str, output: str, device: str, overrides: dict, log) -> float:
+    """nnU-Net's predictor on ``images`` in this process; returns its wall time."""
+    start = time.perf_counter()
+    error = predict_folder(model_folder, 0, images, output, device, overrides, log)
+    if error:
+        raise RuntimeError(f"predicting {images} with {model_folder} failed: {error}; see {log.name}")
+    STEP_SECONDS.append((f"predict {os.path.basename(output)}", time.perf_counter() - start))
+    return STEP_SECONDS[-1][1]
+
+
 def export_check(trained: dict, args, log) -> dict:
-    """For each modality: nnUNetv2_predict of the CSA model (nnUNet_csa_modality) and
-    nnUNetv2_predict_from_modelfolder of its export must give the same segmentations."""
+    """For each modality: the CSA model told the modality (nnUNet_csa_modality) and its stock
+    export (found and built by nnU-Net alone: no nnUNet_extTrainer) must segment the held-out
+    cases identically. Both with nnU-Net's predictor in this process, at nnUNetv2_predict's
+    defaults: the commands cost a process and worker pools per call, device minutes here, and
+    are tested with the same models on CPU (tests/test_trainer_integration.py)."""
     import numpy as np
 
     heldout = os.path.join(args.work, "heldout")
     run("nnUNetv2_csa_heldout", ["-d", DATASET_ID, "-f", 0, "-o", heldout], log)
     model_folder = os.path.dirname(trained[EXPORTED_ROW]["output_folder"])
-    trainer = trained[EXPORTED_ROW]["trainer"]
     checks = {}
     for modality in sorted(os.listdir(heldout)):
         images = os.path.join(heldout, modality, "images")
         exported = os.path.join(args.work, f"exported_{modality}")
         outputs = {kind: os.path.join(args.work, f"pred_{kind}_{modality}") for kind in ("csa", "exported")}
-        common = ["-f", 0, "-device", args.device, "--disable_tta", "-npp", 1, "-nps", 1]
-        seconds = run("nnUNetv2_predict", ["-i", images, "-o", outputs["csa"], "-d", DATASET_ID, "-c", "2d",
-                                           "-tr", trainer] + common, log, env={"nnUNet_csa_modality": modality})
+        seconds = _predict(model_folder, images, outputs["csa"], args.device,
+                           {"nnUNet_csa_modality": modality}, log)
         run("nnUNetv2_csa_export_modality", ["-m", model_folder, "--modality", modality, "-o", exported], log)
-        run("nnUNetv2_predict_from_modelfolder", ["-i", images, "-o", outputs["exported"], "-m", exported] + common,
-            log)
+        _predict(exported, images, outputs["exported"], args.device,
+                 {"nnUNet_extTrainer": None, "nnUNet_csa_modality": None}, log)
         cases = sorted(os.path.basename(p) for p in glob.glob(os.path.join(outputs["csa"], "*.nii.gz")))
         differing = 0
         for case in cases:

@@ -17,7 +17,7 @@
 #      the step-time difference to MSBN, the same network without the term);
 #   5. predicts the validation cases on the GPU (nnU-Net's final validation), exports each
 #      modality of the CSA model as a stock nnU-Net model and checks that the export predicts
-#      the held-out cases identically to nnUNetv2_predict of the CSA model;
+#      the held-out cases identically to the CSA model (nnU-Net's predictor, in process);
 #   6. writes gpu_check.json and gpu_check.md to --out (default $OUT if set, else
 #      ./gpu_check_out).
 #

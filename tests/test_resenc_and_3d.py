@@ -1,5 +1,6 @@
-"""Beyond the paper's path, end to end through nnU-Net's own commands on CPU: the
-residual-encoder presets (nnUNetPlannerResEncM) and the 3d_fullres configuration."""
+"""Beyond the paper's path, end to end on CPU: the residual-encoder presets
+(nnUNetPlannerResEncM) and the 3d_fullres configuration, planned and trained with nnU-Net's
+own commands, exported with ours, predicted with nnU-Net's predictor."""
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import TINY_DATASET_ID, nnunet_environment, run_command
+from nnunetv2_csa.tools.prediction import predict_folder
 
 pytestmark = pytest.mark.integration
 
@@ -36,11 +38,12 @@ def _validation_inputs(env, dataset_name, modality, destination):
 
 
 def _predict_from_model_folder(env, model_folder, inputs, output, modality=None):
-    env = {k: v for k, v in env.items() if k != "nnUNet_csa_modality"}
-    if modality is not None:
-        env["nnUNet_csa_modality"] = modality
-    run_command(["nnUNetv2_predict_from_modelfolder", "-i", inputs, "-o", output, "-m", model_folder, "-f", "0",
-                 "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    """nnU-Net's predictor in this process (nnUNetv2_predict's code and defaults; the command
+    itself is tested with this package's trainers in tests/test_trainer_integration.py)."""
+    overrides = {"nnUNet_extTrainer": env.get("nnUNet_extTrainer"), "nnUNet_csa_modality": modality}
+    with open(f"{output}.log", "w") as log:
+        error = predict_folder(model_folder, 0, inputs, output, "cpu", overrides, log)
+    assert error is None, f"{error}\n{open(f'{output}.log').read()[-3000:]}"
     return _read_labels(output)
 
 

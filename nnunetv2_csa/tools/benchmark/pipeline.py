@@ -287,8 +287,9 @@ def write_outputs(benchmark: Benchmark, row_results: Sequence[RowResult], result
                        "case_fold": {c: run.fold for run in benchmark.fold_runs for c in run.test_set.cases},
                        "case_source": {c: test_set.source(c) for c in test_set.cases},
                        "sources": {VALIDATION_SOURCE: "final-validation predictions of the fold's held-out cases",
-                                   OTHER_MODALITY_SOURCE: "nnU-Net's predictor (nnUNetv2_predict's defaults) on the other modality of the held-out "
-                                                          "patients (left out of training by --unpaired)"}},
+                                   OTHER_MODALITY_SOURCE: "nnU-Net's predictor (nnUNetv2_predict's defaults) on the "
+                                                          "other modality of the held-out patients (left out of "
+                                                          "training by --unpaired)"}},
         "rows": [{"row": r.row, "status": r.status, "error": r.error, "trainers": sorted({m.trainer for m in r.models}),
                   "trained": r.trained, "reused": r.reused, "training_seconds": r.training_seconds}
                  for r in row_results],

@@ -3,7 +3,6 @@ other-modality test cases, and the timing of each trainer in a fresh process.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -12,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import time
-import traceback
 from typing import Sequence
 
 from tqdm import tqdm
@@ -21,6 +19,7 @@ from nnunetv2_csa.tools.benchmark.common import BenchmarkError, json_safe, log_s
 from nnunetv2_csa.tools.benchmark.rows import CSA_FAMILY, Model, RowResult
 from nnunetv2_csa.tools.benchmark.scoring import TestSet, model_for
 from nnunetv2_csa.tools.commands import run_console
+from nnunetv2_csa.tools.prediction import predict_folder
 
 
 #: the report folder's record of each trainer's timing and its date, kept across reruns
@@ -187,53 +186,6 @@ def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str
             return
         with open(_prediction_record(model, modality), "w") as f:
             json.dump(made_by, f, indent=1)
-
-
-@contextlib.contextmanager
-def environment(overrides: dict):
-    """``os.environ`` with ``overrides`` (None: unset) for the duration."""
-    saved = {key: os.environ.get(key) for key in overrides}
-
-    def apply(values):
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    apply(overrides)
-    try:
-        yield
-    finally:
-        apply(saved)
-
-
-def predict_folder(model_folder: str, fold: int, input_folder: str, output_folder: str, device: str,
-                   overrides: dict, log) -> str | None:
-    """Segments every image of ``input_folder`` into ``output_folder`` with nnU-Net's own
-    predictor at ``nnUNetv2_predict``'s defaults (step 0.5, Gaussian weighting, mirroring,
-    checkpoint_final.pth), in this process: one import of nnU-Net for all the benchmark's
-    predictions instead of a command, its worker pools and their imports per model and
-    modality. ``overrides``: environment variables the trainer reads when it builds the
-    network (nnUNet_extTrainer to find it, nnUNet_csa_modality). Returns None, or the error,
-    whose traceback goes to ``log``."""
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    log.write(f"===== {time.strftime('%Y-%m-%dT%H:%M:%S')} nnUNetPredictor: {model_folder} fold {fold}, "
-              f"{input_folder} -> {output_folder}, device {device}, {overrides}\n")
-    log.flush()
-    try:
-        with environment(overrides), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            predictor = nnUNetPredictor(device=torch.device(device), verbose=False, allow_tqdm=False)
-            predictor.initialize_from_trained_model_folder(model_folder, (fold,), "checkpoint_final.pth")
-            os.makedirs(output_folder, exist_ok=True)
-            predictor.predict_from_files_sequential(input_folder, output_folder, save_probabilities=False,
-                                                    overwrite=True)
-    except Exception as e:  # noqa: BLE001 - a row's failure is reported in its table, the others go on
-        traceback.print_exc(file=log)
-        message = str(e).strip().splitlines()
-        return f"{type(e).__name__}: {message[0] if message else ''}"[:300]
-    return None
 
 
 def kept_or_new_timings(to_time: Sequence[tuple[str, str]], cache_file: str, iterations: int, retime: bool,
