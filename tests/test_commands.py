@@ -7,19 +7,35 @@ import pytest
 from nnunetv2_csa.tools import commands
 
 
-def test_an_installed_command_runs_as_the_script_beside_this_interpreter():
-    assert commands.console_command("nnUNetv2_train")[0].startswith(sys.prefix)
+def test_an_installed_command_runs_its_entry_point_with_this_interpreter():
+    command = commands.console_command("nnUNetv2_train")
+    assert command[:2] == [sys.executable, "-c"]
+    assert "sys.argv[0] = 'nnUNetv2_train'; from nnunetv2.run.run_training import run_training_entry" in command[2]
+    completed = subprocess.run(command + ["--help"], capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.startswith("usage: nnUNetv2_train")
 
 
 def test_console_command_falls_back_to_the_checkouts_pyproject_when_the_package_is_not_installed(monkeypatch):
     # on the GPU machine the package runs from the checkout: its console scripts are not installed
     monkeypatch.setattr(commands, "_script_beside_interpreter", lambda name: None)
     monkeypatch.setattr(commands.importlib.metadata, "entry_points", lambda group: [])
-    command = commands.console_command("nnUNetv2_csa_heldout")
+    commands._entry_point.cache_clear()
+    try:
+        command = commands.console_command("nnUNetv2_csa_heldout")
+    finally:
+        commands._entry_point.cache_clear()
     assert command[:2] == [sys.executable, "-c"]
     assert "from nnunetv2_csa.tools.heldout import main as main" in command[2]
     completed = subprocess.run(command + ["--help"], capture_output=True, text=True, cwd=commands.CHECKOUT)
     assert completed.returncode == 0 and "held-out" in completed.stdout
+
+
+def test_a_script_beside_the_interpreter_that_no_entry_point_names_runs_as_it_is(tmp_path, monkeypatch):
+    script = tmp_path / "bin" / "some_tool"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\necho hello\n")
+    monkeypatch.setattr(commands.sys, "executable", str(tmp_path / "bin" / "python"))
+    assert commands.console_command("some_tool") == [str(script)]
 
 
 def test_an_unknown_command_is_a_one_line_error_that_names_it(monkeypatch):
