@@ -37,11 +37,12 @@ converted with ``--unpaired`` also holds the modality each patient did not contr
 (``imagesOtherModality``); those of the fold's held-out patients are test cases too, as
 unseen as the validation cases, and are predicted here with nnU-Net's own predictor at
 ``nnUNetv2_predict``'s defaults, in the benchmark's process (``nnUNet_csa_modality`` set for
-the CSA family). This doubles the test patients per
-modality, which the patient-level Wilcoxon test needs. A row whose training fails or whose
-predictions are missing is reported as FAILED with its error; the other rows still run.
+the CSA family). This doubles the test patients per modality, which the patient-level
+Wilcoxon test needs. A row whose training fails or whose predictions are missing is
+reported as FAILED with its error; the other rows still run.
 
 The stages live in modules of their own: ``rows`` (rows, trainer names, budgets), ``runner``
-(training, prediction and timing with nnU-Net), ``scoring`` (test cases and their scores), ``tables``, ``plots``,
-``report``; ``pipeline.run_benchmark`` reads as the four stages; ``cli`` is the command.
+(training, prediction and timing with nnU-Net), ``scoring`` (test cases and their scores),
+``tables``, ``plots``, ``report``; ``pipeline.run_benchmark`` reads as the four stages;
+``cli`` is the command.
 """
