@@ -1,5 +1,6 @@
 """The README's "nnU-Net workflow" block, run as printed (on phantoms, a short-budget trainer and
--device cpu), so that the README cannot drift from what the commands do."""
+the README's flags for a CPU machine with few cores), so that the README cannot drift from what
+the commands do."""
 import os
 import re
 import subprocess
@@ -27,8 +28,13 @@ SUBSTITUTIONS = (
     ("-tr nnUNetTrainerCSA\n", f"-tr {SHORT_TRAINER}\n"),
     ("nnUNetTrainerCSA__nnUNetPlans__2d", f"{SHORT_TRAINER}__nnUNetPlans__2d"),
 )
-#: the README says to add -device cpu on a machine without a GPU: these are the commands it means
-CPU_COMMANDS = ("nnUNetv2_train", "nnUNetv2_predict", "nnUNetv2_predict_from_modelfolder")
+#: the README's advice for a machine without a GPU and with few cores (2 here), per command: what the
+#: test adds; each must be in the block's comments, so the test follows only what the README says
+FEW_CORES_CPU_FLAGS = {"nnUNetv2_plan_and_preprocess": "-np 2 -npfp 2", "nnUNetv2_train": "-device cpu",
+                       "nnUNetv2_predict": "-device cpu -npp 1 -nps 1",
+                       "nnUNetv2_predict_from_modelfolder": "-device cpu -npp 1 -nps 1"}
+ADVICE = ("add -np 2 -npfp 2", "add -device cpu on a machine without a GPU", "add -device cpu",
+          "-npp 1 -nps 1")
 
 
 def readme_workflow_block() -> str:
@@ -41,17 +47,22 @@ def runnable(block: str, data: dict) -> str:
     for printed, run in SUBSTITUTIONS:
         assert printed in block, f"the README's workflow block no longer contains {printed!r}: update this test"
         block = block.replace(printed, run.format(**data))
+    for advice in ADVICE:
+        assert advice in block, f"the README's workflow block no longer advises {advice!r}: update this test"
     lines = []
     for line in block.splitlines():
         command = re.sub(r"^(\w+=\S+ )*", "", line).split(" ", 1)[0]
-        lines.append(f"{line} -device cpu" if command in CPU_COMMANDS and "-device" not in line else line)
+        flags = FEW_CORES_CPU_FLAGS.get(command)
+        lines.append(f"{line} {flags}" if flags and "-device" not in line and "-np " not in line else line)
     return "\n".join(lines) + "\n"
 
 
-def test_substitutions_leave_every_command_and_add_the_cpu_device():
+def test_substitutions_leave_every_command_and_add_the_readmes_flags_for_a_few_core_cpu():
     script = runnable(readme_workflow_block(), {"mscmrseg": "/m", "mmwhs": "/w", "myops": "/y"})
     assert f"nnUNetv2_train 501 2d 0 -tr {SHORT_TRAINER} -device cpu" in script
-    assert "nnUNet_csa_modality=LGE nnUNetv2_predict -d 501" in script and "-o out_LGE -device cpu" in script
+    assert "nnUNet_csa_modality=LGE nnUNetv2_predict -d 501" in script
+    assert "-o out_LGE -device cpu -npp 1 -nps 1" in script and "-o out_LGE_stock -device cpu -npp 1 -nps 1" in script
+    assert "nnUNetv2_plan_and_preprocess -d 501 -c 2d --verify_dataset_integrity -np 2 -npfp 2" in script
     assert "nnUNetTrainerCSA " not in script.replace(SHORT_TRAINER, "")
 
 
