@@ -219,9 +219,10 @@ def prepare_dataset(work: str, dry_run: bool, log) -> dict:
         description = f"MyoPS 2020, {len(glob.glob(os.path.join(source, 'Case*')))} patients from gpu_data/"
     # no marker: an earlier call may have stopped (at a device's time limit) after converting and
     # before planning ended; that dataset is this script's own scratch, replaced once the new one is complete
+    workers = 2 if dry_run else 8  # a dry run's CPU has few cores; nnU-Net's fingerprint default is 8 workers
     run("nnUNetv2_csa_convert_myops", ["-i", source, "-d", DATASET_ID, "--modalities", "C0", "LGE", "--unpaired",
-                                       "--split", "80-20", "-np", 2 if dry_run else 8, "--overwrite"], log)
-    run("nnUNetv2_plan_and_preprocess", ["-d", DATASET_ID, "-c", "2d", "-np", 2 if dry_run else 8], log)
+                                       "--split", "80-20", "-np", workers, "--overwrite"], log)
+    run("nnUNetv2_plan_and_preprocess", ["-d", DATASET_ID, "-c", "2d", "-np", workers, "-npfp", workers], log)
     with open(prepared, "w") as f:
         json.dump({"source": description}, f)
     return {"source": description}
