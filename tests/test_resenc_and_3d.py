@@ -105,7 +105,8 @@ def volume_dataset(tmp_path_factory):
     write_mmwhs_phantom(str(root / "phantom"), n_per_modality=3, size=32, seed=2)
     run_command(["nnUNetv2_csa_convert_mmwhs", "-i", str(root / "phantom"), "-d", str(VOLUME_DATASET_ID),
                  "--split", "80-20"], env)
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(VOLUME_DATASET_ID), "-c", "3d_fullres", "-np", "2"], env)
+    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(VOLUME_DATASET_ID), "-c", "3d_fullres", "-np", "2",
+                 "-npfp", "2"], env)
     name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{VOLUME_DATASET_ID}_"))
     return dict(env, dataset_id=str(VOLUME_DATASET_ID)), name
 

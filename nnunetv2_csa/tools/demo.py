@@ -116,7 +116,7 @@ def convert(layout: str, source: str, dataset_id: int, crop) -> str:
 def plan_and_preprocess(dataset_id: int, reduced: bool, log_file: str, configuration: str = "2d") -> str:
     d = str(dataset_id)
     if not reduced:
-        run_logged(["nnUNetv2_plan_and_preprocess", "-d", d, "-c", configuration, "-np", "2",
+        run_logged(["nnUNetv2_plan_and_preprocess", "-d", d, "-c", configuration, "-np", "2", "-npfp", "2",
                     "--verify_dataset_integrity"], log_file)
         return "nnUNetPlans"
     run_logged(["nnUNetv2_extract_fingerprint", "-d", d, "-np", "2", "--verify_dataset_integrity"], log_file)
