@@ -2,8 +2,8 @@
 whose header says what it does, how to carry it to a GPU machine and what ``--dry-run`` is).
 
 The orchestrator runs every step as the console command a user would run (converter,
-nnUNetv2_plan_and_preprocess, nnUNetv2_csa_heldout, the export), except the export check's
-predictions: nnU-Net's predictor in process (``export_check`` says why). Each
+nnUNetv2_plan_and_preprocess, nnUNetv2_csa_heldout), except the export check, which exports
+and predicts in process (``export_check`` says why). Each
 training runs in a fresh process (``--train-one``) that builds the trainer the way
 ``nnUNetv2_train`` does and wraps three of its methods on the instance to measure:
 ``train_step`` (wall time, CUDA-synchronised; a window of steps under torch.profiler),
@@ -292,10 +292,12 @@ def _predict(model_folder: str, images: str, output: str, device: str, overrides
 def export_check(trained: dict, args, log) -> dict:
     """For each modality: the CSA model told the modality (nnUNet_csa_modality) and its stock
     export (found and built by nnU-Net alone: no nnUNet_extTrainer) must segment the held-out
-    cases identically. Both with nnU-Net's predictor in this process, at nnUNetv2_predict's
-    defaults: the commands cost a process and worker pools per call, device minutes here, and
-    are tested with the same models on CPU (tests/test_trainer_integration.py)."""
+    cases identically. The export and both predictions run in this process (nnU-Net's predictor
+    at nnUNetv2_predict's defaults): their commands cost a process, its imports and worker pools
+    per call, device minutes here, and are tested on CPU (tests/test_trainer_integration.py)."""
     import numpy as np
+
+    from nnunetv2_csa.tools.export import export_modality
 
     heldout = os.path.join(args.work, "heldout")
     run("nnUNetv2_csa_heldout", ["-d", DATASET_ID, "-f", 0, "-o", heldout], log)
@@ -307,7 +309,9 @@ def export_check(trained: dict, args, log) -> dict:
         outputs = {kind: os.path.join(args.work, f"pred_{kind}_{modality}") for kind in ("csa", "exported")}
         seconds = _predict(model_folder, images, outputs["csa"], args.device,
                            {"nnUNet_csa_modality": modality}, log)
-        run("nnUNetv2_csa_export_modality", ["-m", model_folder, "--modality", modality, "-o", exported], log)
+        start = time.perf_counter()
+        export_modality(model_folder, modality, exported)
+        STEP_SECONDS.append((f"export {modality}", time.perf_counter() - start))
         _predict(exported, images, outputs["exported"], args.device,
                  {"nnUNet_extTrainer": None, "nnUNet_csa_modality": None}, log)
         cases = sorted(os.path.basename(p) for p in glob.glob(os.path.join(outputs["csa"], "*.nii.gz")))

@@ -446,8 +446,13 @@ def test_rerun_skips_finished_rows_and_a_failing_row_is_reported(benchmark_run, 
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_def_n_proc",
                 "nnUNet_compile"):
         monkeypatch.setenv(key, env[key])
-    # a row whose trainer nnU-Net cannot find: its training command fails like any broken row
-    monkeypatch.setitem(benchmark_rows.ROW_TRAINERS, "MSBN", "nnUNetTrainerDoesNotExist")
+    # a row whose training command fails (as nnU-Net's does, with the error last in its output); the
+    # other rows' models are reused, so no other command runs
+    def failing_training(name, arguments, log, env):
+        assert name == "nnUNetv2_train" and "nnUNetTrainerMSBN_1epochs_5its" in arguments
+        log.write("Traceback (most recent call last):\nRuntimeError: Could not find requested nnunet trainer\n")
+        return subprocess.CompletedProcess([name], 1)
+    monkeypatch.setattr(runner, "run_console", failing_training)
     results = os.path.join(env["nnUNet_results"], dataset_name)
     checkpoints = {name: os.path.getmtime(os.path.join(results, f"{name}__nnUNetPlans__2d", "fold_0",
                                                        "checkpoint_final.pth"))
@@ -476,7 +481,7 @@ def test_rerun_skips_finished_rows_and_a_failing_row_is_reported(benchmark_run, 
         dice_table = _markdown_tables(_section(text, f"### {modality} "))[0]
         by_row = {cells[0]: cells for cells in dice_table}
         assert list(by_row) == ["Joint", "MSBN", "CSA"]
-        assert by_row["MSBN"][1].startswith("FAILED: training nnUNetTrainerDoesNotExist_1epochs_5its exited")
+        assert by_row["MSBN"][1].startswith("FAILED: training nnUNetTrainerMSBN_1epochs_5its exited 1")
         assert "Could not find requested nnunet trainer" in by_row["MSBN"][1]
         assert set(by_row["MSBN"][2:]) == {"FAILED"}
         for row in ("Joint", "CSA"):

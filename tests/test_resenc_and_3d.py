@@ -1,6 +1,6 @@
 """Beyond the paper's path, end to end on CPU: the residual-encoder presets
 (nnUNetPlannerResEncM) and the 3d_fullres configuration, planned and trained with nnU-Net's
-own commands, exported with ours, predicted with nnU-Net's predictor."""
+own commands, then exported and predicted (nnU-Net's predictor) in the test's process."""
 import json
 import os
 import re
@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import TINY_DATASET_ID, nnunet_environment, run_command
+from nnunetv2_csa.tools.export import export_modality
 from nnunetv2_csa.tools.prediction import predict_folder
 
 pytestmark = pytest.mark.integration
@@ -60,7 +61,7 @@ def _predict_and_export(env, dataset_name, configuration, plans, modality, tmp_p
     predicted = _predict_from_model_folder(env, model_folder, inputs, str(tmp_path / "predicted"), modality)
     assert sorted(predicted) == sorted(f"{c}.nii.gz" for c in cases)
     exported = str(tmp_path / "exported")
-    run_command(["nnUNetv2_csa_export_modality", "-m", model_folder, "--modality", modality, "-o", exported], env)
+    export_modality(model_folder, modality, exported)  # the command: tests/test_trainer_integration.py
     stock_env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
     stock = _predict_from_model_folder(stock_env, exported, inputs, str(tmp_path / "stock"))
     return os.path.join(model_folder, "fold_0"), predicted, stock

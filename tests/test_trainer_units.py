@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -235,13 +236,19 @@ def _trainer_for_validation(monkeypatch, cases, order="nnunet"):
     return trainer
 
 
-def test_final_validation_routes_each_case_to_its_modality_as_nnunet_loads_it(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_final_validation_routes_each_case_to_its_modality_as_nnunet_loads_it(monkeypatch, compiled):
     cases = {"p1_LGE": "LGE", "p2_C0": "C0", "p4_C0": "C0", "p3_LGE": "LGE"}
     trainer = _trainer_for_validation(monkeypatch, cases)
+    if compiled:  # as nnU-Net's trainer on a GPU: the order check's hook sits on the compiled wrapper
+        torch._dynamo.reset()
+        trainer.network = torch.compile(trainer.network, backend="eager")
     trainer.perform_actual_validation()
     assert trainer.predicted == [("p1_LGE", {0}), ("p2_C0", {1}), ("p4_C0", {1}), ("p3_LGE", {0})]
     # validation over: nnU-Net's dataset class and a hook-free network again
     assert trainer.dataset_class is _FakeDataset and not trainer.network._forward_pre_hooks
+    if compiled:
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("order, message", [
