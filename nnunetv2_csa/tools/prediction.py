@@ -14,23 +14,7 @@ import os
 import time
 import traceback
 
-
-@contextlib.contextmanager
-def environment(overrides: dict):
-    """``os.environ`` with ``overrides`` (None: unset) for the duration."""
-    saved = {key: os.environ.get(key) for key in overrides}
-
-    def apply(values):
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    apply(overrides)
-    try:
-        yield
-    finally:
-        apply(saved)
+from nnunetv2_csa.tools.commands import environment
 
 
 def predict_folder(model_folder: str, fold: int, input_folder: str, output_folder: str, device: str,

@@ -38,6 +38,8 @@ import tempfile
 import time
 from typing import Sequence
 
+from nnunetv2_csa.tools.commands import environment
+
 WARMUP_ITERATIONS = 2
 EPOCH_END_REPEATS = 3
 
@@ -45,16 +47,11 @@ EPOCH_END_REPEATS = 3
 @contextlib.contextmanager
 def _temporary_results_folder():
     # nnunetv2.paths reads nnUNet_results from the environment at each access
-    previous = os.environ.get("nnUNet_results")
     folder = tempfile.mkdtemp(prefix="csa_timing_results_")
-    os.environ["nnUNet_results"] = folder
     try:
-        yield folder
+        with environment({"nnUNet_results": folder}):
+            yield folder
     finally:
-        if previous is None:
-            os.environ.pop("nnUNet_results", None)
-        else:
-            os.environ["nnUNet_results"] = previous
         shutil.rmtree(folder, ignore_errors=True)
 
 
