@@ -53,13 +53,20 @@ GPU_ESTIMATE = "about 12 minutes on an H200: data and plan ~1 min, each training
 STEP_SECONDS: list[tuple[str, float]] = []
 
 
+@contextlib.contextmanager
+def timed(step: str):
+    """Records the wall time of the block as ``step`` in STEP_SECONDS (if it completes)."""
+    start = time.perf_counter()
+    yield
+    STEP_SECONDS.append((step, time.perf_counter() - start))
+
+
 def run(name: str, args: list, log, env: dict | None = None) -> float:
     """Runs console command ``name``; its output goes to ``log``; returns its wall time."""
-    start = time.perf_counter()
-    completed = run_console(name, args, log, {**os.environ, **(env or {})})
-    if completed.returncode != 0:
-        raise RuntimeError(f"{name} failed (exit {completed.returncode}); its output is in {log.name}")
-    STEP_SECONDS.append((name, time.perf_counter() - start))
+    with timed(name):
+        completed = run_console(name, args, log, {**os.environ, **(env or {})})
+        if completed.returncode != 0:
+            raise RuntimeError(f"{name} failed (exit {completed.returncode}); its output is in {log.name}")
     return STEP_SECONDS[-1][1]
 
 
@@ -258,9 +265,8 @@ def train_all(args, log) -> tuple[dict, dict]:
         print(f"[gpu_check] $ {' '.join(command)}", file=log, flush=True)
         # augmentation in the trainer's own process is the fastest on a few CPU cores
         env = {**os.environ, "nnUNet_n_proc_DA": "0"} if args.dry_run else None
-        start = time.perf_counter()
-        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        STEP_SECONDS.append((f"train {row}", time.perf_counter() - start))
+        with timed(f"train {row}"):
+            completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         if completed.returncode != 0:
             failures[row] = f"training {name} failed (exit {completed.returncode}); its output is in {log.name}"
             print(f"[gpu_check] {failures[row]}", flush=True)
@@ -281,11 +287,10 @@ def _read_segmentation(path: str):
 
 def _predict(model_folder: str, images: str, output: str, device: str, overrides: dict, log) -> float:
     """nnU-Net's predictor on ``images`` in this process; returns its wall time."""
-    start = time.perf_counter()
-    error = predict_folder(model_folder, 0, images, output, device, overrides, log)
-    if error:
-        raise RuntimeError(f"predicting {images} with {model_folder} failed: {error}; see {log.name}")
-    STEP_SECONDS.append((f"predict {os.path.basename(output)}", time.perf_counter() - start))
+    with timed(f"predict {os.path.basename(output)}"):
+        error = predict_folder(model_folder, 0, images, output, device, overrides, log)
+        if error:
+            raise RuntimeError(f"predicting {images} with {model_folder} failed: {error}; see {log.name}")
     return STEP_SECONDS[-1][1]
 
 
@@ -309,9 +314,8 @@ def export_check(trained: dict, args, log) -> dict:
         outputs = {kind: os.path.join(args.work, f"pred_{kind}_{modality}") for kind in ("csa", "exported")}
         seconds = _predict(model_folder, images, outputs["csa"], args.device,
                            {"nnUNet_csa_modality": modality}, log)
-        start = time.perf_counter()
-        export_modality(model_folder, modality, exported)
-        STEP_SECONDS.append((f"export {modality}", time.perf_counter() - start))
+        with timed(f"export {modality}"):
+            export_modality(model_folder, modality, exported)
         _predict(exported, images, outputs["exported"], args.device,
                  {"nnUNet_extTrainer": None, "nnUNet_csa_modality": None}, log)
         cases = sorted(os.path.basename(p) for p in glob.glob(os.path.join(outputs["csa"], "*.nii.gz")))
