@@ -33,8 +33,8 @@ SUBSTITUTIONS = (
 FEW_CORES_CPU_FLAGS = {"nnUNetv2_plan_and_preprocess": "-np 2 -npfp 2", "nnUNetv2_train": "-device cpu",
                        "nnUNetv2_predict": "-device cpu -npp 1 -nps 1",
                        "nnUNetv2_predict_from_modelfolder": "-device cpu -npp 1 -nps 1"}
-ADVICE = ("add -np 2 -npfp 2", "add -device cpu on a machine without a GPU", "add -device cpu",
-          "-npp 1 -nps 1")
+ADVICE = ("add -np 2 -npfp 2", "add -device cpu on a machine without a GPU",
+          "without a GPU add -device cpu, as for training, and with few CPU cores -npp 1 -nps 1")
 
 
 def readme_workflow_block() -> str:

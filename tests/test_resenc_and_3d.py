@@ -48,11 +48,6 @@ def _predict_from_model_folder(env, model_folder, inputs, output, modality=None)
     return _read_labels(output)
 
 
-def _train(env, configuration, plans):
-    run_command(["nnUNetv2_train", str(env["dataset_id"]), configuration, "0", "-tr", TRAINER, "-p", plans,
-                 "-device", "cpu"], env)
-
-
 def _predict_and_export(env, dataset_name, configuration, plans, modality, tmp_path):
     """Predicts one modality's validation cases with the trained CSA model and with its stock
     export; returns the model's fold folder and both predictions."""
@@ -75,7 +70,6 @@ def _log_text(fold_folder):
 def test_resenc_m_plans_train_predict_and_export_with_taps_inside_a_residual_block(tiny_preprocessed_dataset,
                                                                                    tmp_path):
     env, dataset_name = tiny_preprocessed_dataset
-    env = dict(env, dataset_id=str(TINY_DATASET_ID))
     # the preset's batch for an 8 GB GPU is 180 slices of 48 x 48 here: a small memory target keeps the
     # residual encoder (and the patch) but gives a batch a CPU can run
     run_command(["nnUNetv2_plan_experiment", "-d", str(TINY_DATASET_ID), "-pl", "nnUNetPlannerResEncM",
@@ -86,7 +80,8 @@ def test_resenc_m_plans_train_predict_and_export_with_taps_inside_a_residual_blo
         architecture = json.load(f)["configurations"]["2d"]["architecture"]["network_class_name"]
     assert architecture.endswith("ResidualEncoderUNet")
 
-    _train(env, "2d", RESENC_PLANS)
+    run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-p", RESENC_PLANS, "-device",
+                 "cpu"], env)
     fold, predicted, stock = _predict_and_export(env, dataset_name, "2d", RESENC_PLANS, "LGE", tmp_path)
     # the two convolutions of the first residual block of the middle encoder stage
     assert re.search(r"csa consistency between layers \('encoder\.stages\.(\d+)\.blocks\.0\.conv1', "
@@ -109,7 +104,7 @@ def volume_dataset(tmp_path_factory):
     run_command(["nnUNetv2_plan_and_preprocess", "-d", str(VOLUME_DATASET_ID), "-c", "3d_fullres", "-np", "2",
                  "-npfp", "2"], env)
     name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{VOLUME_DATASET_ID}_"))
-    return dict(env, dataset_id=str(VOLUME_DATASET_ID)), name
+    return env, name
 
 
 def test_3d_fullres_benchmark_trains_with_the_affinity_over_volumes_scores_predicts_and_exports(volume_dataset,
@@ -119,7 +114,7 @@ def test_3d_fullres_benchmark_trains_with_the_affinity_over_volumes_scores_predi
         assert len(json.load(f)["configurations"]["3d_fullres"]["patch_size"]) == 3
     # trained through the benchmark (the demo's -c 3d_fullres runs the same), scored there
     report = tmp_path / "report"
-    run_command(["nnUNetv2_csa_benchmark", "-d", env["dataset_id"], "-c", "3d_fullres", "-f", "0", "--rows", "CSA",
+    run_command(["nnUNetv2_csa_benchmark", "-d", str(VOLUME_DATASET_ID), "-c", "3d_fullres", "-f", "0", "--rows", "CSA",
                  "--budget", "1", "5", "-device", "cpu", "--timing-iterations", "0", "-o", str(report)], env)
     assert "configuration `3d_fullres`" in (report / "report.md").read_text()
     scores = pd.read_csv(report / "results.csv")
