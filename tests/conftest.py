@@ -65,6 +65,26 @@ def run_command(args, env, timeout=900, check=True) -> subprocess.CompletedProce
     return result
 
 
+def read_labels(folder) -> dict:
+    """Each segmentation of ``folder`` (file name -> array)."""
+    import SimpleITK as sitk
+    return {f: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, f)))
+            for f in sorted(os.listdir(folder)) if f.endswith(".nii.gz")}
+
+
+def predict_in_process(env, model_folder, input_folder, output_folder, modality=None) -> dict:
+    """nnU-Net's predictor in the test's process (nnUNetv2_predict's code and defaults,
+    tools/prediction.py), told ``modality``; returns the segmentations. The commands
+    themselves run in tests/test_trainer_integration.py and the README's workflow test."""
+    from nnunetv2_csa.tools.prediction import predict_folder
+
+    overrides = {"nnUNet_extTrainer": env.get("nnUNet_extTrainer"), "nnUNet_csa_modality": modality}
+    with open(f"{output_folder}.log", "w") as log:
+        error = predict_folder(str(model_folder), 0, str(input_folder), str(output_folder), "cpu", overrides, log)
+    assert error is None, f"{error}\n{open(f'{output_folder}.log').read()[-3000:]}"
+    return read_labels(output_folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_preprocessed_dataset(tmp_path_factory):
     """The one nnU-Net dataset of the session's 2D tests (the benchmark's, the trainers',

@@ -9,22 +9,15 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import SimpleITK as sitk
 
-from conftest import TINY_DATASET_ID, nnunet_environment, run_command
+from conftest import TINY_DATASET_ID, nnunet_environment, predict_in_process, run_command
 from nnunetv2_csa.tools.export import export_modality
-from nnunetv2_csa.tools.prediction import predict_folder
 
 pytestmark = pytest.mark.integration
 
 TRAINER = "nnUNetTrainerCSA_1epochs_5its"
 RESENC_PLANS = "nnUNetResEncUNetMPlans"
 VOLUME_DATASET_ID = 995
-
-
-def _read_labels(folder):
-    return {f: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, f)))
-            for f in sorted(os.listdir(folder)) if f.endswith(".nii.gz")}
 
 
 def _validation_inputs(env, dataset_name, modality, destination):
@@ -38,27 +31,17 @@ def _validation_inputs(env, dataset_name, modality, destination):
     return destination, cases
 
 
-def _predict_from_model_folder(env, model_folder, inputs, output, modality=None):
-    """nnU-Net's predictor in this process (nnUNetv2_predict's code and defaults; the command
-    itself is tested with this package's trainers in tests/test_trainer_integration.py)."""
-    overrides = {"nnUNet_extTrainer": env.get("nnUNet_extTrainer"), "nnUNet_csa_modality": modality}
-    with open(f"{output}.log", "w") as log:
-        error = predict_folder(model_folder, 0, inputs, output, "cpu", overrides, log)
-    assert error is None, f"{error}\n{open(f'{output}.log').read()[-3000:]}"
-    return _read_labels(output)
-
-
 def _predict_and_export(env, dataset_name, configuration, plans, modality, tmp_path):
     """Predicts one modality's validation cases with the trained CSA model and with its stock
     export; returns the model's fold folder and both predictions."""
     model_folder = os.path.join(env["nnUNet_results"], dataset_name, f"{TRAINER}__{plans}__{configuration}")
     inputs, cases = _validation_inputs(env, dataset_name, modality, str(tmp_path / "inputs"))
-    predicted = _predict_from_model_folder(env, model_folder, inputs, str(tmp_path / "predicted"), modality)
+    predicted = predict_in_process(env, model_folder, inputs, str(tmp_path / "predicted"), modality)
     assert sorted(predicted) == sorted(f"{c}.nii.gz" for c in cases)
     exported = str(tmp_path / "exported")
     export_modality(model_folder, modality, exported)  # the command: tests/test_trainer_integration.py
     stock_env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
-    stock = _predict_from_model_folder(stock_env, exported, inputs, str(tmp_path / "stock"))
+    stock = predict_in_process(stock_env, exported, inputs, str(tmp_path / "stock"))
     return os.path.join(model_folder, "fold_0"), predicted, stock
 
 

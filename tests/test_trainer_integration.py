@@ -1,6 +1,7 @@
 """End to end through nnU-Net's own commands on CPU: train a short CSA variant, resume it
-with --c, predict both modalities with nnUNetv2_predict, export one modality and predict
-it with stock nnU-Net (same segmentation)."""
+with --c, predict each modality told it (nnUNetv2_predict; nnU-Net's predictor in process),
+export one modality and predict it with stock nnU-Net (same segmentation), and the one-line
+refusals of a missing modality, a swapped modality order and a too small batch."""
 import json
 import os
 import re
@@ -9,10 +10,9 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import SimpleITK as sitk
 import torch
 
-from conftest import TINY_DATASET_ID, run_command
+from conftest import TINY_DATASET_ID, predict_in_process, read_labels, run_command
 from nnunetv2_csa.checkpoints import load_checkpoint
 from nnunetv2_csa.modality import read_modality_tags
 
@@ -126,23 +126,18 @@ def _predict(env, trainer, input_folder, output_folder, modality=None, check=Tru
                         "-npp", "1", "-nps", "1"], env, check=check)
 
 
-def _read_labels(folder):
-    return {f: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, f)))
-            for f in sorted(os.listdir(folder)) if f.endswith(".nii.gz")}
-
-
 @pytest.fixture(scope="module")
 def heldout_predictions(trained_csa_model, tmp_path_factory):
     """The fold's held-out cases as ``nnUNetv2_csa_heldout`` writes them (one folder per
-    modality), each modality predicted by ``nnUNetv2_predict`` told that modality, as the
-    README's workflow does (with nnU-Net's default test-time mirroring, as its final validation)."""
-    env, dataset_name, _ = trained_csa_model
+    modality), each modality predicted told that modality (with nnU-Net's default test-time
+    mirroring, as its final validation): C0 by ``nnUNetv2_predict`` as the README's workflow
+    does (whose own test predicts LGE so), LGE by the same predictor in this process."""
+    env, _, model_folder = trained_csa_model
     heldout = tmp_path_factory.mktemp("heldout") / "heldout"
     printed = run_command(["nnUNetv2_csa_heldout", "-d", str(TINY_DATASET_ID), "-f", "0", "-o", str(heldout)], env)
-    predictions = {}
-    for modality in ("LGE", "C0"):
-        predictions[modality] = heldout.parent / f"predicted_{modality}"
-        _predict(env, TRAINER, str(heldout / modality / "images"), str(predictions[modality]), modality)
+    predictions = {modality: heldout.parent / f"predicted_{modality}" for modality in ("LGE", "C0")}
+    _predict(env, TRAINER, str(heldout / "C0" / "images"), str(predictions["C0"]), "C0")
+    predict_in_process(env, model_folder, str(heldout / "LGE" / "images"), str(predictions["LGE"]), "LGE")
     return heldout, predictions, printed.stdout
 
 
@@ -151,10 +146,10 @@ def test_predicting_each_modality_equals_the_final_validation_of_its_cases(train
     # segmentations equal nnUNetv2_predict (same checkpoint, same mirroring) told the modality
     _, _, model_folder = trained_csa_model
     heldout, predictions, _ = heldout_predictions
-    validation = _read_labels(os.path.join(model_folder, "fold_0", "validation"))
+    validation = read_labels(os.path.join(model_folder, "fold_0", "validation"))
     compared, predicted_cases = 0, 0
     for modality, folder in predictions.items():
-        predicted = _read_labels(str(folder))
+        predicted = read_labels(str(folder))
         assert sorted(predicted) == sorted(os.listdir(heldout / modality / "labels"))
         predicted_cases += len(predicted)
         for name, segmentation in predicted.items():
@@ -167,10 +162,12 @@ def test_predicting_each_modality_equals_the_final_validation_of_its_cases(train
 
 def test_exported_modality_predicts_with_stock_nnunet_what_the_model_predicts(trained_csa_model, heldout_predictions,
                                                                               tmp_path):
+    # C0, the second modality (its norms are the second of each pair); the README's workflow test
+    # exports LGE and predicts it with nnUNetv2_predict_from_modelfolder
     env, _, model_folder = trained_csa_model
     heldout, predictions, _ = heldout_predictions
-    exported = str(tmp_path / "exported_LGE")
-    export = run_command(["nnUNetv2_csa_export_modality", "-m", model_folder, "--modality", "LGE", "-o", exported],
+    exported = str(tmp_path / "exported_C0")
+    export = run_command(["nnUNetv2_csa_export_modality", "-m", model_folder, "--modality", "C0", "-o", exported],
                          env)
     # the printed hint works as printed: it names the exported fold
     assert f"nnUNetv2_predict_from_modelfolder -m {exported} -f 0 -i INPUT -o OUTPUT" in export.stdout
@@ -180,10 +177,8 @@ def test_exported_modality_predicts_with_stock_nnunet_what_the_model_predicts(tr
     assert not any(".norms." in k for k in checkpoint["network_weights"])
 
     stock_env = {k: v for k, v in env.items() if k not in ("nnUNet_extTrainer", "nnUNet_csa_modality")}
-    stock_out = str(tmp_path / "stock_LGE")
-    run_command(["nnUNetv2_predict_from_modelfolder", "-i", str(heldout / "LGE" / "images"), "-o", stock_out,
-                 "-m", exported, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], stock_env)
-    stock, predicted = _read_labels(stock_out), _read_labels(str(predictions["LGE"]))
+    stock = predict_in_process(stock_env, exported, heldout / "C0" / "images", tmp_path / "stock_C0")
+    predicted = read_labels(str(predictions["C0"]))
     assert stock.keys() == predicted.keys() and stock
     for name in stock:
         np.testing.assert_array_equal(stock[name], predicted[name])
@@ -224,7 +219,7 @@ def test_predict_and_export_refuse_a_model_folder_whose_plans_swap_the_modalitie
     assert result.returncode != 0
     assert "['LGE', 'C0']" in result.stderr and "['C0', 'LGE']" in result.stderr
     assert "--modalities LGE C0" in result.stderr
-    assert not os.path.exists(tmp_path / "out") or not _read_labels(str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out") or not read_labels(str(tmp_path / "out"))
     # the export's command turns this error into one line (tests/test_cli.py); here its cause
     from nnunetv2_csa.modality_order import ModalityOrderError
     from nnunetv2_csa.tools.export import export_modality
