@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -496,18 +495,21 @@ def test_rerun_skips_finished_rows_and_a_failing_row_is_reported(benchmark_run, 
 
 
 @pytest.mark.integration
-def test_timing_cli_prints_json_and_leaves_no_model_folder(tiny_preprocessed_dataset):
-    env, dataset_name = tiny_preprocessed_dataset
-    trainer = "nnUNetTrainerMSBN_2epochs_5its"  # trained by no test
-    env = dict(env, nnUNet_n_proc_DA="0")
-    result = subprocess.run([sys.executable, "-m", "nnunetv2_csa.tools.timing", "-d", str(TINY_DATASET_ID),
-                             "-tr", trainer, "-device", "cpu", "-n", "2", "--warmup", "1"], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    timing = json.loads(result.stdout.strip().splitlines()[-1])
-    assert timing["trainer"] == trainer and timing["iterations"] == 2 and len(timing["seconds_per_iteration"]) == 2
-    assert 0 < timing["seconds_per_iteration_median"] < 60 and timing["batch_size"] >= 2
-    assert timing["peak_memory_kind"] == "cpu_peak_rss_increase" and timing["peak_memory_bytes"] >= 0
-    # 3 epochs at most, and no more than the trainer has (2): nnU-Net's learning-rate schedule ends there
-    assert len(timing["epoch_end_seconds"]) == 2 and all(t > 0 for t in timing["epoch_end_seconds"])
-    assert not os.path.exists(os.path.join(env["nnUNet_results"], dataset_name, f"{trainer}__nnUNetPlans__2d"))
+def test_each_rows_timing_is_the_timing_commands_json_and_leaves_its_trained_model_alone(benchmark_run):
+    """The benchmark times each row with ``python -m nnunetv2_csa.tools.timing`` in a process of its
+    own (runner.time_trainer) and keeps the JSON line it prints; the timed trainer works in a
+    temporary nnUNet_results, so the row's trained model folder gains no training log."""
+    env, dataset_name, report, _ = benchmark_run
+    with open(report / runner.TIMING_FILE) as f:
+        timings = json.load(f)
+    timed = {trainer_name(row, budget=(1, 5), modality_index=0) for row in RUN_ROWS}
+    assert set(timings) == timed
+    for trainer, timing in timings.items():
+        assert (report / "logs" / f"timing_{trainer}.log").is_file()
+        assert timing["trainer"] == trainer and timing["iterations"] == 2 and len(timing["seconds_per_iteration"]) == 2
+        assert 0 < timing["seconds_per_iteration_median"] < 60 and timing["batch_size"] >= 2
+        assert timing["peak_memory_kind"] == "cpu_peak_rss_increase" and timing["peak_memory_bytes"] >= 0
+        # 3 epoch ends at most, and no more than the trainer has (1): nnU-Net's learning-rate schedule ends there
+        assert len(timing["epoch_end_seconds"]) == 1 and timing["epoch_end_seconds"][0] > 0
+        fold = os.path.join(env["nnUNet_results"], dataset_name, f"{trainer}__nnUNetPlans__2d", "fold_0")
+        assert len([f for f in os.listdir(fold) if f.startswith("training_log_")]) == 1, os.listdir(fold)
