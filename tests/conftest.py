@@ -24,6 +24,39 @@ def real_data_root():
 
 # ---------------------------------------------------------------- tiny nnU-Net dataset
 import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+_TRAINER_IMPORT_PROBE = """
+import os, sys
+import nnunetv2_csa.training.trainers, nnunetv2_csa.ext_trainers.nnunetv2_csa_trainers
+print("\\n".join(m for m in sys.modules if m.startswith(("nnunetv2_csa", "dataset_conversion"))), flush=True)
+
+from nnunetv2_csa.modality import ModalityTagError
+
+def uncaught(error, traceback_wanted):
+    # what the interpreter does with an uncaught exception: hand it to sys.excepthook
+    os.environ["NNUNETV2_CSA_TRACEBACK"] = traceback_wanted
+    try:
+        raise error
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+    sys.stderr.write("=====\\n")
+
+uncaught(ModalityTagError("x"), "1")
+uncaught(RuntimeError("a bug"), "0")
+os.environ["NNUNETV2_CSA_TRACEBACK"] = "0"
+raise ModalityTagError("nnUNet_csa_modality is not set; this model knows [LGE, C0]")
+"""
+
+
+@pytest.fixture(scope="session")
+def trainer_import_probe() -> subprocess.CompletedProcess:
+    """A fresh interpreter that imports every trainer (as ``nnUNetv2_train -tr`` does), prints the
+    package modules that loaded (stdout), then hands this package's input error and another
+    error to the interpreter's hook and ends on an uncaught input error (stderr, split by
+    ``=====``). One process for tests/test_layout.py and tests/test_cli.py: the import costs seconds."""
+    return subprocess.run([sys.executable, "-c", _TRAINER_IMPORT_PROBE], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "NNUNETV2_CSA_TRACEBACK": "0"})
 
 TINY_DATASET_ID = 993
 

@@ -34,34 +34,10 @@ def test_help_answers_without_importing_torch(name):
     assert completed.stdout.strip().endswith("TORCH_NOT_IMPORTED")
 
 
-_HOOKED = """
-import os, sys
-import nnunetv2_csa.training.trainers
-from nnunetv2_csa.modality import ModalityTagError
-
-def uncaught(error, traceback_wanted):
-    # what the interpreter does with an uncaught exception: hand it to sys.excepthook
-    os.environ["NNUNETV2_CSA_TRACEBACK"] = traceback_wanted
-    try:
-        raise error
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
-    sys.stderr.write("=====\\n")
-
-uncaught(ModalityTagError("x"), "1")
-uncaught(RuntimeError("a bug"), "0")
-os.environ["NNUNETV2_CSA_TRACEBACK"] = "0"
-raise ModalityTagError("nnUNet_csa_modality is not set; this model knows [LGE, C0]")
-"""
-
-
-def test_importing_the_trainers_turns_this_packages_errors_into_one_line():
-    # one process (importing the trainers costs seconds): two errors handed to the hook as the
-    # interpreter would, then a real uncaught one
-    completed = subprocess.run([sys.executable, "-c", _HOOKED], capture_output=True, text=True, cwd=ROOT,
-                               timeout=120, env={**os.environ, "NNUNETV2_CSA_TRACEBACK": "0"})
-    asked, other, ours = completed.stderr.split("=====\n")
-    assert completed.returncode == 1
+def test_importing_the_trainers_turns_this_packages_errors_into_one_line(trainer_import_probe):
+    # two errors handed to the hook as the interpreter would, then a real uncaught one
+    asked, other, ours = trainer_import_probe.stderr.split("=====\n")
+    assert trainer_import_probe.returncode == 1
     assert ours.startswith("error: nnUNet_csa_modality is not set; this model knows [LGE, C0]\n")
     assert "Traceback" not in ours and "NNUNETV2_CSA_TRACEBACK=1" in ours
     assert "Traceback" in asked and "ModalityTagError: x" in asked

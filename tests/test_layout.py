@@ -1,8 +1,6 @@
 """The library (what ``nnUNetv2_train -tr`` imports) stands apart from the tools."""
 import ast
 import os
-import subprocess
-import sys
 
 import nnunetv2_csa
 
@@ -43,9 +41,7 @@ def test_the_import_scan_sees_an_import_inside_a_function(tmp_path):
     assert any(_is_tool(m) for m in _imported_modules(str(module)))
 
 
-def test_importing_every_trainer_loads_no_tool():
-    code = ("import sys, nnunetv2_csa.training.trainers, nnunetv2_csa.ext_trainers.nnunetv2_csa_trainers\n"
-            "print('\\n'.join(m for m in sys.modules if m.startswith(('nnunetv2_csa', 'dataset_conversion'))))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+def test_importing_every_trainer_loads_no_tool(trainer_import_probe):
+    loaded = trainer_import_probe.stdout.split()
     assert "nnunetv2_csa.training.nnUNetTrainerCSA" in loaded
     assert [m for m in loaded if _is_tool(m)] == []
