@@ -138,3 +138,26 @@ def tiny_preprocessed_dataset(tmp_path_factory):
                 env)
     name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{TINY_DATASET_ID}_"))
     return env, name
+
+
+VOLUME_DATASET_ID = 995
+
+
+@pytest.fixture(scope="session")
+def coronal_volume_dataset(tmp_path_factory):
+    """The session's 3D dataset: the MM-WHS phantom (CT + MR volumes, 32^3), converted with
+    ``--coronal`` (its spacing makes the converter print the coronal 2d planning command) and
+    planned for 3d_fullres by nnU-Net's defaults, as the converter advises for 3D. For the
+    coronal planning test (tests/test_conversion.py) and the 3d_fullres test
+    (tests/test_resenc_and_3d.py). Returns (environment, dataset folder name, the converter's stderr)."""
+    from nnunetv2_csa.tools.phantom import write_mmwhs_phantom
+
+    root = tmp_path_factory.mktemp("nnunet_3d")
+    env = nnunet_environment(root)
+    write_mmwhs_phantom(str(root / "phantom"), n_per_modality=3, size=32, seed=2)
+    converted = run_command(["nnUNetv2_csa_convert_mmwhs", "-i", str(root / "phantom"), "-d", str(VOLUME_DATASET_ID),
+                             "--split", "80-20", "--coronal"], env)
+    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(VOLUME_DATASET_ID), "-c", "3d_fullres", "-np", "2",
+                 "-npfp", "2"], env)
+    name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{VOLUME_DATASET_ID}_"))
+    return env, name, converted.stderr

@@ -330,25 +330,25 @@ def test_coronal_warning_logic():
 
 
 @pytest.mark.integration
-def test_coronal_conversion_plans_coronal_2d_slices_with_the_printed_command(mmwhs_source, tmp_path):
-    from conftest import nnunet_environment, run_command
+def test_coronal_conversion_plans_coronal_2d_slices_with_the_printed_command(coronal_volume_dataset, tmp_path):
+    from conftest import run_command
 
-    env = nnunet_environment(tmp_path)
-    with pytest.warns(ConversionWarning) as record:
-        convert_mmwhs(mmwhs_source, 12, env["nnUNet_raw"], coronal=True)
-    command = next(str(w.message) for w in record if "overwrite_target_spacing" in str(w.message))
-    target = re.search(r"-overwrite_target_spacing ([\d.e-]+) ([\d.e-]+) ([\d.e-]+)", command).groups()
-    run_command(["nnUNetv2_extract_fingerprint", "-d", "12", "-np", "1"], env)
-    run_command(["nnUNetv2_plan_experiment", "-d", "12", "-overwrite_plans_name", "Default"], env)
-    run_command(["nnUNetv2_plan_experiment", "-d", "12", "-overwrite_target_spacing", *target], env)
-    plans_folder = os.path.join(env["nnUNet_preprocessed"], "Dataset012_MMWHS2017")
-    default, coronal = (load_json(os.path.join(plans_folder, f"{name}.json")) for name in ("Default", "nnUNetPlans"))
+    env, dataset_name, printed = coronal_volume_dataset
+    command = re.search(r"nnUNetv2_plan_experiment -d \d+ -overwrite_target_spacing [\d.e-]+ [\d.e-]+ [\d.e-]+",
+                        printed).group(0)
+    # nnU-Net's default plan, made from the same fingerprint by nnUNetv2_plan_and_preprocess (the fixture)
+    default = load_json(os.path.join(env["nnUNet_preprocessed"], dataset_name, "nnUNetPlans.json"))
+    # the printed planning command, run as printed on a copy of the fingerprint (the fixture's plan stays)
+    plans_folder = tmp_path / "nnUNet_preprocessed" / dataset_name
+    plans_folder.mkdir(parents=True)
+    shutil.copy(os.path.join(env["nnUNet_preprocessed"], dataset_name, "dataset_fingerprint.json"), plans_folder)
+    run_command(command.split(), dict(env, nnUNet_preprocessed=str(tmp_path / "nnUNet_preprocessed")))
+    coronal = load_json(plans_folder / "nnUNetPlans.json")
     # the problem: the default plan slices along another axis than the anterior-posterior one (axis 0 after LIP)
     assert default["transpose_forward"][0] != 0
     # the printed command: 2d slices are coronal (axis 0 first) with the data's own in-plane spacing
     assert coronal["transpose_forward"] == [0, 1, 2]
-    median_zyx = np.array(load_json(os.path.join(plans_folder, "dataset_fingerprint.json"))["spacings"])
-    median_zyx = np.percentile(median_zyx, 50, axis=0)
+    median_zyx = np.percentile(np.array(load_json(plans_folder / "dataset_fingerprint.json")["spacings"]), 50, axis=0)
     np.testing.assert_allclose(coronal["configurations"]["2d"]["spacing"], median_zyx[1:], rtol=1e-5)
 
 

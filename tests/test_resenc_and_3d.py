@@ -10,14 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATASET_ID, nnunet_environment, predict_in_process, run_command
+from conftest import TINY_DATASET_ID, VOLUME_DATASET_ID, predict_in_process, run_command
 from nnunetv2_csa.tools.export import export_modality
 
 pytestmark = pytest.mark.integration
 
 TRAINER = "nnUNetTrainerCSA_1epochs_5its"
 RESENC_PLANS = "nnUNetResEncUNetMPlans"
-VOLUME_DATASET_ID = 995
 
 
 def _validation_inputs(env, dataset_name, modality, destination):
@@ -75,24 +74,9 @@ def test_resenc_m_plans_train_predict_and_export_with_taps_inside_a_residual_blo
         np.testing.assert_array_equal(stock[name], predicted[name])
 
 
-@pytest.fixture(scope="module")
-def volume_dataset(tmp_path_factory):
-    """The MM-WHS phantom (CT + MR volumes, 32^3), converted and planned for 3d_fullres."""
-    from nnunetv2_csa.tools.phantom import write_mmwhs_phantom
-    root = tmp_path_factory.mktemp("nnunet_3d")
-    env = nnunet_environment(root)
-    write_mmwhs_phantom(str(root / "phantom"), n_per_modality=3, size=32, seed=2)
-    run_command(["nnUNetv2_csa_convert_mmwhs", "-i", str(root / "phantom"), "-d", str(VOLUME_DATASET_ID),
-                 "--split", "80-20"], env)
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(VOLUME_DATASET_ID), "-c", "3d_fullres", "-np", "2",
-                 "-npfp", "2"], env)
-    name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{VOLUME_DATASET_ID}_"))
-    return env, name
-
-
-def test_3d_fullres_benchmark_trains_with_the_affinity_over_volumes_scores_predicts_and_exports(volume_dataset,
-                                                                                                 tmp_path):
-    env, dataset_name = volume_dataset
+def test_3d_fullres_benchmark_trains_with_the_affinity_over_volumes_scores_predicts_and_exports(
+        coronal_volume_dataset, tmp_path):
+    env, dataset_name, _ = coronal_volume_dataset
     with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, "nnUNetPlans.json")) as f:
         assert len(json.load(f)["configurations"]["3d_fullres"]["patch_size"]) == 3
     # trained through the benchmark (the demo's -c 3d_fullres runs the same), scored there
