@@ -20,7 +20,7 @@ from nnunetv2_csa.tools.benchmark.runner import error_from_log
 from nnunetv2_csa.tools.benchmark.scoring import RESULT_COLUMNS
 from nnunetv2_csa.tools.benchmark.tables import best_marks, format_table
 
-RUN_ROWS = ["Single", "Joint", "CSA"]
+RUN_ROWS = ["Joint", "CSA"]  # Single (a model per modality) runs end to end in tests/test_demo.py
 FOLDS = [0, 1]
 BUDGET = ("1", "5")
 CLASSES = ["myocardium", "left_ventricle", "right_ventricle"]
@@ -328,10 +328,10 @@ def test_report_has_every_row_bold_best_wilcoxon_and_timing(benchmark_run):
         assert "| Method | fold 0 | fold 1 |" in section
 
     wilcoxon_section = _section(text, "## Wilcoxon")
-    assert "Holm's step-down method over all 12 tests" in wilcoxon_section
+    assert "Holm's step-down method over all 6 tests" in wilcoxon_section
     assert "Smallest p an exact test can reach: n=4: 0.12" in wilcoxon_section
     wilcoxon = _markdown_tables(wilcoxon_section)[0]
-    assert [cells[0] for cells in wilcoxon] == ["CSA vs Single", "CSA vs Joint"]
+    assert [cells[0] for cells in wilcoxon] == ["CSA vs Joint"]
     for cells in wilcoxon:
         assert len(cells) == 1 + 3 * len(MODALITIES)  # Dice, HD, HD95 per modality
         for cell in cells[1:]:
@@ -382,10 +382,6 @@ def test_results_csv_and_json_are_complete_and_finite(benchmark_run):
                 assert (report / "logs" / f"predict_{trainer}_{modality}_fold{fold}.log").is_file()
     assert np.isfinite(df[["dice", "hd", "hd95", "assd"]].to_numpy()).all()
     assert df["dice"].between(0, 1).all() and (df["hd"] >= df["hd95"] - 1e-9).all()
-    # Single scores each modality with the model trained on it
-    single = df[df["row"] == "Single"]
-    assert set(zip(single["modality"], single["trainer"])) == {
-        ("LGE", "nnUNetTrainerSingleModality0_1epochs_5its"), ("C0", "nnUNetTrainerSingleModality1_1epochs_5its")}
     assert set(df.loc[df["case"].str.endswith("_LGE"), "modality"]) == {"LGE"}
 
     def no_nan(value):
@@ -403,8 +399,7 @@ def test_every_rows_checkpoint_loads_without_full_pickle(benchmark_run):
     env, dataset_name, _, _ = benchmark_run
     results = os.path.join(env["nnUNet_results"], dataset_name)
     trainers = {folder.split("__")[0] for folder in os.listdir(results) if "__" in folder}
-    assert {"nnUNetTrainerSingleModality0_1epochs_5its", "nnUNetTrainerJoint_1epochs_5its",
-            "nnUNetTrainerCSA_1epochs_5its"} <= trainers
+    assert {"nnUNetTrainerJoint_1epochs_5its", "nnUNetTrainerCSA_1epochs_5its"} <= trainers
     for folder in os.listdir(results):
         checkpoint = os.path.join(results, folder, "fold_0", "checkpoint_final.pth")
         if os.path.isfile(checkpoint):

@@ -8,35 +8,41 @@ import pytest
 from conftest import run_command
 from nnunetv2_csa.tools import demo
 
+SINGLE_TRAINERS = ("nnUNetTrainerSingleModality0_1epochs_5its", "nnUNetTrainerSingleModality1_1epochs_5its")
+
 
 @pytest.mark.integration
 def test_demo_runs_end_to_end_and_a_rerun_reuses_every_finished_stage(tmp_path):
     output = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
     env.update(nnUNet_n_proc_DA="0", nnUNet_compile="false", nnUNet_def_n_proc="1")  # as conftest.py, why there
-    # the CSA row alone: the stock rows, the timing and 3d_fullres are trained end to end by
-    # tests/test_benchmark.py and tests/test_resenc_and_3d.py through the same benchmark code
+    # the Single row alone (two models, one per modality, a fold's predictions put together per
+    # modality); Joint, CSA, the timing and two folds run end to end in tests/test_benchmark.py,
+    # 3d_fullres in tests/test_resenc_and_3d.py, through the same benchmark code
     args = ["nnUNetv2_csa_demo", "--output", str(output), "--budget", "1", "5", "--phantom-patients", "5",
-            "--dataset-id", "992", "--rows", "CSA", "--timing-iterations", "0"]
+            "--dataset-id", "992", "--rows", "Single", "--timing-iterations", "0"]
     first = run_command(args, env, timeout=1500)
     report = output / "report"
     assert "**Data.** SYNTHETIC phantom images written by `nnUNetv2_csa_phantom`" in (report / "report.md").read_text()
     results = pd.read_csv(report / "results.csv")
-    assert set(results["row"]) == {"CSA"} and set(results["modality"]) == {"LGE", "C0"}
-    assert results["dice"].between(0, 1).all()
+    assert set(results["row"]) == {"Single"} and results["dice"].between(0, 1).all()
+    # each modality is scored with the model trained on it alone (the demo's modalities: LGE, then C0)
+    assert set(zip(results["modality"], results["trainer"])) == {("LGE", SINGLE_TRAINERS[0]),
+                                                                 ("C0", SINGLE_TRAINERS[1])}
     assert "mean Dice over classes" in first.stdout and "report.md" in first.stdout
     assert (output / "logs" / "plan.log").is_file()  # nnU-Net's verbose output goes to the log folder
-    assert any(p.endswith(".png") for p in os.listdir(report))
+    assert (report / "training_curves_Single.png").is_file()
 
-    checkpoint = next(output.glob("nnUNet_results/*/nnUNetTrainerCSA_1epochs_5its__nnUNetPlans__2d/fold_0/"
-                                  "checkpoint_final.pth"))
-    trained_at = checkpoint.stat().st_mtime
+    checkpoints = {trainer: next(output.glob(f"nnUNet_results/*/{trainer}__nnUNetPlans__2d/fold_0/"
+                                             "checkpoint_final.pth")) for trainer in SINGLE_TRAINERS}
+    trained_at = {trainer: checkpoint.stat().st_mtime for trainer, checkpoint in checkpoints.items()}
     second = run_command(args, env, timeout=900)
     assert "1/4 data: phantom present, reused" in second.stdout
     assert "2/4 convert: done before, reused" in second.stdout
     assert "3/4 plan and preprocess (2d): done before, reused" in second.stdout
-    assert "CSA: nnUNetTrainerCSA_1epochs_5its is trained and validated already: skipped" in second.stdout
-    assert checkpoint.stat().st_mtime == trained_at
+    for trainer, checkpoint in checkpoints.items():
+        assert f"Single: {trainer} is trained and validated already: skipped" in second.stdout
+        assert checkpoint.stat().st_mtime == trained_at[trainer]
     assert pd.read_csv(report / "results.csv").equals(results)
 
 
