@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -22,10 +24,7 @@ def real_data_root():
     return root
 
 
-# ---------------------------------------------------------------- tiny nnU-Net dataset
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
+# ---------------------------------------------------------------- a fresh interpreter
 _TRAINER_IMPORT_PROBE = """
 import os, sys
 import nnunetv2_csa.training.trainers, nnunetv2_csa.ext_trainers.nnunetv2_csa_trainers
@@ -58,6 +57,8 @@ def trainer_import_probe() -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", _TRAINER_IMPORT_PROBE], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "NNUNETV2_CSA_TRACEBACK": "0"})
 
+
+# ---------------------------------------------------------------- tiny nnU-Net datasets
 TINY_DATASET_ID = 993
 
 

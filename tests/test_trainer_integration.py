@@ -143,7 +143,7 @@ def heldout_predictions(trained_csa_model, tmp_path_factory):
 
 def test_predicting_each_modality_equals_the_final_validation_of_its_cases(trained_csa_model, heldout_predictions):
     # the final validation must predict every case with its own modality's norms: its
-    # segmentations equal nnUNetv2_predict (same checkpoint, same mirroring) told the modality
+    # segmentations equal nnU-Net's predictor (same checkpoint, same mirroring) told the modality
     _, _, model_folder = trained_csa_model
     heldout, predictions, _ = heldout_predictions
     validation = read_labels(os.path.join(model_folder, "fold_0", "validation"))
