@@ -299,7 +299,8 @@ def export_check(trained: dict, args, log) -> dict:
     export (found and built by nnU-Net alone: no nnUNet_extTrainer) must segment the held-out
     cases identically. The export and both predictions run in this process (nnU-Net's predictor
     at nnUNetv2_predict's defaults): their commands cost a process, its imports and worker pools
-    per call, device minutes here, and are tested on CPU (tests/test_trainer_integration.py)."""
+    per call, device minutes here, and are tested on CPU (tests/test_trainer_integration.py, the
+    README's workflow test)."""
     import numpy as np
 
     from nnunetv2_csa.tools.export import export_modality
