@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUTPUT ?= demo_output
 
-.PHONY: demo test setup clean
+.PHONY: demo test mutants setup clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -ra
+
+# on demand, not in CI: one-line bugs applied one at a time to a scratch copy, each run against the fast tests
+mutants: setup
+	$(BIN)/python scripts/mutants.py --json mutants_result.json
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUTPUT)

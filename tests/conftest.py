@@ -162,3 +162,39 @@ def coronal_volume_dataset(tmp_path_factory):
                  "-npfp", "2"], env)
     name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{VOLUME_DATASET_ID}_"))
     return env, name, converted.stderr
+
+
+# ---------------------------------------------------------------- a trainer in the test's process
+TINY_DATASET_JSON = {"labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "channel_names": {"0": "zscore"},
+                     "file_ending": ".nii.gz", "numTraining": 4}
+
+
+@pytest.fixture
+def initialized_trainer(tmp_path, monkeypatch):
+    """``make(trainer_name)``: the trainer of this package called ``trainer_name`` on the tiny plan of
+    tests/test_trainer_units.py (4 stages, 32 x 32, batch 4, modalities LGE and C0), initialized on CPU as
+    ``nnUNetv2_train`` initializes it (network, optimizer, loss; compile off), without any data: its
+    ``train_step`` and ``validation_step`` take batches built by the test. About 1 s."""
+    import torch
+    import nnunetv2_csa.training.trainers as trainers
+    from test_trainer_units import _plans
+
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / key).mkdir()
+        monkeypatch.setenv(key, str(tmp_path / key))
+    monkeypatch.setenv("nnUNet_compile", "false")
+    plans = _plans().plans
+    # nnU-Net's initialize infers the dataset class from the preprocessed folder's file endings
+    preprocessed = tmp_path / "nnUNet_preprocessed" / plans["dataset_name"] / \
+        plans["configurations"]["2d"]["data_identifier"]
+    preprocessed.mkdir(parents=True)
+    (preprocessed / "p1_LGE.b2nd").touch()
+    dataset_json = {**TINY_DATASET_JSON, "csa_modalities": ["LGE", "C0"],
+                    "csa_case_modality": {"p1_LGE": "LGE", "p2_C0": "C0", "p3_LGE": "LGE", "p4_C0": "C0"}}
+
+    def make(trainer_name: str, **plans_changes):
+        trainer_plans = {**plans, **plans_changes, "continue_training": False}
+        trainer = getattr(trainers, trainer_name)(trainer_plans, "2d", 0, dataset_json, torch.device("cpu"))
+        trainer.initialize()
+        return trainer
+    return make

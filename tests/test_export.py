@@ -7,11 +7,26 @@ import torch
 
 from nnunetv2_csa.tools.export import ExportError, export_modality
 from nnunetv2_csa.modality import ModalityTagError
+from nnunetv2_csa.modality_norm import ModalitySpecificNorm, set_modality
 from nnunetv2_csa.training.nnUNetTrainerCSA import nnUNetTrainerCSA
 from test_trainer_units import _plans
 
 DATASET_JSON = {"labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "channel_names": {"0": "zscore"},
                 "file_ending": ".nii.gz", "numTraining": 2}
+
+
+def _network_with_marked_norms():
+    """A CSA network (the same one each call) whose norms of modality k have the weight k + 1 and the
+    bias -(k + 1) in every layer."""
+    torch.manual_seed(0)
+    network = nnUNetTrainerCSA.build_network_architecture(_plans(), _plans().get_configuration("2d"), 1, 4, True)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, ModalitySpecificNorm):
+                for k, norm in enumerate(module.norms):
+                    norm.weight.fill_(k + 1)
+                    norm.bias.fill_(-(k + 1))
+    return network
 
 
 def _model_folder(root, folds=("0",), finished=("0",), checkpoint=None):
@@ -20,7 +35,7 @@ def _model_folder(root, folds=("0",), finished=("0",), checkpoint=None):
     model.mkdir()
     (model / "plans.json").write_text(json.dumps(plans))
     (model / "dataset.json").write_text(json.dumps(DATASET_JSON))
-    network = nnUNetTrainerCSA.build_network_architecture(_plans(), _plans().get_configuration("2d"), 1, 4, True)
+    network = _network_with_marked_norms()
     for fold in folds:
         (model / f"fold_{fold}").mkdir()
         if fold in finished:
@@ -37,6 +52,26 @@ def test_export_finds_its_own_trainers_without_nnunet_exttrainer(tmp_path, monke
     checkpoint = torch.load(os.path.join(out, "fold_0", "checkpoint_final.pth"), weights_only=False)
     assert checkpoint["trainer_name"] == "nnUNetTrainer"
     assert not any(".norms." in k or "csa_modality_order" in k for k in checkpoint["network_weights"])
+
+
+@pytest.mark.parametrize("modality, index", [("LGE", 0), ("C0", 1)])
+def test_the_export_of_a_modality_carries_that_modalitys_norms(tmp_path, modality, index):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    out = export_modality(_model_folder(tmp_path), modality, str(tmp_path / "exported"))
+    weights = torch.load(os.path.join(out, "fold_0", "checkpoint_final.pth"), weights_only=False)["network_weights"]
+    norm_weights = {k: v for k, v in weights.items() if k.endswith(".norm.weight")}
+    norm_biases = {k: v for k, v in weights.items() if k.endswith(".norm.bias")}
+    assert norm_weights and len(norm_weights) == len(norm_biases)
+    assert all(torch.all(v == index + 1) for v in norm_weights.values())
+    assert all(torch.all(v == -(index + 1)) for v in norm_biases.values())
+    # and nnU-Net's own network with these weights computes what the CSA network computes for that modality
+    stock = nnUNetTrainer.build_network_architecture(_plans(), _plans().get_configuration("2d"), 1, 4, True)
+    stock.load_state_dict(weights)
+    csa = _network_with_marked_norms()
+    set_modality(csa, index)
+    image = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(stock.eval()(image)[0], csa.eval()(image)[0])
 
 
 def test_output_in_a_missing_parent_is_named(tmp_path):

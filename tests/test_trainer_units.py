@@ -36,7 +36,7 @@ def _plans(modalities=("LGE", "C0")):
              "original_median_shape_after_transp": [8, 32, 32], "image_reader_writer": "SimpleITKIO",
              "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
              "configurations": {"2d": {"data_identifier": "x", "preprocessor_name": "DefaultPreprocessor",
-                                       "batch_size": 4, "patch_size": [32, 32], "spacing": [1, 1],
+                                       "batch_size": 4, "patch_size": [32, 32], "spacing": [1, 1], "batch_dice": True,
                                        "normalization_schemes": ["ZScoreNormalization"],
                                        "use_mask_for_norm": [False],
                                        "architecture": {"network_class_name":
