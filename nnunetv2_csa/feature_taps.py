@@ -3,6 +3,8 @@ forward hooks, so that the affinity losses can use them without any change to th
 network class (nnU-Net's PlainConvUNet stays as it is)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -61,12 +63,29 @@ class FeatureTap:
             raise ValueError(f"layers {missing} are not in the network")
         self.layer_names = tuple(layer_names)
         self._features: dict[str, torch.Tensor] = {}
+        #: whether the hooks keep the layers' outputs (see :meth:`paused`)
+        self.active = True
         self._handles = [modules[name].register_forward_hook(self._keeper(name)) for name in layer_names]
 
     def _keeper(self, name):
         def keep(module, inputs, output):
-            self._features[name] = output
+            if self.active:
+                # a copy, because the network may change the output in place afterwards: ResEnc's residual
+                # block adds the shortcut to conv2's output and applies its non-linearity in place
+                self._features[name] = output.clone()
         return keep
+
+    @contextmanager
+    def paused(self):
+        """Keeps nothing while inside: for forward passes whose features nobody reads (nnU-Net's final
+        validation), which then hold no activations, and under torch.compile need no graph per state
+        of the kept features."""
+        active, self.active = self.active, False
+        self.clear()
+        try:
+            yield
+        finally:
+            self.active = active
 
     def features(self) -> tuple[torch.Tensor, ...]:
         if len(self._features) != len(self.layer_names):

@@ -15,23 +15,34 @@ Plain torch; nothing here imports nnU-Net. Typical use::
     plain = fold_modality(network, 1)         # a stock network (same state_dict keys as
                                               # before conversion) for modality 1 alone
 
-How a mixed batch is routed (chosen once per batch in :func:`set_modality`, not per layer):
+How a batch is routed (chosen once per batch in :func:`set_modality`, not per layer):
 
 * per-sample norms (InstanceNorm without running statistics, GroupNorm): their statistics
   never mix samples, so the whole batch is normalised in one call and the affine
-  parameters are gathered per sample by modality index. For InstanceNorm this is the very
-  call ``torch.instance_norm`` makes internally (a batch norm over a ``(1, B*C, ...)``
-  view with per-(sample, channel) weights), so it equals the per-modality module exactly.
+  parameters of all modalities, stacked, are gathered per sample by a modality-index
+  tensor. For InstanceNorm this is the very call ``torch.instance_norm`` makes internally
+  (a batch norm over a ``(1, B*C, ...)`` view with per-(sample, channel) weights), so it
+  equals the per-modality module exactly. The routing these layers read is that tensor
+  alone ((B,) per sample, or (1,) for a whole batch of one modality), a plain attribute
+  rather than Python values: ``torch.compile`` then builds one graph for every batch
+  composition and every inference modality, where guards on Python values (the modality,
+  the modalities present) would compile one graph per composition. It is not a buffer on
+  purpose: DDP broadcasts buffers from rank 0 before each forward, which would overwrite
+  each rank's own routing.
 * batch-statistics norms (BatchNorm, InstanceNorm with running statistics): each
   modality's sub-batch goes through its own module. A batch ordered by modality (what the
   unpaired sampler produces) is split into contiguous views without copying; any other
-  order is gathered by a stable sort and scattered back.
+  order is gathered by a stable sort and scattered back. The split sizes are Python values,
+  so a compiled network has one graph per batch composition (two in training for an odd
+  batch size, whose extra sample alternates between the modalities).
 
-A modality absent from a batch is not touched at all: its norms take no part in the
-graph, so their parameters get no gradient (``grad`` stays None and the optimizer skips
-them) and their running statistics stay as they are. Under DDP (without
-``find_unused_parameters``) and SyncBatchNorm every rank's batch must therefore hold every
-modality, which the unpaired sampler guarantees.
+A modality absent from a batch: a batch-statistics norm of it is not called at all (its
+parameters get no gradient, ``grad`` stays None, and its running statistics stay as they
+are). The affine parameters of a per-sample norm of it take part in the gather and get a
+zero gradient, which an optimizer with weight decay or momentum still acts on; the
+unpaired sampler puts every modality into every training batch, so in training no
+modality is ever absent. Under DDP (without ``find_unused_parameters``) and SyncBatchNorm
+every rank's batch must hold every modality, which the unpaired sampler guarantees.
 """
 from __future__ import annotations
 
@@ -64,6 +75,9 @@ class _Routing:
     by every ModalitySpecificNorm of the network."""
 
     modality: Union[int, torch.Tensor]
+    # per-sample norms: the modality index of each sample, (B,) long on the norms' device,
+    # or (1,) for an int modality (the whole batch, any batch size)
+    sample_modality: torch.Tensor
     # the one modality of the whole batch, or None for a mixed batch
     single: Optional[int]
     # the batch size the routing was made for; None for an int modality (any batch size)
@@ -72,8 +86,6 @@ class _Routing:
     present: tuple[int, ...] = ()
     split_sizes: tuple[int, ...] = ()
     is_sorted: bool = True
-    # per sample: position of its modality in `present` (for gathering affine parameters)
-    compact_index: Optional[torch.Tensor] = None
     # unsorted batches only: stable sort by modality and its inverse
     sort_order: Optional[torch.Tensor] = None
     unsort_order: Optional[torch.Tensor] = None
@@ -100,6 +112,8 @@ class ModalitySpecificNorm(nn.Module):
         self.per_sample_statistics = isinstance(norm, nn.GroupNorm) or (
             isinstance(norm, _InstanceNorm) and not norm.track_running_stats)
         self._routing: Optional[_Routing] = None
+        # what the per-sample path reads (see the module docstring: a tensor, not a buffer)
+        self._sample_modality: Optional[torch.Tensor] = None
 
     @property
     def n_modalities(self) -> int:
@@ -115,21 +129,28 @@ class ModalitySpecificNorm(nn.Module):
         return f"n_modalities={self.n_modalities}, {path}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the per-sample path reads nothing but the index tensor, so that a compiled network
+        # guards on no Python value that changes from batch to batch
+        if self.per_sample_statistics:
+            return self._forward_per_sample(x, self._sample_index(x))
         routing = self._routing
         if routing is None:
-            raise RuntimeError(
-                "ModalitySpecificNorm called before set_modality: call "
-                "nnunetv2_csa.modality_norm.set_modality(network, modality) with an int (the "
-                "whole batch is that modality) or a (B,) tensor of per-sample modalities first")
+            _refuse_unset()
         if routing.batch_size is not None and x.shape[0] != routing.batch_size:
-            raise RuntimeError(
-                f"set_modality was given {routing.batch_size} per-sample modalities but this "
-                f"layer received a batch of {x.shape[0]}; call set_modality for every batch")
+            _refuse_batch_size(routing.batch_size, x.shape[0])
         if routing.single is not None:
             return self._apply_norm(routing.single, x)
-        if self.per_sample_statistics:
-            return self._forward_per_sample(x, routing)
         return self._forward_sub_batches(x, routing)
+
+    def _sample_index(self, x: torch.Tensor) -> torch.Tensor:
+        index = self._sample_modality
+        if index is None:
+            _refuse_unset()
+        if index.shape[0] != x.shape[0]:
+            if index.shape[0] != 1:
+                _refuse_batch_size(index.shape[0], x.shape[0])
+            index = index.expand(x.shape[0])
+        return index
 
     def _apply_norm(self, modality: int, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -143,20 +164,18 @@ class ModalitySpecificNorm(nn.Module):
                 f"statistics per modality and needs more than one value per channel there. "
                 f"Use at least 2 samples of each modality per batch, or InstanceNorm") from error
 
-    def _gathered_affine(self, routing: _Routing, x: torch.Tensor):
-        """Per-sample affine parameters, shape (B, C); only present modalities take part,
-        so an absent modality's parameters get no gradient at all (grad stays None)."""
-        template = self.norms[0]
-        if not template.affine:
+    def _gathered_affine(self, index: torch.Tensor):
+        """Per-sample affine parameters, shape (B, C), gathered from all modalities' stacked
+        parameters (an absent modality's get a zero gradient)."""
+        if not self.norms[0].affine:
             return None, None
-        index = routing.compact_index.to(x.device)
-        weight = torch.stack([self.norms[k].weight for k in routing.present]).index_select(0, index)
-        bias = torch.stack([self.norms[k].bias for k in routing.present]).index_select(0, index)
+        weight = torch.stack([norm.weight for norm in self.norms]).index_select(0, index)
+        bias = torch.stack([norm.bias for norm in self.norms]).index_select(0, index)
         return weight, bias
 
-    def _forward_per_sample(self, x: torch.Tensor, routing: _Routing) -> torch.Tensor:
+    def _forward_per_sample(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         template = self.norms[0]
-        weight, bias = self._gathered_affine(routing, x)
+        weight, bias = self._gathered_affine(index)
         batch, channels = x.shape[:2]
         if isinstance(template, nn.GroupNorm):
             normalised = F.group_norm(x, template.num_groups, None, None, template.eps)
@@ -182,6 +201,19 @@ class ModalitySpecificNorm(nn.Module):
         chunks = grouped.split(routing.split_sizes)
         out = torch.cat([self._apply_norm(k, c) for k, c in zip(routing.present, chunks)])
         return out.index_select(0, routing.unsort_order.to(x.device))
+
+
+def _refuse_unset():
+    raise RuntimeError(
+        "ModalitySpecificNorm called before set_modality: call "
+        "nnunetv2_csa.modality_norm.set_modality(network, modality) with an int (the "
+        "whole batch is that modality) or a (B,) tensor of per-sample modalities first")
+
+
+def _refuse_batch_size(routed: int, received: int):
+    raise RuntimeError(
+        f"set_modality was given {routed} per-sample modalities but this layer received a batch of "
+        f"{received}; call set_modality for every batch")
 
 
 def _check_n_modalities(n_modalities) -> None:
@@ -275,7 +307,8 @@ def _make_routing(modality: ModalityLike, n_modalities: int, device: torch.devic
             raise ValueError(
                 f"modality {modality} out of range: the network has {n_modalities} modalities "
                 f"(0..{n_modalities - 1})")
-        return _Routing(modality=modality, single=modality, batch_size=None)
+        return _Routing(modality=modality, sample_modality=torch.tensor([modality], device=device),
+                        single=modality, batch_size=None)
 
     per_sample = torch.as_tensor(modality)
     if per_sample.dim() != 1 or per_sample.numel() == 0 or not _is_integer_dtype(per_sample.dtype):
@@ -293,22 +326,21 @@ def _make_routing(modality: ModalityLike, n_modalities: int, device: torch.devic
     counts = torch.bincount(on_host, minlength=n_modalities).tolist()
     present = tuple(k for k, c in enumerate(counts) if c > 0)
     batch_size = on_host.numel()
+    sample_modality = on_host.to(device, non_blocking=True)
     if len(present) == 1:
-        return _Routing(modality=per_sample, single=present[0], batch_size=batch_size)
+        return _Routing(modality=per_sample, sample_modality=sample_modality, single=present[0],
+                        batch_size=batch_size)
 
     is_sorted = bool((on_host[1:] >= on_host[:-1]).all())
-    position_in_present = torch.full((n_modalities,), -1, dtype=torch.long)
-    position_in_present[list(present)] = torch.arange(len(present))
-    compact_index = position_in_present[on_host]
     sort_order = unsort_order = None
     if not is_sorted:
         sort_order = torch.argsort(on_host, stable=True)
         unsort_order = torch.argsort(sort_order).to(device)
         sort_order = sort_order.to(device)
     return _Routing(
-        modality=per_sample, single=None, batch_size=batch_size, present=present,
-        split_sizes=tuple(counts[k] for k in present), is_sorted=is_sorted,
-        compact_index=compact_index.to(device), sort_order=sort_order, unsort_order=unsort_order)
+        modality=per_sample, sample_modality=sample_modality, single=None, batch_size=batch_size,
+        present=present, split_sizes=tuple(counts[k] for k in present), is_sorted=is_sorted,
+        sort_order=sort_order, unsort_order=unsort_order)
 
 
 def set_modality(network: nn.Module, modality: ModalityLike) -> None:
@@ -326,6 +358,7 @@ def set_modality(network: nn.Module, modality: ModalityLike) -> None:
     routing = _make_routing(modality, n_modalities, _routing_device(norms))
     for norm in norms:
         norm._routing = routing
+        norm._sample_modality = routing.sample_modality
 
 
 def set_default_modality(network: nn.Module, modality: int) -> None:
@@ -341,6 +374,7 @@ def clear_modality(network: nn.Module) -> None:
     until it is set again (guards against reusing a stale per-sample routing)."""
     for norm in _modality_specific_norms(network):
         norm._routing = None
+        norm._sample_modality = None
 
 
 def fold_modality(network: nn.Module, modality: int) -> nn.Module:

@@ -77,6 +77,36 @@ def test_feature_tap_keeps_the_outputs_of_both_layers_and_lets_go_of_them():
         tap.features()
 
 
+def test_residual_encoder_tap_holds_conv2_and_norm_before_the_residual_sum():
+    """ResEnc's block adds the shortcut to conv2's output and applies the non-linearity in place:
+    the tap must hold what the docs promise, recomputed here from the block's input."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+    torch.manual_seed(0)
+    network = ResidualEncoderUNet(1, 4, [8, 16, 32, 64], torch.nn.Conv2d, 3, [1, 2, 2, 2], [1, 2, 2, 2], 4, [1, 1, 1],
+                                  True, torch.nn.InstanceNorm2d, {"affine": True, "eps": 1e-5}, None, None,
+                                  torch.nn.LeakyReLU, {"inplace": True}, deep_supervision=True)
+    layers = consecutive_conv_layers(network)
+    assert layers == ("encoder.stages.2.blocks.0.conv1", "encoder.stages.2.blocks.0.conv2")
+    block = network.get_submodule("encoder.stages.2.blocks.0")
+    with torch.no_grad():  # nonzero affine parameters, so that the norm's part shows
+        for module in block.modules():
+            if isinstance(module, torch.nn.InstanceNorm2d):
+                module.weight.uniform_(0.5, 1.5), module.bias.uniform_(-0.5, 0.5)
+    inputs, outputs = [], []
+    block.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    block.register_forward_hook(lambda module, args, output: outputs.append(output.detach().clone()))
+    tap = FeatureTap(network, layers)
+    network(torch.randn(2, 1, 32, 32))
+    tapped_conv1, tapped_conv2 = tap.features()
+    with torch.no_grad():
+        conv1 = block.conv1.nonlin(block.conv1.norm(block.conv1.conv(inputs[0])))
+        conv2 = block.conv2.norm(block.conv2.conv(conv1))
+    torch.testing.assert_close(tapped_conv1, conv1)
+    torch.testing.assert_close(tapped_conv2, conv2)
+    # and not the block's output (residual sum and non-linearity), which is what an uncopied tap would hold
+    assert not torch.allclose(tapped_conv2, outputs[0], atol=1e-3)
+
+
 def test_unwrap_network_sees_through_compile_and_data_parallel_nested():
     network = _unet(3)
     assert unwrap_network(network) is network
@@ -229,6 +259,7 @@ def _trainer_for_validation(monkeypatch, cases, order="nnunet"):
                                                                   1, 4, True)
     trainer.network.decoder.deep_supervision = False
     trainer.local_rank = 1  # no summary to write
+    trainer.feature_tap = None
     trainer.dataset_class = _FakeDataset
     trainer.predicted = []
     monkeypatch.setattr(nnUNetTrainer, "do_split", lambda self: (["p9_LGE", "p8_C0"], list(cases)))

@@ -26,7 +26,7 @@ and its gradient is averaged by DDP like nnU-Net's own loss.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import List
 
@@ -255,6 +255,11 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
         modality = torch.cat([torch.full((len(t[1]),), t[0], dtype=torch.long) for t in tapped]).to(self.device)
         with torch.no_grad():
             return float(self.consistency_term(features_l, features_k, target, modality))
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # nnU-Net predicts whole cases here and nothing reads the taps
+        with self.feature_tap.paused() if self.feature_tap is not None else nullcontext():
+            super().perform_actual_validation(save_probabilities)
 
     def on_validation_epoch_end(self, val_outputs: List[dict]):
         super().on_validation_epoch_end(val_outputs)
