@@ -108,6 +108,8 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
     from torch.profiler import ProfilerActivity, profile, record_function
     from nnunetv2.run.run_training import get_trainer_from_args
 
+    from nnunetv2_csa.tools.nonfinite import diagnose_nonfinite_step
+
     device = torch.device(device_name)
     on_cuda = device.type == "cuda"
     # what nnUNetv2_train (run_training) sets for each device
@@ -120,6 +122,7 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
     trainer = get_trainer_from_args(str(dataset_id), "2d", 0, trainer_name, "nnUNetPlans", device=device)
     durations: list[float] = []
     nonfinite_losses = []  # indices of train_steps whose loss was NaN or inf (AMP skips their update)
+    nonfinite_diagnosis = {}  # the first of them, replayed (nnunetv2_csa.tools.nonfinite)
     profiled_window = range(profile_from, profile_from + profiled_steps)  # step indices under the profiler
     graphs = {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
@@ -145,6 +148,9 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
         durations.append(time.perf_counter() - start)
         if not np.isfinite(result["loss"]).all():
             nonfinite_losses.append(index)
+            if len(nonfinite_losses) == 1:  # the first: which module, with which weights and batch
+                nonfinite_diagnosis.update(step=index, **diagnose_nonfinite_step(
+                    trainer.network, batch, torch.float16 if on_cuda else None))
         if index == profiled_window[-1]:
             profiler.stop()
         return result
@@ -188,6 +194,7 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
         "batch_size": int(trainer.batch_size), "patch_size": [int(p) for p in trainer.configuration_manager.patch_size],
         "iterations": len(durations),
         "nonfinite_training_losses": len(nonfinite_losses), "first_nonfinite_step": (nonfinite_losses or [None])[0],
+        "first_nonfinite_diagnosis": nonfinite_diagnosis or None,
         "seconds_per_iteration_median_last": _median_of_last(window, TIMING_WINDOW),
         "timing_window": min(TIMING_WINDOW, len(window)),
         "peak_memory_bytes": peak,
@@ -346,6 +353,9 @@ def summarise(trained: dict, exports: dict, dry_run: bool) -> dict:
         "consistency_share_by_step_difference": (step_csa - step_msbn) / step_csa if step_csa and step_msbn else None,
         "graphs_compiled_after_first_epoch": after_first,
         "nonfinite_training_losses": {row: r["nonfinite_training_losses"] for row, r in trained.items()},
+        # step, weights and batch finite?, the first module with a non-finite output (autocast and float32 replays)
+        "first_nonfinite_diagnosis": {row: r["first_nonfinite_diagnosis"] for row, r in trained.items()
+                                      if r.get("first_nonfinite_diagnosis")},
         "export_identical": all(c["identical"] for c in exports.values()) and bool(exports),
     }
     def within_goal(ratio):

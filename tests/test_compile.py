@@ -124,3 +124,59 @@ def test_compiled_csa_builds_the_graphs_of_stock_nnunet_and_none_per_batch_compo
     assert counts["CSA"] == counts["Joint"], counts
     # measured: 7 graphs after the first epoch, 9 after the final validation, 4 of the U-Net's forward
     assert csa_forward_entries < torch._dynamo.config.recompile_limit, counts
+
+
+@pytest.fixture
+def compiled_like_nnunet_with_decompositions(monkeypatch):
+    """As ``compiled_like_nnunet``, through dynamo, AOT autograd and inductor's decompositions
+    (``aot_eager_decomp_partition``): the graphs inductor would lower, run by eager kernels. What it
+    leaves out is inductor's generated code (``NNUNETV2_CSA_INDUCTOR=1`` runs that too, minutes on CPU)."""
+    import os
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    backend = "inductor" if os.environ.get("NNUNETV2_CSA_INDUCTOR") == "1" else "aot_eager_decomp_partition"
+    original_compile = torch.compile
+    monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: True)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: original_compile(model, backend=backend))
+    torch._dynamo.reset()
+    yield backend
+    torch._dynamo.reset()
+
+
+def _batch_with_a_padded_sample(seed):
+    """A training batch in which one sample of each modality is partly outside its image: nnU-Net pads
+    such patches with zeros (constant regions; the labels there are background)."""
+    batch = _batch(seed)
+    batch["data"][0, :, :, :12] = 0
+    batch["data"][3, :, 20:, :] = 0
+    return batch
+
+
+@pytest.mark.parametrize("row", ["MSBN", "CSA"])
+def test_compiled_float16_training_has_finite_losses_and_the_compiled_forward_equals_the_eager(
+        initialized_trainer, compiled_like_nnunet_with_decompositions, monkeypatch, row):
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+    trainer = initialized_trainer(f"nnUNetTrainer{row}")
+    # nnU-Net's mixed precision on a GPU: its train_step autocasts forward and loss to float16 (on CPU it
+    # enters dummy_context there instead), the backward runs outside autocast, and a GradScaler (initial
+    # scale 65536) skips a step whose gradients are not finite. (Autocast around the whole step would also
+    # cover the backward, which nnU-Net never does: the CSA term's float32 backward then runs in float16.)
+    monkeypatch.setattr(nnunet_trainer_module, "dummy_context", lambda: torch.autocast("cpu", dtype=torch.float16))
+    trainer.grad_scaler = torch.amp.GradScaler("cpu")
+    trainer.on_train_epoch_start()
+    losses = [trainer.train_step(_batch_with_a_padded_sample(step)) for step in range(3)]
+    losses = [(float(result["loss"]), float(result["consistency_loss"])) for result in losses]
+    assert all(math.isfinite(loss) for loss, _ in losses), losses
+    assert all(math.isfinite(term) == (row == "CSA") for _, term in losses), losses
+    assert trainer.grad_scaler.get_scale() == 65536.0, "a step's gradients were not finite (the scaler skipped it)"
+
+    batch = _batch_with_a_padded_sample(7)
+    trainer._route(batch["modality"])
+    eager = unwrap_network(trainer.network)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        compiled_output = trainer.network(batch["data"])[0].float()
+        eager_output = eager(batch["data"])[0].float()
+    assert torch.isfinite(compiled_output).all()
+    # float16 keeps ~3 decimal digits; the compiled graph orders (and fuses) its sums differently
+    scale = float(eager_output.abs().max())
+    assert float((compiled_output - eager_output).abs().max()) <= 1e-2 * scale
