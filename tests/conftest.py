@@ -87,6 +87,14 @@ def _trainer_dir() -> str:
     return TRAINER_DIR
 
 
+TEST_TRAINER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ext_trainers")
+
+
+def with_test_trainers(env: dict) -> dict:
+    """``env`` in which nnU-Net's commands also find the test suite's trainers (tests/ext_trainers)."""
+    return dict(env, nnUNet_extTrainer=os.pathsep.join([_trainer_dir(), TEST_TRAINER_DIR]))
+
+
 def run_command(args, env, timeout=900, check=True) -> subprocess.CompletedProcess:
     """Run a console script of this venv (as the tools do); on failure the assertion shows its output."""
     from nnunetv2_csa.tools.commands import console_command
@@ -171,7 +179,7 @@ TINY_DATASET_JSON = {"labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "chann
 
 @pytest.fixture
 def initialized_trainer(tmp_path, monkeypatch):
-    """``make(trainer_name)``: the trainer of this package called ``trainer_name`` on the tiny plan of
+    """``make(trainer)``: the trainer class ``trainer`` (or this package's trainer of that name) on the tiny plan of
     tests/test_trainer_units.py (4 stages, 32 x 32, batch 4, modalities LGE and C0), initialized on CPU as
     ``nnUNetv2_train`` initializes it (network, optimizer, loss; compile off), without any data: its
     ``train_step`` and ``validation_step`` take batches built by the test. About 1 s."""
@@ -192,9 +200,10 @@ def initialized_trainer(tmp_path, monkeypatch):
     dataset_json = {**TINY_DATASET_JSON, "csa_modalities": ["LGE", "C0"],
                     "csa_case_modality": {"p1_LGE": "LGE", "p2_C0": "C0", "p3_LGE": "LGE", "p4_C0": "C0"}}
 
-    def make(trainer_name: str, **plans_changes):
+    def make(trainer, **plans_changes):
         trainer_plans = {**plans, **plans_changes, "continue_training": False}
-        trainer = getattr(trainers, trainer_name)(trainer_plans, "2d", 0, dataset_json, torch.device("cpu"))
+        trainer_class = getattr(trainers, trainer) if isinstance(trainer, str) else trainer
+        trainer = trainer_class(trainer_plans, "2d", 0, dataset_json, torch.device("cpu"))
         trainer.initialize()
         return trainer
     return make

@@ -7,8 +7,9 @@ import torch
 
 from nnunetv2_csa.tools.export import ExportError, export_modality
 from nnunetv2_csa.modality import ModalityTagError
-from nnunetv2_csa.modality_norm import ModalitySpecificNorm, set_modality
+from nnunetv2_csa.modality_norm import set_modality
 from nnunetv2_csa.training.nnUNetTrainerCSA import nnUNetTrainerCSA
+from ext_trainers.nnunetv2_csa_test_trainers import mark_modalities_apart
 from test_trainer_units import _plans
 
 DATASET_JSON = {"labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "channel_names": {"0": "zscore"},
@@ -16,17 +17,11 @@ DATASET_JSON = {"labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "channel_na
 
 
 def _network_with_marked_norms():
-    """A CSA network (the same one each call) whose norms of modality k have the weight k + 1 and the
-    bias -(k + 1) in every layer."""
+    """A CSA network (the same one each call) whose norms of modality k have the weight 1 + k/2 and the
+    bias k/2 in every layer."""
     torch.manual_seed(0)
-    network = nnUNetTrainerCSA.build_network_architecture(_plans(), _plans().get_configuration("2d"), 1, 4, True)
-    with torch.no_grad():
-        for module in network.modules():
-            if isinstance(module, ModalitySpecificNorm):
-                for k, norm in enumerate(module.norms):
-                    norm.weight.fill_(k + 1)
-                    norm.bias.fill_(-(k + 1))
-    return network
+    network = nnUNetTrainerCSA.build_modality_network(_plans(), _plans().get_configuration("2d"), 1, 4, True)
+    return mark_modalities_apart(network)
 
 
 def _model_folder(root, folds=("0",), finished=("0",), checkpoint=None):
@@ -62,8 +57,8 @@ def test_the_export_of_a_modality_carries_that_modalitys_norms(tmp_path, modalit
     norm_weights = {k: v for k, v in weights.items() if k.endswith(".norm.weight")}
     norm_biases = {k: v for k, v in weights.items() if k.endswith(".norm.bias")}
     assert norm_weights and len(norm_weights) == len(norm_biases)
-    assert all(torch.all(v == index + 1) for v in norm_weights.values())
-    assert all(torch.all(v == -(index + 1)) for v in norm_biases.values())
+    assert all(torch.all(v == 1 + index / 2) for v in norm_weights.values())
+    assert all(torch.all(v == index / 2) for v in norm_biases.values())
     # and nnU-Net's own network with these weights computes what the CSA network computes for that modality
     stock = nnUNetTrainer.build_network_architecture(_plans(), _plans().get_configuration("2d"), 1, 4, True)
     stock.load_state_dict(weights)

@@ -10,7 +10,7 @@ BROKEN = "encoder.stages.1.0.convs.0.norm"
 
 
 def _network_with_a_nan_in_modality_1s_norm():
-    network = nnUNetTrainerCSA.build_network_architecture(_plans(), _plans().get_configuration("2d"), 1, 4, True)
+    network = nnUNetTrainerCSA.build_modality_network(_plans(), _plans().get_configuration("2d"), 1, 4, True)
     norm = network.get_submodule(BROKEN)
     assert isinstance(norm, ModalitySpecificNorm)
     with torch.no_grad():

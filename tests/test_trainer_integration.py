@@ -12,13 +12,15 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_DATASET_ID, predict_in_process, read_labels, run_command
+from conftest import TINY_DATASET_ID, predict_in_process, read_labels, run_command, with_test_trainers
 from nnunetv2_csa.checkpoints import load_checkpoint
 from nnunetv2_csa.modality import read_modality_tags
 
 pytestmark = pytest.mark.integration
 
-TRAINER = "nnUNetTrainerCSA_2epochs_5its"
+# the short CSA trainer whose modalities' norms start apart (tests/ext_trainers): a case that met the other
+# modality's norms would be segmented differently, so the comparisons of predictions below can fail
+TRAINER = "nnUNetTrainerCSA_2epochs_5its_DistinctNorms"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def trained_csa_model(tiny_preprocessed_dataset):
     env, dataset_name = tiny_preprocessed_dataset
     # one background augmentation worker: the unpaired loader must survive nnU-Net's
     # multiprocess augmenter (it is pickled into the worker)
-    env = dict(env, nnUNet_n_proc_DA="1")
+    env = dict(with_test_trainers(env), nnUNet_n_proc_DA="1")
     run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
     model_folder = os.path.join(env["nnUNet_results"], dataset_name, f"{TRAINER}__nnUNetPlans__2d")
     return env, dataset_name, model_folder
@@ -141,11 +143,28 @@ def heldout_predictions(trained_csa_model, tmp_path_factory):
     return heldout, predictions, printed.stdout
 
 
-def test_predicting_each_modality_equals_the_final_validation_of_its_cases(trained_csa_model, heldout_predictions):
+@pytest.fixture(scope="module")
+def misrouted_c0_predictions(trained_csa_model, heldout_predictions):
+    """The held-out C0 images predicted with the LGE norms: what a misrouted C0 case would get."""
+    env, _, model_folder = trained_csa_model
+    heldout, predictions, _ = heldout_predictions
+    return predict_in_process(env, model_folder, str(heldout / "C0" / "images"),
+                              str(predictions["C0"].parent / "misrouted_C0"), "LGE")
+
+
+def _differs_somewhere(segmentations: dict, others: dict) -> bool:
+    assert segmentations.keys() == others.keys() and segmentations
+    return any(not np.array_equal(segmentations[name], others[name]) for name in segmentations)
+
+
+def test_predicting_each_modality_equals_the_final_validation_of_its_cases(trained_csa_model, heldout_predictions,
+                                                                          misrouted_c0_predictions):
     # the final validation must predict every case with its own modality's norms: its
     # segmentations equal nnU-Net's predictor (same checkpoint, same mirroring) told the modality
     _, _, model_folder = trained_csa_model
     heldout, predictions, _ = heldout_predictions
+    # the control: the modalities' norms differ enough that a misrouted case would be segmented differently
+    assert _differs_somewhere(read_labels(str(predictions["C0"])), misrouted_c0_predictions)
     validation = read_labels(os.path.join(model_folder, "fold_0", "validation"))
     compared, predicted_cases = 0, 0
     for modality, folder in predictions.items():
@@ -161,7 +180,7 @@ def test_predicting_each_modality_equals_the_final_validation_of_its_cases(train
 
 
 def test_exported_modality_predicts_with_stock_nnunet_what_the_model_predicts(trained_csa_model, heldout_predictions,
-                                                                              tmp_path):
+                                                                              misrouted_c0_predictions, tmp_path):
     # C0, the second modality (its norms are the second of each pair); the README's workflow test
     # exports LGE and predicts it with nnUNetv2_predict_from_modelfolder
     env, _, model_folder = trained_csa_model
@@ -182,6 +201,8 @@ def test_exported_modality_predicts_with_stock_nnunet_what_the_model_predicts(tr
     assert stock.keys() == predicted.keys() and stock
     for name in stock:
         np.testing.assert_array_equal(stock[name], predicted[name])
+    # the control: an export that folded the LGE norms would segment these images differently
+    assert _differs_somewhere(stock, misrouted_c0_predictions)
 
 
 def test_predict_without_a_modality_names_the_choices_in_one_line(heldout_predictions, trained_csa_model,
@@ -251,6 +272,7 @@ def test_resume_refuses_a_dataset_reconverted_with_another_modality_order(traine
 
 def test_batch_smaller_than_the_number_of_modalities_is_refused_before_training(tiny_preprocessed_dataset):
     env, dataset_name = tiny_preprocessed_dataset
+    env = with_test_trainers(env)
     preprocessed = os.path.join(env["nnUNet_preprocessed"], dataset_name)
     with open(os.path.join(preprocessed, "nnUNetPlans.json")) as f:
         plans = json.load(f)

@@ -179,13 +179,13 @@ def test_one_default_area_normalization_for_the_loss_and_the_trainer():
 
 def test_weights_refuse_a_network_built_for_another_modality_order():
     configuration = _plans().get_configuration("2d")
-    trained = nnUNetTrainerCSA.build_network_architecture(_plans(("LGE", "C0")), configuration, 1, 4, True)
+    trained = nnUNetTrainerCSA.build_modality_network(_plans(("LGE", "C0")), configuration, 1, 4, True)
     state = trained.state_dict()
     assert recorded_modality_order(trained) == ["LGE", "C0"]
-    same = nnUNetTrainerCSA.build_network_architecture(_plans(("LGE", "C0")), configuration, 1, 4, True)
+    same = nnUNetTrainerCSA.build_modality_network(_plans(("LGE", "C0")), configuration, 1, 4, True)
     same.load_state_dict(state)
     for other in (("C0", "LGE"), ("LGE", "T2")):
-        swapped = nnUNetTrainerCSA.build_network_architecture(_plans(other), configuration, 1, 4, True)
+        swapped = nnUNetTrainerCSA.build_modality_network(_plans(other), configuration, 1, 4, True)
         with pytest.raises(ModalityOrderError, match=r"order \['LGE', 'C0'\].*built for \['%s', '%s'\].*"
                                                      r"--modalities LGE C0" % other):
             swapped.load_state_dict(state)
@@ -193,7 +193,7 @@ def test_weights_refuse_a_network_built_for_another_modality_order():
 
 def test_weights_without_a_recorded_order_load_with_a_warning():
     configuration = _plans().get_configuration("2d")
-    network = nnUNetTrainerCSA.build_network_architecture(_plans(), configuration, 1, 4, True)
+    network = nnUNetTrainerCSA.build_modality_network(_plans(), configuration, 1, 4, True)
     old_release = without_modality_order(network.state_dict())
     with pytest.warns(UserWarning, match="do not record their modality order"):
         network.load_state_dict(old_release)
@@ -255,7 +255,7 @@ def _trainer_for_validation(monkeypatch, cases, order="nnunet"):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     trainer = nnUNetTrainerCSA.__new__(nnUNetTrainerCSA)
     trainer.modality_tags = ModalityTags(("LGE", "C0"), cases)
-    trainer.network = nnUNetTrainerCSA.build_network_architecture(_plans(), _plans().get_configuration("2d"),
+    trainer.network = nnUNetTrainerCSA.build_modality_network(_plans(), _plans().get_configuration("2d"),
                                                                   1, 4, True)
     trainer.network.decoder.deep_supervision = False
     trainer.local_rank = 1  # no summary to write
@@ -306,16 +306,35 @@ def test_inference_network_needs_a_known_modality(monkeypatch):
     with pytest.raises(ModalityTagError, match=r"'T2' is not a modality.*\['LGE', 'C0'\]"):
         nnUNetTrainerCSA.build_network_architecture(plans, configuration, 1, 4, enable_deep_supervision=False)
     monkeypatch.setenv(INFERENCE_MODALITY_ENV, "C0")
-    network = nnUNetTrainerCSA.build_network_architecture(plans, configuration, 1, 4,
-                                                          enable_deep_supervision=False)
-    norms = [m for m in network.modules() if isinstance(m, ModalitySpecificNorm)]
-    assert norms and all(n.n_modalities == 2 and n.modality == 1 for n in norms)
-    assert network(torch.randn(1, 1, 32, 32)).shape == (1, 4, 32, 32)
+    # the predictor's network is routed whatever its deep supervision (nnU-Net builds it without)
+    for deep_supervision in (False, True):
+        network = nnUNetTrainerCSA.build_network_architecture(plans, configuration, 1, 4, deep_supervision)
+        norms = [m for m in network.modules() if isinstance(m, ModalitySpecificNorm)]
+        assert norms and all(n.n_modalities == 2 and n.modality == 1 for n in norms)
+    assert network.eval()(torch.randn(1, 1, 32, 32))[0].shape == (1, 4, 32, 32)
+
+
+def test_a_trainer_without_deep_supervision_builds_its_network_unrouted_without_the_inference_variable(
+        initialized_trainer, monkeypatch):
+    # nnU-Net's nnUNetTrainerNoDeepSupervision pattern: the trainer's own network is not the predictor's
+    monkeypatch.delenv(INFERENCE_MODALITY_ENV, raising=False)
+
+    class nnUNetTrainerCSANoDeepSupervision(nnUNetTrainerCSA):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.enable_deep_supervision = False
+
+    trainer = initialized_trainer(nnUNetTrainerCSANoDeepSupervision)
+    norms = [m for m in trainer.network.modules() if isinstance(m, ModalitySpecificNorm)]
+    assert norms and all(n.modality is None for n in norms)
+    # and the trainer's build does not leave the predictor's path switched off behind it
+    with pytest.raises(ModalityTagError, match="nnUNet_csa_modality"):
+        nnUNetTrainerCSA.build_network_architecture(_plans(), _plans().get_configuration("2d"), 1, 4, False)
 
 
 def test_training_network_has_one_norm_per_modality_of_the_right_type():
     configuration = _plans(("CT", "MR", "X")).get_configuration("2d")
-    network = nnUNetTrainerCSA_BN.build_network_architecture(_plans(("CT", "MR", "X")), configuration, 1, 4, True)
+    network = nnUNetTrainerCSA_BN.build_modality_network(_plans(("CT", "MR", "X")), configuration, 1, 4, True)
     norms = [m for m in network.modules() if isinstance(m, ModalitySpecificNorm)]
     assert norms and all(n.n_modalities == 3 for n in norms)
     assert all(isinstance(n.norms[0], torch.nn.BatchNorm2d) for n in norms)
@@ -324,7 +343,7 @@ def test_training_network_has_one_norm_per_modality_of_the_right_type():
 def test_plans_without_modalities_are_refused_with_an_explanation():
     plans = _plans(None)
     with pytest.raises(ModalityTagError, match="csa_modalities"):
-        nnUNetTrainerCSA.build_network_architecture(plans, plans.get_configuration("2d"), 1, 4, True)
+        nnUNetTrainerCSA.build_modality_network(plans, plans.get_configuration("2d"), 1, 4, True)
 
 
 def test_short_budget_names():

@@ -103,7 +103,7 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
                 raise ExportError(f"{checkpoint_file} was written by {checkpoint['trainer_name']}, which has no "
                                   f"modality-specific norms to fold: it already is a stock model")
             configuration_manager = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
-            network = trainer_class.build_network_architecture(
+            network = trainer_class.build_modality_network(
                 plans_manager, configuration_manager,
                 determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
                 plans_manager.get_label_manager(dataset_json).num_segmentation_heads,

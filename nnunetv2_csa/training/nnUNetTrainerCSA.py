@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from functools import partial
 from typing import List
 
@@ -51,6 +52,11 @@ from nnunetv2_csa.training.inference_modality import inference_modality_index
 from nnunetv2_csa.training.per_modality_validation import PerModalityValidationMixin, gathered
 from nnunetv2_csa.training.resume import ReadableCheckpointMixin
 from nnunetv2_csa.training.rows import PAPER_LAMBDA
+
+
+#: true while a trainer's own initialize builds its network; any other call of build_network_architecture
+#: is nnU-Net's predictor's
+_TRAINER_BUILDS_ITS_NETWORK = ContextVar("nnunetv2_csa_trainer_builds_its_network", default=False)
 
 
 def _gathered_nanmean(trainer: nnUNetTrainer, values) -> float:
@@ -112,23 +118,39 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
                                                         num_output_channels, enable_deep_supervision)
 
     @classmethod
-    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
+    def build_modality_network(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                               num_input_channels: int, num_output_channels: int,
+                               enable_deep_supervision: bool = True) -> nn.Module:
+        """The row's network with one norm per modality of the plans' ``csa_modalities``, not routed
+        to any modality yet (:func:`nnunetv2_csa.modality_norm.set_modality` does that)."""
         network = cls.build_plain_network(plans_manager, configuration_manager, num_input_channels,
                                           num_output_channels, enable_deep_supervision)
         modalities = modalities_from_plans(plans_manager.plans)
         convert_to_modality_specific_norms(network, len(modalities))
         # the weights carry the order; loading them into a network built for another stops
         record_modality_order(network, modalities)
-        if not enable_deep_supervision:
-            # nnU-Net builds the inference network without deep supervision; the
-            # trainer itself always trains with it and routes every batch explicitly
+        return network
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """nnU-Net's hook, which nnU-Net calls in two places: the trainer's ``initialize`` (which
+        routes every batch itself, and says so) and its predictor (``nnUNetv2_predict`` and
+        relatives), which passes nothing about the images: that network is routed to the
+        modality of ``nnUNet_csa_modality`` here, whatever ``enable_deep_supervision`` says."""
+        network = cls.build_modality_network(plans_manager, configuration_manager, num_input_channels,
+                                             num_output_channels, enable_deep_supervision)
+        if not _TRAINER_BUILDS_ITS_NETWORK.get():
             set_modality(network, inference_modality_index(plans_manager))
         return network
 
     def initialize(self):
-        super().initialize()
+        token = _TRAINER_BUILDS_ITS_NETWORK.set(True)
+        try:
+            super().initialize()
+        finally:
+            _TRAINER_BUILDS_ITS_NETWORK.reset(token)
         n_modalities = len(self.modality_tags.modalities)
         if self.batch_size < n_modalities:
             # refused here, not in an augmentation worker, where nnU-Net would only report
