@@ -47,9 +47,13 @@ M = Mutant
 MUTANTS = (
     # ---- the modality-specific norms' routing
     M("norm-affine-gathered-reversed", "nnunetv2_csa/modality_norm.py",
-      "weight = torch.stack([self.norms[k].weight for k in routing.present]).index_select(0, index)",
-      "weight = torch.stack([self.norms[k].weight for k in routing.present]).index_select(0, index.flip(0))",
+      "weight = torch.stack([norm.weight for norm in self.norms]).index_select(0, index)",
+      "weight = torch.stack([norm.weight for norm in self.norms]).index_select(0, index.flip(0))",
       "per-sample path: samples get another sample's affine weight"),
+    M("norm-int-modality-index-0", "nnunetv2_csa/modality_norm.py",
+      "sample_modality=torch.tensor([modality], device=device)",
+      "sample_modality=torch.tensor([0], device=device)",
+      "per-sample path: a whole batch of one modality (inference) is normalised as modality 0"),
     M("norm-sub-batches-swapped", "nnunetv2_csa/modality_norm.py",
       "return torch.cat([self._apply_norm(k, c) for k, c in zip(routing.present, chunks)])",
       "return torch.cat([self._apply_norm(k, c) for k, c in zip(reversed(routing.present), chunks)])",
@@ -59,8 +63,8 @@ MUTANTS = (
       "return out",
       "an unsorted batch comes back in modality order instead of its own"),
     M("norm-single-modality-batch-to-0", "nnunetv2_csa/modality_norm.py",
-      "return _Routing(modality=per_sample, single=present[0], batch_size=batch_size)",
-      "return _Routing(modality=per_sample, single=0, batch_size=batch_size)",
+      "sample_modality=sample_modality, single=present[0],",
+      "sample_modality=sample_modality, single=0,",
       "a batch of one modality is normalised by modality 0's norms"),
     M("norm-order-assumed-sorted", "nnunetv2_csa/modality_norm.py",
       "is_sorted = bool((on_host[1:] >= on_host[:-1]).all())",
@@ -162,6 +166,14 @@ MUTANTS = (
       "self._features[name] = output",
       "self._features[name] = output.detach()",
       "the tapped feature maps are cut off from the graph"),
+    M("tap-not-copied", "nnunetv2_csa/feature_taps.py",
+      "self._features[name] = output.clone()",
+      "self._features[name] = output",
+      "ResEnc: the tap holds conv2's output after the residual sum changed it in place"),
+    M("tap-kept-in-final-validation", "nnunetv2_csa/training/nnUNetTrainerCSA.py",
+      "with self.feature_tap.paused() if self.feature_tap is not None else nullcontext():",
+      "with nullcontext():",
+      "the final validation keeps every patch's tapped features (a compiled graph per case)"),
     M("tap-same-layer-twice", "nnunetv2_csa/feature_taps.py",
       "return blocks[0], blocks[1]",
       "return blocks[0], blocks[0]",
@@ -170,6 +182,10 @@ MUTANTS = (
       "stage = len(stages) // 2",
       "stage = len(stages) // 2 + 1",
       "the default layers are not the middle encoder stage"),
+    M("inference-routing-by-deep-supervision", "nnunetv2_csa/training/nnUNetTrainerCSA.py",
+      "if not _TRAINER_BUILDS_ITS_NETWORK.get():",
+      "if not enable_deep_supervision:",
+      "the predictor's network is told apart from the trainer's by deep supervision, not by who builds it"),
     # ---- the validation's attribution to modalities
     M("validation-counts-under-other-modality", "nnunetv2_csa/training/per_modality_validation.py",
       "per_mod[m] = out[key]",
@@ -188,6 +204,10 @@ MUTANTS = (
       "plain = fold_modality(network, modalities.index(modality))",
       "plain = fold_modality(network, len(modalities) - 1 - modalities.index(modality))",
       "the export folds the other modality's norms (the outside check's third survivor)"),
+    M("nonfinite-names-the-last-module", "nnunetv2_csa/tools/nonfinite.py",
+      "return found[0] if found else None",
+      "return found[-1] if found else None",
+      "the GPU check's diagnosis names the network instead of the first module with a non-finite output"),
     # ---- the metrics
     M("dice-without-factor-2", "nnunetv2_csa/tools/evaluation.py",
       "return dict(dice=2.0 * intersection / (n_pred + n_ref), hd=float(pooled.max()),",
@@ -256,9 +276,10 @@ def _run_fast_tests(copy: str, timeout: int) -> tuple[bool, str, float]:
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout} s", time.perf_counter() - start
     seconds = time.perf_counter() - start
-    failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return result.returncode == 0, (failed[0] if failed else result.stdout.strip().splitlines()[-1:] or [""])[0], \
-        seconds
+    lines = result.stdout.strip().splitlines()
+    failed = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    first = failed[0] if failed else (lines[-1] if lines else "")
+    return result.returncode == 0, first, seconds
 
 
 def _imports_the_copy(copy: str) -> bool:

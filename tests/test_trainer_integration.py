@@ -230,7 +230,8 @@ def _model_copy_with_plans_modalities(model_folder, destination, modalities):
 
 
 def test_predict_and_export_refuse_a_model_folder_whose_plans_swap_the_modalities(trained_csa_model,
-                                                                                   heldout_predictions, tmp_path):
+                                                                                   heldout_predictions, tmp_path,
+                                                                                   monkeypatch):
     env, dataset_name, model_folder = trained_csa_model
     swapped = _model_copy_with_plans_modalities(model_folder, str(tmp_path / "swapped"), ["C0", "LGE"])
     images = str(heldout_predictions[0] / "LGE" / "images")
@@ -244,6 +245,7 @@ def test_predict_and_export_refuse_a_model_folder_whose_plans_swap_the_modalitie
     # the export's command turns this error into one line (tests/test_cli.py); here its cause
     from nnunetv2_csa.modality_order import ModalityOrderError
     from nnunetv2_csa.tools.export import export_modality
+    monkeypatch.setenv("nnUNet_extTrainer", env["nnUNet_extTrainer"])  # the test trainer, as for the commands
     with pytest.raises(ModalityOrderError, match="modality order mismatch"):
         export_modality(swapped, "LGE", str(tmp_path / "exported"))
     assert not os.path.exists(tmp_path / "exported")
