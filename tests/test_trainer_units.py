@@ -191,6 +191,21 @@ def test_weights_refuse_a_network_built_for_another_modality_order():
             swapped.load_state_dict(state)
 
 
+def test_the_modality_order_is_in_the_state_dict_but_no_buffer_that_ddp_would_broadcast():
+    configuration = _plans().get_configuration("2d")
+    network = nnUNetTrainerCSA.build_modality_network(_plans(), configuration, 1, 4, True)
+    assert [name for name, _ in network.named_buffers()] == []  # nnU-Net's InstanceNorm U-Net has none either
+    state = network.state_dict()
+    assert bytes(state["csa_modality_order"].tolist()).decode() == '["LGE", "C0"]'
+    # the compiled network's state_dict (nnU-Net saves the inner module's; DDP's prefixes "module.") carries it too
+    assert "_orig_mod.csa_modality_order" in torch.compile(network).state_dict()
+    # loading checks and drops it from load_state_dict's own copy: the caller's weights keep it (nnU-Net's
+    # predictor loads the same dict of each fold again for every case)
+    network.load_state_dict(state)
+    network.load_state_dict(state)
+    assert "csa_modality_order" in state
+
+
 def test_weights_without_a_recorded_order_load_with_a_warning():
     configuration = _plans().get_configuration("2d")
     network = nnUNetTrainerCSA.build_modality_network(_plans(), configuration, 1, 4, True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from contextlib import contextmanager
 from typing import List
 
 import numpy as np
@@ -127,20 +128,44 @@ class PerModalityValidationMixin:
         return torch.as_tensor([self.modality_tags.index_of_case(k) for k in batch["keys"]])
 
     # ---------------------------------------------------------------- validation batches
+    @contextmanager
+    def _rank_local_dice(self):
+        """Under DDP, nnU-Net's Dice loss all-gathers each call's per-sample sums: one collective per
+        call, with the call's batch size. The sub-batches of a rank's validation batch differ from rank
+        to rank in number and size (nnU-Net's own loader draws any mix of modalities), which would
+        mismatch the ranks' collectives; so the validation's Dice is computed per rank, as it is
+        per sub-batch in one process. Training steps keep nnU-Net's gathered Dice."""
+        if not self.is_ddp:
+            yield
+            return
+        dice_losses = [m for m in self.loss.modules() if hasattr(m, "ddp") and hasattr(m, "batch_dice")]
+        if not dice_losses:
+            raise RuntimeError("nnU-Net's Dice loss no longer has the 'ddp' switch that nnunetv2_csa turns off for "
+                               "the per-modality validation under DDP; this nnU-Net version is not supported")
+        saved = [m.ddp for m in dice_losses]
+        for m in dice_losses:
+            m.ddp = False
+        try:
+            yield
+        finally:
+            for m, value in zip(dice_losses, saved):
+                m.ddp = value
+
     def validation_step(self, batch: dict) -> dict:
         modality = self._sample_modalities(batch)
         n_modalities = len(self.modality_tags.modalities)
         per_modality = []
-        for m in range(n_modalities):
-            selected = torch.nonzero(modality == m).flatten()
-            if len(selected) == 0:
-                continue
-            target = [t[selected] for t in batch["target"]] if isinstance(batch["target"], list) \
-                else batch["target"][selected]
-            self._route(m)
-            per_modality.append((m, len(selected), super().validation_step({"data": batch["data"][selected],
-                                                                            "target": target})))
-            self._after_validation_sub_batch(m, target[0] if isinstance(target, list) else target)
+        with self._rank_local_dice():
+            for m in range(n_modalities):
+                selected = torch.nonzero(modality == m).flatten()
+                if len(selected) == 0:
+                    continue
+                target = [t[selected] for t in batch["target"]] if isinstance(batch["target"], list) \
+                    else batch["target"][selected]
+                self._route(m)
+                per_modality.append((m, len(selected), super().validation_step({"data": batch["data"][selected],
+                                                                                "target": target})))
+                self._after_validation_sub_batch(m, target[0] if isinstance(target, list) else target)
         n_total = sum(n for _, n, _ in per_modality)
         shape = per_modality[0][2]["tp_hard"].shape
         result = {"loss": np.float64(sum(n * out["loss"] for _, n, out in per_modality) / n_total)}

@@ -1,0 +1,104 @@
+"""nnU-Net's multi-GPU path (``-num_gpus``) with this package's trainers, simulated on CPU:
+2 and 3 processes with the gloo backend, each running nnU-Net's ``run_ddp`` flow
+(tests/ddp_worker.py says what CPU changes). A hang fails within the collectives' timeout."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_DATASET_ID, read_labels
+
+pytestmark = pytest.mark.integration
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
+#: the whole run's limit; every collective has its own, shorter one (NNUNETV2_CSA_DDP_TIMEOUT, 60 s)
+RUN_TIMEOUT_S = 400
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def plans_with_global_batch(env: dict, dataset_name: str, batch_size: int) -> str:
+    """A copy of the tiny dataset's plans with another global batch size; returns its name. nnU-Net's
+    batch Dice all-gathers per-sample sums, which fails (gloo: "Received data size doesn't match") when
+    the ranks' batches differ in size: the global batch must be a multiple of the number of GPUs."""
+    folder = Path(env["nnUNet_preprocessed"]) / dataset_name
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    name = f"nnUNetPlansGlobalBatch{batch_size}"
+    plans["plans_name"] = name
+    plans["configurations"]["2d"]["batch_size"] = batch_size
+    (folder / f"{name}.json").write_text(json.dumps(plans))
+    return name
+
+
+def run_ddp_on_cpu(env: dict, trainer: str, plans: str, world_size: int, out, mode: str = "train"
+                   ) -> list[subprocess.Popen]:
+    """The trainer in ``world_size`` processes; returns them, finished (a hang kills them all and fails)."""
+    port = _free_port()
+    env = dict(env, nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+    logs = [open(out / f"rank{rank}_{mode}.log", "w") for rank in range(world_size)]
+    processes = [subprocess.Popen([sys.executable, WORKER, str(rank), str(world_size), str(port), trainer,
+                                   str(TINY_DATASET_ID), plans, str(out), mode], env=env, stdout=logs[rank],
+                                  stderr=subprocess.STDOUT) for rank in range(world_size)]
+    try:
+        for process in processes:
+            process.wait(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        pytest.fail(f"{trainer} in {world_size} processes did not finish in {RUN_TIMEOUT_S} s (a hang)")
+    finally:
+        for log in logs:
+            log.close()
+    failed = [rank for rank, p in enumerate(processes) if p.returncode != 0]
+    assert not failed, "\n".join(f"--- rank {r}\n{(out / f'rank{r}_{mode}.log').read_text()[-4000:]}" for r in failed)
+    return processes
+
+
+@pytest.fixture
+def ddp_results(tiny_preprocessed_dataset, tmp_path):
+    env, dataset_name = tiny_preprocessed_dataset
+    results = tmp_path / "nnUNet_results"
+    out = tmp_path / "ranks"
+    out.mkdir()
+    return dict(env, nnUNet_results=str(results)), dataset_name, results, out
+
+
+@pytest.mark.parametrize("row, world_size", [("CSA", 2), ("Joint", 2), ("CSA", 3)])
+def test_ddp_trains_validates_and_agrees_on_every_rank(ddp_results, row, world_size):
+    env, dataset_name, results, out = ddp_results
+    trainer = f"nnUNetTrainer{row}_2epochs_5its"
+    global_batch = 4 * world_size
+    plans = plans_with_global_batch(env, dataset_name, global_batch)
+    run_ddp_on_cpu(env, trainer, plans, world_size, out)
+
+    states = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    for key, value in states[0].items():
+        for rank in range(1, world_size):
+            assert torch.equal(value, states[rank][key]), f"{key} differs between rank 0 and rank {rank}"
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+    assert [r["batch_size"] for r in ranks] == [4] * world_size  # the plan's global batch, split by nnU-Net
+    if row != "Joint":  # the unpaired sampler: every rank's batch holds every modality at every step
+        assert all(sorted(set(b)) == [0, 1] for r in ranks for b in r["batch_modalities"])
+        assert all(len(r["batch_modalities"]) == 10 for r in ranks)
+
+    model = results / dataset_name / f"{trainer}__{plans}__2d" / "fold_0"
+    splits = json.loads((Path(env["nnUNet_preprocessed"]) / dataset_name / "splits_final.json").read_text())
+    validation = read_labels(str(model / "validation"))
+    assert sorted(validation) == sorted(f"{case}.nii.gz" for case in splits[0]["val"])
+    assert (model / "checkpoint_final.pth").is_file()
+    if world_size > len(splits[0]["val"]):
+        # `nnUNetv2_train ... --val`: no training forward before the final validation, and a rank without a
+        # validation case never calls the network (a buffer of the network would be broadcast to it: a hang)
+        for case in validation:
+            os.remove(model / "validation" / case)
+        run_ddp_on_cpu(env, trainer, plans, world_size, out, mode="val")
+        assert read_labels(str(model / "validation")).keys() == validation.keys()
