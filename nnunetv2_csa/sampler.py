@@ -32,12 +32,31 @@ def samples_per_modality(batch_size: int, n_modalities: int, batch_number: int =
     return counts
 
 
+def forced_foreground_per_modality(batch_size: int, oversample_foreground_percent: float,
+                                   counts: list[int], batch_number: int = 0) -> list[int]:
+    """How many samples of each modality's block are forced to contain foreground: nnU-Net's
+    number for the whole batch (``batch_size - round(batch_size * (1 - p))``, what its
+    ``_oversample_last_XX_percent`` forces; under DDP ``p`` is the rank's, set by nnU-Net's
+    ``_set_batch_size_and_oversample``), spread over the modalities as evenly as their blocks
+    allow; a remainder rotates from batch to batch like the blocks' extra samples."""
+    forced_total = batch_size - round(batch_size * (1 - oversample_foreground_percent))
+    forced = [0] * len(counts)
+    modality = batch_number % len(counts)
+    while forced_total > 0:
+        if forced[modality] < counts[modality]:
+            forced[modality] += 1
+            forced_total -= 1
+        modality = (modality + 1) % len(counts)
+    return forced
+
+
 class UnpairedModalityDataLoader(nnUNetDataLoader):
     """nnU-Net's data loader with unpaired, modality-balanced case selection.
 
-    Foreground oversampling follows nnU-Net's rule (the last ``round(b * p)`` samples
-    are forced to contain foreground) applied within each modality's block, so every
-    modality gets the same share of oversampled slices.
+    Foreground oversampling forces as many samples of the batch as nnU-Net's rule does
+    (:func:`forced_foreground_per_modality`), the last ones of each modality's block, so that
+    every modality gets the same share of the oversampled slices and the batch nnU-Net's
+    share of them (also per rank under DDP, and for batches of 2).
     """
 
     def __init__(self, data, batch_size, *args, modality_tags: ModalityTags, **kwargs):
@@ -53,24 +72,22 @@ class UnpairedModalityDataLoader(nnUNetDataLoader):
                 f"every modality needs cases in the training and the validation set. Check splits_final.json "
                 f"(write it with the nnunetv2_csa converter, which groups by patient)")
         self._batches_drawn = 0
-        self._position_in_block: list[int] = []
-        self._block_size: list[int] = []
+        self._forced: list[bool] = []
 
     def get_indices(self):
         counts = samples_per_modality(self.batch_size, len(self.cases_of_modality), self._batches_drawn)
+        forced = forced_foreground_per_modality(self.batch_size, self.oversample_foreground_percent, counts,
+                                                self._batches_drawn)
         self._batches_drawn += 1
-        keys, self._position_in_block, self._block_size = [], [], []
-        for cases, count in zip(self.cases_of_modality, counts):
+        keys, self._forced = [], []
+        for cases, count, forced_count in zip(self.cases_of_modality, counts, forced):
             keys.extend(np.random.choice(cases, count, replace=True))
-            self._position_in_block.extend(range(count))
-            self._block_size.extend([count] * count)
+            self._forced.extend(position >= count - forced_count for position in range(count))
         return keys
 
     def _oversample_last_XX_percent(self, sample_idx: int) -> bool:
-        # nnU-Net's rule applied per modality block rather than over the whole batch,
-        # which would oversample only the last modality
-        block = self._block_size[sample_idx]
-        return not self._position_in_block[sample_idx] < round(block * (1 - self.oversample_foreground_percent))
+        # nnU-Net's rule over the whole batch would force only the last modality's samples
+        return self._forced[sample_idx]
 
     def generate_train_batch(self):
         batch = super().generate_train_batch()

@@ -85,6 +85,29 @@ def test_foreground_oversampling_applies_within_each_modality_block():
     assert forced == [False, False, True, False, False, True]
 
 
+@pytest.mark.parametrize("modalities", [("LGE", "C0"), ("C0", "LGE", "T2")])
+def test_oversampling_forces_as_many_samples_as_nnunet_and_spreads_them_over_the_modalities(modalities):
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    tags = _tags(modalities=modalities)
+    # the rates nnU-Net's plans and its DDP split give a batch (0.33; 0 and 0.75 and 1 on ranks of a split batch)
+    for oversample in (0.0, 0.33, 0.5, 0.75, 1.0):
+        for batch_size in range(len(modalities), 13):
+            loader = _loader(tags, batch_size=batch_size, oversample=oversample)
+            for _ in range(len(modalities)):  # the rotations of the extra samples
+                modality = np.array([tags.index_of_case(k) for k in loader.get_indices()])
+                forced = np.array([loader.get_do_oversample(j) for j in range(batch_size)])
+                stock = sum(nnUNetDataLoader._oversample_last_XX_percent(loader, j) for j in range(batch_size))
+                assert forced.sum() == stock, (oversample, batch_size)
+                per_modality = [int(forced[modality == m].sum()) for m in range(len(modalities))]
+                blocks = np.bincount(modality, minlength=len(modalities))
+                # as even as the blocks allow: a modality with fewer forced samples than another has no room
+                assert all(a >= b - 1 or a == blocks[i] for i, a in enumerate(per_modality) for b in per_modality)
+    # a batch of 2 (a rank's share of a small batch): nnU-Net forces one sample, so does the sampler
+    loader = _loader(tags, batch_size=2 if len(modalities) == 2 else 3, oversample=0.33)
+    loader.get_indices()
+    assert sum(loader.get_do_oversample(j) for j in range(loader.batch_size)) == 1
+
+
 def test_odd_batch_size_rotates_the_extra_sample():
     assert samples_per_modality(5, 2, 0) == [3, 2]
     assert samples_per_modality(5, 2, 1) == [2, 3]
