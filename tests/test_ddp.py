@@ -39,8 +39,8 @@ def plans_with_global_batch(env: dict, dataset_name: str, batch_size: int) -> st
     return name
 
 
-def run_ddp_on_cpu(env: dict, trainer: str, plans: str, world_size: int, out, mode: str = "train"
-                   ) -> list[subprocess.Popen]:
+def run_ddp_on_cpu(env: dict, trainer: str, plans: str, world_size: int, out, mode: str = "train",
+                   check: bool = True) -> list[subprocess.Popen]:
     """The trainer in ``world_size`` processes; returns them, finished (a hang kills them all and fails)."""
     port = _free_port()
     env = dict(env, nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
@@ -59,7 +59,7 @@ def run_ddp_on_cpu(env: dict, trainer: str, plans: str, world_size: int, out, mo
         for log in logs:
             log.close()
     failed = [rank for rank, p in enumerate(processes) if p.returncode != 0]
-    assert not failed, "\n".join(f"--- rank {r}\n{(out / f'rank{r}_{mode}.log').read_text()[-4000:]}" for r in failed)
+    assert not check or not failed, "\n".join(f"--- rank {r}\n{(out / f'rank{r}_{mode}.log').read_text()[-4000:]}" for r in failed)
     return processes
 
 
@@ -102,3 +102,19 @@ def test_ddp_trains_validates_and_agrees_on_every_rank(ddp_results, row, world_s
             os.remove(model / "validation" / case)
         run_ddp_on_cpu(env, trainer, plans, world_size, out, mode="val")
         assert read_labels(str(model / "validation")).keys() == validation.keys()
+
+
+def test_ddp_refuses_a_batch_that_cannot_hold_every_modality_on_every_rank_before_training(ddp_results):
+    # more cases (a batch of 1 on 2 GPUs, 3 modalities): tests/test_trainer_units.py, without processes
+    global_batch, per_rank = 3, [2, 1]
+    env, dataset_name, results, out = ddp_results
+    plans = plans_with_global_batch(env, dataset_name, global_batch)
+    processes = run_ddp_on_cpu(env, "nnUNetTrainerCSA_2epochs_5its", plans, 2, out, check=False)
+    for rank, process in enumerate(processes):
+        log = (out / f"rank{rank}_train.log").read_text()
+        assert process.returncode != 0, log[-2000:]
+        # every rank says the same, before nnU-Net's own split (whose assertion a batch of 1 would otherwise hit)
+        assert (f"batch size {global_batch} over 2 GPUs gives {per_rank} per GPU, but every GPU's unpaired batch "
+                f"needs at least one sample of each modality (2: ['LGE', 'C0']). Plan a batch size of at least 4") \
+            in log, log[-2000:]
+        assert "Epoch 0" not in log

@@ -422,3 +422,25 @@ def test_lambda_rampup_is_linear_over_its_fraction_of_the_epochs():
 def test_case_names_that_are_paths_are_refused(bad):
     with pytest.raises(ModalityTagError, match="not a plain file name"):
         ModalityTags(("LGE",), {bad: "LGE"})
+
+
+@pytest.mark.parametrize("global_batch, world_size, modalities, per_rank", [
+    (3, 2, ("LGE", "C0"), [2, 1]), (1, 2, ("LGE", "C0"), [1, 0]), (4, 2, ("CT", "MR", "X"), [2, 2]),
+    (7, 3, ("LGE", "C0"), [3, 2, 2])])
+def test_a_batch_that_cannot_hold_every_modality_on_every_gpu_is_refused_alike_on_every_rank(
+        monkeypatch, global_batch, world_size, modalities, per_rank):
+    import torch.distributed as dist
+    trainer = nnUNetTrainerCSA.__new__(nnUNetTrainerCSA)
+    trainer.modality_tags = ModalityTags(tuple(modalities), {})
+    trainer.configuration_manager = _plans(modalities).get_configuration("2d")
+    trainer.configuration_manager.configuration["batch_size"] = global_batch
+    trainer.is_ddp = True
+    monkeypatch.setattr(dist, "get_world_size", lambda: world_size)
+    assert trainer.batch_size_per_rank() == per_rank  # nnU-Net's split, whatever the rank
+    if min(per_rank) >= len(modalities):
+        trainer._check_every_rank_holds_every_modality()
+        return
+    with pytest.raises(ModalityTagError, match=rf"batch size {global_batch} over {world_size} GPUs gives "
+                                               rf"\[{', '.join(map(str, per_rank))}\] per GPU.*at least "
+                                               rf"{len(modalities) * world_size} .*-num_gpus"):
+        trainer._check_every_rank_holds_every_modality()

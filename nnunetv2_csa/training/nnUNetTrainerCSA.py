@@ -33,6 +33,7 @@ from typing import List
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
@@ -145,21 +146,41 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
             set_modality(network, inference_modality_index(plans_manager))
         return network
 
+    def batch_size_per_rank(self) -> list[int]:
+        """The plan's batch size as nnU-Net splits it over the GPUs (``_set_batch_size_and_oversample``:
+        the first ``global % world_size`` ranks take one sample more); one entry without DDP."""
+        global_batch = self.configuration_manager.batch_size
+        if not self.is_ddp:
+            return [global_batch]
+        world_size = dist.get_world_size()
+        return [global_batch // world_size + (rank < global_batch % world_size) for rank in range(world_size)]
+
+    def _check_every_rank_holds_every_modality(self) -> None:
+        # on every rank alike, before nnU-Net's own split and before any collective: a rank refusing alone
+        # would leave the others waiting; and refused here, not in an augmentation worker, where nnU-Net
+        # would only report that its background workers died
+        modalities = list(self.modality_tags.modalities)
+        per_rank = self.batch_size_per_rank()
+        if min(per_rank) >= len(modalities):
+            return
+        if not self.is_ddp:
+            raise ModalityTagError(
+                f"batch size {per_rank[0]} is smaller than the number of modalities ({len(modalities)}: "
+                f"{modalities}): an unpaired batch needs at least one sample of each modality. Plan with a larger "
+                f"batch size (nnUNetv2_plan_experiment -gpu_memory_target ...)")
+        raise ModalityTagError(
+            f"batch size {self.configuration_manager.batch_size} over {len(per_rank)} GPUs gives {per_rank} per GPU, "
+            f"but every GPU's unpaired batch needs at least one sample of each modality ({len(modalities)}: "
+            f"{modalities}). Plan a batch size of at least {len(modalities) * len(per_rank)} "
+            f"(nnUNetv2_plan_experiment -gpu_memory_target ...) or train on fewer GPUs (-num_gpus)")
+
     def initialize(self):
+        self._check_every_rank_holds_every_modality()
         token = _TRAINER_BUILDS_ITS_NETWORK.set(True)
         try:
             super().initialize()
         finally:
             _TRAINER_BUILDS_ITS_NETWORK.reset(token)
-        n_modalities = len(self.modality_tags.modalities)
-        if self.batch_size < n_modalities:
-            # refused here, not in an augmentation worker, where nnU-Net would only report
-            # that its background workers died
-            raise ModalityTagError(
-                f"batch size {self.batch_size}{' per GPU' if self.is_ddp else ''} is smaller than the number of "
-                f"modalities ({n_modalities}: {list(self.modality_tags.modalities)}): an unpaired batch needs at "
-                f"least one sample of each modality. Plan with a larger batch size (nnUNetv2_plan_experiment "
-                f"-gpu_memory_target ...){' or train on fewer GPUs' if self.is_ddp else ''}")
         if self.consistency_kind in FEATURE_KINDS:
             part, stage = self.affinity_layers
             layers = consecutive_conv_layers(self.network, part, stage)
