@@ -70,7 +70,7 @@ def nnunet_environment(root) -> dict:
         "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
         "nnUNet_results": str(root / "nnUNet_results"),
         "nnUNet_extTrainer": _trainer_dir(),
-        # nnU-Net's defaults assume many cores; these are the fast settings on 2 (NNUNET_NOTES.md). One
+        # nnU-Net's defaults assume many cores; these are the fast settings on 2 (measured on these machines). One
         # worker per final-validation pool: a tiny training took 20.3 s instead of 25.4 s with two (each
         # spawned worker imports torch and nnU-Net, ~6 s of one core, while the trainer predicts)
         "nnUNet_def_n_proc": "1",

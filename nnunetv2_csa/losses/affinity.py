@@ -28,7 +28,7 @@ which class ``c`` is present (``M^c`` non-empty at the feature resolution). The 
 
 with ``C'`` the classes present in both modalities' sub-batches.
 
-Where the paper is ambiguous (see DESIGN.md, "The CSA term"):
+Where the paper is ambiguous (the project's design brief, "The CSA term"):
 
 * Eq. (4) prints the square *outside* the entry sum,
   :math:`\\| \\frac{1}{P}\\sum_i (A^{c,1}_i - A^{c,2}_i) \\|_2^2`, which compares only the

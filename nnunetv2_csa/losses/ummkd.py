@@ -23,7 +23,7 @@ averaged over the classes ``C'`` present in both sub-batches:
              \\Big( D_{KL}(q^{c,1} \\| q^{c,2}) + D_{KL}(q^{c,2} \\| q^{c,1}) \\Big),
     \\qquad D_{KL}(p \\| q) = \\sum_i p_i \\log \\frac{p_i}{q_i}.
 
-No ``T^2`` factor is applied (the row's weight, 0.5 in DESIGN.md, scales the term).
+No ``T^2`` factor is applied (the row's weight, 0.5 in the paper's units, scales the term).
 A class absent from either sub-batch is skipped; with more than two modalities the loss
 is the mean over the modality pairs that share a class; with nothing to compare it is a
 zero connected to the graph. Computed in float32 even under ``torch.autocast``.

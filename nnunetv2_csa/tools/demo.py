@@ -27,7 +27,7 @@ DEFAULT_BUDGET = (10, 10)
 DEMO_DATASET_ID = 990
 LAYOUTS = ("mscmrseg", "mmwhs", "myops")
 MODALITIES = {"mscmrseg": ("LGE", "C0"), "myops": ("LGE", "C0"), "mmwhs": ("CT", "MR")}
-#: the reduced CPU plan for real data (NNUNET_NOTES.md: 2 mm in-plane, batch 8, patch 96 x 96 on cropped MyoPS)
+#: the reduced CPU plan for real data (measured on CPU: 2 mm in-plane, batch 8, patch 96 x 96 on cropped MyoPS)
 CPU_PLANS_NAME = "nnUNetPlansCPU"
 CPU_TARGET_SPACING = ("5", "2.0", "2.0")
 CPU_GPU_MEMORY_TARGET = "0.18"
@@ -75,7 +75,7 @@ class Stages:
 def planning_environment() -> dict:
     env = dict(os.environ)
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for the
-    # value 0 that is fastest for training on few cores (NNUNET_NOTES.md)
+    # value 0 that is fastest for training on few cores (measured)
     if env.get("nnUNet_n_proc_DA") == "0":
         del env["nnUNet_n_proc_DA"]
     return env
