@@ -26,17 +26,22 @@ class _GraphCounter:
         return graph_module.forward
 
 
-@pytest.fixture
-def compiled_like_nnunet(monkeypatch):
+def _nnunet_compiles_with(monkeypatch, backend):
     """nnU-Net's trainer as on a GPU: ``_do_i_compile`` true, so that ``initialize`` compiles the
-    network and the Dice loss, through a counting backend; dynamo's caches emptied before and after."""
+    network and the Dice loss, here through ``backend``; dynamo's caches emptied first."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    counter = _GraphCounter()
     original_compile = torch.compile
     monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: True)
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: original_compile(model, backend=counter))
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: original_compile(model, backend=backend))
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def compiled_like_nnunet(monkeypatch):
+    """Compiled as nnU-Net compiles on a GPU, through a backend that counts the graphs."""
+    counter = _GraphCounter()
+    _nnunet_compiles_with(monkeypatch, counter)
     yield counter
     torch._dynamo.reset()
 
@@ -132,13 +137,8 @@ def compiled_like_nnunet_with_decompositions(monkeypatch):
     (``aot_eager_decomp_partition``): the graphs inductor would lower, run by eager kernels. What it
     leaves out is inductor's generated code (``NNUNETV2_CSA_INDUCTOR=1`` runs that too, minutes on CPU)."""
     import os
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
     backend = "inductor" if os.environ.get("NNUNETV2_CSA_INDUCTOR") == "1" else "aot_eager_decomp_partition"
-    original_compile = torch.compile
-    monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: True)
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: original_compile(model, backend=backend))
-    torch._dynamo.reset()
+    _nnunet_compiles_with(monkeypatch, backend)
     yield backend
     torch._dynamo.reset()
 
