@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_DATASET_ID, read_labels
+from conftest import TINY_DATASET_ID, predict_in_process, read_labels, with_test_trainers
 
 pytestmark = pytest.mark.integration
 
@@ -69,13 +70,32 @@ def ddp_results(tiny_preprocessed_dataset, tmp_path):
     results = tmp_path / "nnUNet_results"
     out = tmp_path / "ranks"
     out.mkdir()
-    return dict(env, nnUNet_results=str(results)), dataset_name, results, out
+    return dict(with_test_trainers(env), nnUNet_results=str(results)), dataset_name, results, out
+
+
+def _single_process_predictions_equal_the_final_validation(env, dataset_name, model, cases, validation, out):
+    """The checkpoint of the multi-process run, predicted by nnU-Net's predictor in one process told each
+    case's modality, equals what the ranks' final validation wrote; told the other modality, it differs."""
+    import shutil
+    raw = json.loads((Path(env["nnUNet_raw"]) / dataset_name / "dataset.json").read_text())
+    for case in cases:
+        images = out / f"images_{case}"
+        images.mkdir()
+        shutil.copy(Path(env["nnUNet_raw"]) / dataset_name / "imagesTr" / f"{case}_0000.nii.gz", images)
+        modality = raw["csa_case_modality"][case]
+        predicted = predict_in_process(env, model.parent, images, out / f"predicted_{case}", modality)
+        np.testing.assert_array_equal(predicted[f"{case}.nii.gz"], validation[f"{case}.nii.gz"], err_msg=case)
+        other = next(m for m in raw["csa_modalities"] if m != modality)
+        misrouted = predict_in_process(env, model.parent, images, out / f"misrouted_{case}", other)
+        assert not np.array_equal(misrouted[f"{case}.nii.gz"], validation[f"{case}.nii.gz"]), case
 
 
 @pytest.mark.parametrize("row, world_size", [("CSA", 2), ("Joint", 2), ("CSA", 3)])
 def test_ddp_trains_validates_and_agrees_on_every_rank(ddp_results, row, world_size):
     env, dataset_name, results, out = ddp_results
-    trainer = f"nnUNetTrainer{row}_2epochs_5its"
+    # CSA: the variant whose modalities' norms start apart (tests/ext_trainers), so that a case the final
+    # validation gave the other modality's norms would differ from the single-process prediction below
+    trainer = "nnUNetTrainerCSA_2epochs_5its_DistinctNorms" if row == "CSA" else f"nnUNetTrainer{row}_2epochs_5its"
     global_batch = 4 * world_size
     plans = plans_with_global_batch(env, dataset_name, global_batch)
     run_ddp_on_cpu(env, trainer, plans, world_size, out)
@@ -95,6 +115,9 @@ def test_ddp_trains_validates_and_agrees_on_every_rank(ddp_results, row, world_s
     validation = read_labels(str(model / "validation"))
     assert sorted(validation) == sorted(f"{case}.nii.gz" for case in splits[0]["val"])
     assert (model / "checkpoint_final.pth").is_file()
+    if row == "CSA":
+        _single_process_predictions_equal_the_final_validation(env, dataset_name, model, splits[0]["val"],
+                                                               validation, out)
     if world_size > len(splits[0]["val"]):
         # `nnUNetv2_train ... --val`: no training forward before the final validation, and a rank without a
         # validation case never calls the network (a buffer of the network would be broadcast to it: a hang)
