@@ -90,7 +90,8 @@ def _single_process_predictions_equal_the_final_validation(env, dataset_name, mo
         assert not np.array_equal(misrouted[f"{case}.nii.gz"], validation[f"{case}.nii.gz"]), case
 
 
-@pytest.mark.parametrize("row, world_size", [("CSA", 2), ("Joint", 2), ("CSA", 3)])
+# CSA in 2 processes passed too (24 s); left out to keep the suite within 10 minutes, as CSA in 3 covers its path
+@pytest.mark.parametrize("row, world_size", [("Joint", 2), ("CSA", 3)])
 def test_ddp_trains_validates_and_agrees_on_every_rank(ddp_results, row, world_size):
     env, dataset_name, results, out = ddp_results
     # CSA: the variant whose modalities' norms start apart (tests/ext_trainers), so that a case the final
