@@ -8,8 +8,10 @@ silently serve the other modality. So the names are written into the network's
 ``state_dict`` (hence into every nnU-Net checkpoint) by a state-dict hook, and a
 load-state-dict pre-hook compares the stored order with the order the network was built
 for. They are deliberately not a buffer: DDP broadcasts a network's buffers before the
-first forward pass after training, a collective every rank must join, and nnU-Net's final
-validation gives a rank with no validation case no forward pass at all. Every path that puts
+first forward pass of a run and before the first one after a training step, a collective
+every rank must join, and nnU-Net's final validation gives a rank with no validation case
+no forward pass at all (``nnUNetv2_train ... --val -num_gpus 3`` with two validation cases
+hung; tests/test_ddp.py). Every path that puts
 trained weights into a network goes through ``load_state_dict``: ``nnUNetv2_train --c``,
 ``nnUNetv2_predict`` and the export; each stops with :class:`ModalityOrderError` on a
 mismatch. Plain torch; nothing here imports nnU-Net.

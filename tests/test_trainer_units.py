@@ -436,7 +436,14 @@ def test_a_batch_that_cannot_hold_every_modality_on_every_gpu_is_refused_alike_o
     trainer.configuration_manager.configuration["batch_size"] = global_batch
     trainer.is_ddp = True
     monkeypatch.setattr(dist, "get_world_size", lambda: world_size)
-    assert trainer.batch_size_per_rank() == per_rank  # nnU-Net's split, whatever the rank
+    assert trainer.batch_size_per_rank() == per_rank
+    if global_batch >= world_size:  # nnU-Net's own split (it asserts this) gives each rank the same
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        for rank in range(world_size):
+            monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+            trainer.oversample_foreground_percent = 0.33
+            nnUNetTrainer._set_batch_size_and_oversample(trainer)
+            assert trainer.batch_size == per_rank[rank], "nnU-Net's split over the GPUs changed"
     if min(per_rank) >= len(modalities):
         trainer._check_every_rank_holds_every_modality()
         return
