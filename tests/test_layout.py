@@ -1,6 +1,7 @@
 """The library (what ``nnUNetv2_train -tr`` imports) stands apart from the tools."""
 import ast
 import os
+import re
 
 import nnunetv2_csa
 
@@ -45,3 +46,31 @@ def test_importing_every_trainer_loads_no_tool(trainer_import_probe):
     loaded = trainer_import_probe.stdout.split()
     assert "nnunetv2_csa.training.nnUNetTrainerCSA" in loaded
     assert [m for m in loaded if _is_tool(m)] == []
+
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPOSITORY_PATH = re.compile(r"^(?:nnunetv2_csa|tests|scripts|dataset_conversion|documentation|docs)/[\w./-]*$")
+
+
+def _named_paths(markdown: str) -> set[str]:
+    """The repository paths a page names in backticks (``nnunetv2_csa/...``, ``tests/...``, ...; a bare
+    ``test_*.py`` is a file of ``tests/``), each the first word of its code span."""
+    paths = set()
+    for span in re.findall(r"`([^`\n]+)`", markdown):
+        word = span.split()[0].rstrip(",;:)")
+        if _REPOSITORY_PATH.match(word):
+            paths.add(word)
+        elif re.fullmatch(r"test_\w+\.py", word):
+            paths.add(f"tests/{word}")
+    return paths
+
+
+def test_every_file_the_readme_and_the_documentation_name_exists():
+    pages = ["README.md"] + [os.path.join("documentation", f) for f in os.listdir(os.path.join(REPOSITORY,
+                                                                                              "documentation"))
+                             if f.endswith(".md")]
+    named = {page: _named_paths(open(os.path.join(REPOSITORY, page)).read()) for page in pages}
+    assert len(named["README.md"]) > 20  # the layout table alone names more: the pattern still finds them
+    missing = sorted(f"{page}: {path}" for page, paths in named.items() for path in paths
+                     if not os.path.exists(os.path.join(REPOSITORY, path)))
+    assert not missing, missing
