@@ -293,8 +293,9 @@ def _run_fast_tests(copy: str, timeout: int) -> tuple[bool, str, float]:
 
 def _imports_the_copy(copy: str) -> bool:
     env = {**os.environ, "PYTHONPATH": copy}
-    found = subprocess.run([sys.executable, "-c", "import nnunetv2_csa, os; print(os.path.realpath(nnunetv2_csa.__file__))"],
-                           cwd=copy, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    probe = "import nnunetv2_csa, os; print(os.path.realpath(nnunetv2_csa.__file__))"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=copy, env=env, capture_output=True, text=True,
+                           check=True).stdout.strip()
     return found.startswith(os.path.realpath(copy))
 
 

@@ -12,7 +12,8 @@ validation and checkpoints), then ``perform_actual_validation``. Changed for CPU
 
 Run by tests/test_ddp.py as ``python tests/ddp_worker.py RANK WORLD_SIZE PORT TRAINER DATASET PLANS OUT MODE``;
 MODE ``train`` (``nnUNetv2_train``) writes OUT/rank{RANK}.pt (the network's state_dict after training) and
-OUT/rank{RANK}.json (the modalities of every training batch of this rank); MODE ``val``
+OUT/rank{RANK}.json (the modalities of every training batch of this rank, as the unpaired
+sampler gives them; none for nnU-Net's own loader); MODE ``val``
 (``nnUNetv2_train ... --val``) only reruns the final validation of the trained fold.
 """
 import datetime
@@ -55,11 +56,8 @@ def main(rank: int, world_size: int, port: int, trainer_name: str, dataset: str,
     train_step = trainer.train_step
 
     def recorded_train_step(batch):
-        modality = batch.get("modality")
-        if modality is None:  # nnU-Net's own loader (Joint, Single): the cases name the modality
-            modality = [trainer.modality_tags.index_of_case(k) for k in batch["keys"]] \
-                if hasattr(trainer, "modality_tags") else []
-        batches.append([int(m) for m in modality])
+        # the unpaired sampler's modality vector (nnU-Net's own loader, Joint and Single, has none)
+        batches.append([int(m) for m in batch.get("modality", [])])
         return train_step(batch)
 
     trainer.train_step = recorded_train_step
@@ -69,8 +67,7 @@ def main(rank: int, world_size: int, port: int, trainer_name: str, dataset: str,
     from nnunetv2_csa.wrappers import unwrap_network
     torch.save(unwrap_network(trainer.network).state_dict(), os.path.join(out, f"rank{rank}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"batch_size": int(trainer.batch_size), "batch_modalities": batches,
-                   "oversample_foreground_percent": float(trainer.oversample_foreground_percent)}, f)
+        json.dump({"batch_size": int(trainer.batch_size), "batch_modalities": batches}, f)
     dist.barrier()
     dist.destroy_process_group()
 

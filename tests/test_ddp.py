@@ -60,7 +60,8 @@ def run_ddp_on_cpu(env: dict, trainer: str, plans: str, world_size: int, out, mo
         for log in logs:
             log.close()
     failed = [rank for rank, p in enumerate(processes) if p.returncode != 0]
-    assert not check or not failed, "\n".join(f"--- rank {r}\n{(out / f'rank{r}_{mode}.log').read_text()[-4000:]}" for r in failed)
+    assert not check or not failed, "\n".join(f"--- rank {r}\n{(out / f'rank{r}_{mode}.log').read_text()[-4000:]}"
+                                              for r in failed)
     return processes
 
 
