@@ -40,25 +40,18 @@ from dataset_conversion.splits import (DEFAULT_SEED, SPLIT_CHOICES, check_splits
                                        select_unpaired)
 from dataset_conversion.staging import (StagedDataset, check_output_free, dataset_folder_name, resolve_output_root,
                                         stale_preprocessed_message, write_json)
-from nnunetv2_csa.errors import UserInputError
-from nnunetv2_csa.modality import (CASE_PATIENT_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY, OTHER_MODALITY_LABELS,
-                                   ModalityTags)
+from nnunetv2_csa.errors import UserInputError, first_few
+from nnunetv2_csa.modality import (CASE_PATIENT_KEY, CONVERSION_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
+                                   OTHER_MODALITY_LABELS, ModalityTags)
 from nnunetv2_csa.tools.phantom import read_phantom_marker
 
 
-CONVERSION_KEY = "csa_conversion"
 
 
 # ---------------------------------------------------------------------------------------
 # Finding files
 # ---------------------------------------------------------------------------------------
 _LOOKS_LIKE_IMAGE = re.compile(r"\.nii(\.gz)?\s*$", re.IGNORECASE)
-
-
-def first_few(items: Sequence[str], limit: int) -> str:
-    """The first ``limit`` items, comma-separated, and how many more there are: what a message
-    about many files or cases names."""
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def scan_input(input_folder: str, filename_pattern: re.Pattern) -> list[tuple[re.Match, str]]:

@@ -19,7 +19,6 @@ the first time a copy of the original is kept as ``dataset.json.before_csa_tags`
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
 import shutil
@@ -27,56 +26,17 @@ import tempfile
 import warnings
 from typing import Mapping, Sequence
 
-from dataset_conversion.common import first_few, run_main
+from dataset_conversion.common import run_main
 from dataset_conversion.errors import ConversionError, ConversionWarning
 from dataset_conversion.splits import DEFAULT_SEED, SPLIT_CHOICES, check_splits_cover_modalities, make_patient_splits
 from dataset_conversion.staging import current_umask, stale_preprocessed_message, write_json
-from nnunetv2_csa.modality import CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, ModalityTags, check_case_name
+from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, TAGGING_KEY, ModalityTags,
+                                   check_case_name)
+from nnunetv2_csa.modality_rules import compile_rules, modalities_from_rules, read_tag_csv
+from nnunetv2_csa.modality_rules import some as _some
 
 
-TAGGING_KEY = "csa_tagging"
 BACKUP_SUFFIX = ".before_csa_tags"
-#: how many offending cases an error names before it says "and N more"
-NAMED_IN_ERRORS = 5
-
-
-def _some(cases: Sequence[str]) -> str:
-    return first_few(cases, NAMED_IN_ERRORS)
-
-
-def compile_rules(rules: Sequence[Sequence[str]]) -> list[tuple[str, re.Pattern]]:
-    compiled, names = [], set()
-    for name, pattern in rules:
-        if name in names:
-            raise ConversionError(f"--modality {name} is given twice; give one regular expression per modality "
-                                  f"(use | inside it for alternatives)")
-        names.add(name)
-        try:
-            compiled.append((name, re.compile(pattern)))
-        except re.error as e:
-            raise ConversionError(f"--modality {name} {pattern!r} is not a regular expression ({e})") from None
-    if len(compiled) < 2:
-        raise ConversionError("give at least two modalities (--modality NAME REGEX, once per modality)")
-    return compiled
-
-
-def modalities_from_rules(cases: Sequence[str], rules: Sequence[tuple[str, re.Pattern]]) -> dict[str, str]:
-    """case -> modality name; every case must fully match exactly one rule."""
-    assignment, unmatched, ambiguous = {}, [], []
-    for case in cases:
-        matching = [name for name, pattern in rules if pattern.fullmatch(case)]
-        if len(matching) == 1:
-            assignment[case] = matching[0]
-        elif not matching:
-            unmatched.append(case)
-        else:
-            ambiguous.append(f"{case} ({'/'.join(matching)})")
-    if unmatched or ambiguous:
-        problems = ([f"{len(unmatched)} case(s) match no --modality: {_some(unmatched)}"] if unmatched else []) + \
-                   ([f"{len(ambiguous)} match two or more: {_some(ambiguous)}"] if ambiguous else [])
-        raise ConversionError(f"{'; '.join(problems)}. Each regular expression must match whole case names; fix "
-                              f"them until every case matches exactly one (check with --dry-run)")
-    return assignment
 
 
 def patients_from_rule(cases: Sequence[str], pattern: str | None) -> dict[str, str]:
@@ -104,28 +64,9 @@ def patients_from_rule(cases: Sequence[str], pattern: str | None) -> dict[str, s
 
 
 def tags_from_csv(path: str, cases: Sequence[str]) -> tuple[dict[str, str], dict[str, str], list[str]]:
-    """(case -> modality, case -> patient, modality order of first appearance) from a CSV file."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-            columns = rows[0].keys() if rows else []
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ConversionError(f"cannot read the CSV {path} ({e}): give a readable CSV file with the columns "
-                              f"case, modality and (optionally) patient") from None
-    if not {"case", "modality"} <= set(columns):
-        raise ConversionError(f"{path} needs the columns case, modality (and optionally patient); it has "
-                              f"{list(columns)}")
-    modality, patient, order = {}, {}, []
-    for line, row in enumerate(rows, start=2):
-        case, name = (row.get("case") or "").strip(), (row.get("modality") or "").strip()
-        if not case or not name:
-            raise ConversionError(f"{path} line {line}: empty case or modality; fill it in or delete the line")
-        if case in modality:
-            raise ConversionError(f"{path} line {line}: case {case} is listed twice; keep one line per case")
-        modality[case] = name
-        patient[case] = (row.get("patient") or "").strip() or case
-        if name not in order:
-            order.append(name)
+    """(case -> modality, case -> patient, modality order of first appearance) from a CSV file
+    that lists every training case once."""
+    modality, patient, order = read_tag_csv(path)
     missing = [c for c in cases if c not in modality]
     unknown = sorted(set(modality) - set(cases))
     if missing or unknown:

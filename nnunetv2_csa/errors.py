@@ -23,6 +23,13 @@ class UserInputError(Exception):
     """Base of the errors a user can fix; the message says what and how."""
 
 
+def first_few(items, limit: int) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are: what a message
+    about many files or cases names."""
+    items = list(items)
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def tracebacks_wanted() -> bool:
     return os.environ.get(TRACEBACK_ENV) == "1"
 

@@ -29,6 +29,9 @@ CASE_PATIENT_KEY = "csa_case_patient"
 #: --unpaired conversions: the modality each patient did not contribute, kept for testing only
 #: (case -> {"modality": name, "patient": id}); images in OTHER_MODALITY_IMAGES, labels in OTHER_MODALITY_LABELS
 OTHER_MODALITY_KEY = "csa_other_modality_cases"
+#: how the tags were made: nnUNetv2_csa_tag_modalities's rules, a converter's settings
+TAGGING_KEY = "csa_tagging"
+CONVERSION_KEY = "csa_conversion"
 OTHER_MODALITY_IMAGES = "imagesOtherModality"
 OTHER_MODALITY_LABELS = "labelsOtherModality"
 
@@ -49,6 +52,7 @@ class ModalityTags:
             raise ModalityTagError("no modality names given")
         if len(set(self.modalities)) != len(self.modalities):
             raise ModalityTagError(f"modality names repeat: {list(self.modalities)}")
+        check_modality_names(self.modalities)
         for case in self.case_modality:
             check_case_name(case)
         unknown = sorted({m for m in self.case_modality.values() if m not in self.modalities})
@@ -82,13 +86,42 @@ class ModalityTags:
                 CASE_MODALITY_KEY: dict(sorted(self.case_modality.items()))}
 
 
+#: longest modality name: it becomes a folder name (held-out folders) and part of case names
+MAX_MODALITY_NAME = 64
+#: longest case name: with a channel suffix and file ending it stays below file systems' 255 bytes
+MAX_CASE_NAME = 200
+
+
+def _plain_name(name, longest: int) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and len(name.encode()) <= longest
+            and not any(c in name for c in ("/", "\\", "\x00")))
+
+
 def check_case_name(case: str, source: str = "dataset.json") -> str:
     """A case name is joined into file paths: it must be a plain file name stem, never a path
     (``../x``, ``/abs``, ``a/b``) that would read or write outside the dataset."""
-    if not isinstance(case, str) or case in ("", ".", "..") or any(c in case for c in ("/", "\\", "\x00")):
-        raise ModalityTagError(f"case name {case!r} in {source} is not a plain file name (no folders, no '..'); "
-                               f"fix the entry or convert the dataset again")
+    if not _plain_name(case, MAX_CASE_NAME):
+        raise ModalityTagError(f"case name {case!r} in {source} is not a plain file name (no folders, no '..', "
+                               f"not empty, at most {MAX_CASE_NAME} bytes); fix the entry or convert the dataset again")
     return case
+
+
+def check_modality_names(names, source: str = "dataset.json") -> tuple[str, ...]:
+    """Modality names become folder names and parts of case names: each must be a plain file
+    name of at most MAX_MODALITY_NAME bytes, and no two may differ only in case (``lge`` and
+    ``LGE`` would be two modalities to the trainer and one folder on a case-insensitive disk)."""
+    names = tuple(names)
+    for name in names:
+        if not _plain_name(name, MAX_MODALITY_NAME):
+            raise ModalityTagError(f"modality name {name!r} in {source} is not a plain name (no folders, no '..', "
+                                   f"not empty, at most {MAX_MODALITY_NAME} bytes); rename it")
+    folded = {}
+    for name in names:
+        other = folded.setdefault(name.casefold(), name)
+        if other != name:
+            raise ModalityTagError(f"modality names {other!r} and {name!r} in {source} differ only in case; "
+                                   f"use one spelling for one modality")
+    return names
 
 
 def modality_tags_from_dataset_json(dataset_json: Mapping, source: str = "dataset.json") -> ModalityTags:

@@ -9,8 +9,9 @@ import pytest
 
 from conftest import nnunet_environment, run_command
 from dataset_conversion.errors import ConversionError
-from dataset_conversion.tag_modalities import (compile_rules, modalities_from_rules, patients_from_rule,
-                                               tags_from_csv)
+from nnunetv2_csa.modality import ModalityTagError
+from dataset_conversion.tag_modalities import patients_from_rule, tags_from_csv
+from nnunetv2_csa.modality_rules import compile_rules, converter_naming_rules, modalities_from_rules
 
 TAGGED_DATASET_ID = 994
 #: the README's AMOS-style rules: ids up to 500 are CT, above are MR
@@ -27,15 +28,32 @@ def test_amos_style_rules_split_the_ids_at_500():
 
 def test_rules_match_whole_names_and_refuse_unmatched_or_ambiguous_cases():
     rules = compile_rules([("LGE", r"p\d+_LGE"), ("C0", r"p\d+_C0"), ("any", r"p1_.*")])
-    with pytest.raises(ConversionError, match=r"1 case\(s\) match no --modality: p2_LGE_x; 1 match two or more: "
+    with pytest.raises(ModalityTagError, match=r"1 case\(s\) match no --modality: p2_LGE_x; 1 match two or more: "
                                               r"p1_C0 \(C0/any\)"):
         modalities_from_rules(["p2_LGE_x", "p1_C0", "p3_LGE"], rules)  # p2_LGE_x: a prefix match is not enough
-    with pytest.raises(ConversionError, match="at least two modalities"):
+    with pytest.raises(ModalityTagError, match="at least two modalities"):
         compile_rules([("CT", ".*")])
-    with pytest.raises(ConversionError, match="given twice"):
+    with pytest.raises(ModalityTagError, match="given twice"):
         compile_rules([("CT", "a"), ("CT", "b")])
-    with pytest.raises(ConversionError, match="not a regular expression"):
+    with pytest.raises(ModalityTagError, match="not a regular expression"):
         compile_rules([("CT", "a("), ("MR", "b")])
+
+
+def test_modality_names_that_would_be_paths_or_differ_only_in_case_are_refused():
+    for name in ("../../escaped_LGE", "a/b", "", "..", "x" * 65):
+        with pytest.raises(ModalityTagError, match="is not a plain name"):
+            compile_rules([(name, "a.*"), ("MR", "b.*")])
+    with pytest.raises(ModalityTagError, match="'lge' and 'LGE' in --modality differ only in case"):
+        compile_rules([("lge", "a.*"), ("LGE", "b.*")])
+    assert [name for name, _ in compile_rules([("x" * 64, "a.*"), ("MR", "b.*")])] == ["x" * 64, "MR"]
+
+
+def test_converter_naming_rules_take_the_modality_suffix_whole():
+    rules = converter_naming_rules(["LGE", "C0", "T2"])
+    assert modalities_from_rules(["patient1_LGE", "p_2_C0", "a_T2"], rules) == \
+        {"patient1_LGE": "LGE", "p_2_C0": "C0", "a_T2": "T2"}
+    with pytest.raises(ModalityTagError, match="match no --modality: patient1_LGEx, LGE"):
+        modalities_from_rules(["patient1_LGEx", "LGE"], rules)
 
 
 def test_patient_rule_takes_its_first_group_and_needs_one():
@@ -56,8 +74,13 @@ def test_csv_gives_modalities_in_order_of_first_appearance_and_must_list_every_c
                                                                               "c_ct": "c_ct"}
     with pytest.raises(ConversionError, match=r"1 training case\(s\) are not in it: d_ct"):
         tags_from_csv(str(table), ["a_ct", "b_mr", "c_ct", "d_ct"])
+    table.write_bytes("\ufeffcase,modality\na_ct,CT\nb_mr,MR\n".encode())  # Excel's UTF-8 CSV
+    assert tags_from_csv(str(table), ["a_ct", "b_mr"])[0] == {"a_ct": "CT", "b_mr": "MR"}
+    table.write_text("case,modality\na_ct,ct\nb_mr,CT\n")
+    with pytest.raises(ModalityTagError, match="'ct' and 'CT' in .*tags.csv differ only in case"):
+        tags_from_csv(str(table), ["a_ct", "b_mr"])
     table.write_text("name,modality\na_ct,CT\n")
-    with pytest.raises(ConversionError, match="needs the columns case, modality"):
+    with pytest.raises(ModalityTagError, match="needs the columns case, modality"):
         tags_from_csv(str(table), ["a_ct"])
 
 

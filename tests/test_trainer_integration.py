@@ -316,3 +316,59 @@ def test_heldout_folders_feed_predict_and_evaluate_as_the_readme_says(trained_cs
         os.listdir(heldout / "LGE" / "images"))
     again = run_command(["nnUNetv2_csa_heldout", "-d", str(TINY_DATASET_ID), "-o", str(heldout)], env, check=False)
     assert again.returncode == 2 and "exists already" in again.stderr
+
+
+def _mixed_folder(heldout, destination):
+    """The held-out images of both modalities in one folder, as a hospital's test set comes."""
+    os.makedirs(destination)
+    for modality in ("LGE", "C0"):
+        for name in os.listdir(heldout / modality / "images"):
+            shutil.copyfile(heldout / modality / "images" / name, os.path.join(destination, name))
+    return destination
+
+
+def test_mixed_folder_is_predicted_as_per_modality_nnunet_predict_would(trained_csa_model, heldout_predictions,
+                                                                       misrouted_c0_predictions, tmp_path):
+    env, _, _ = trained_csa_model
+    heldout, predictions, _ = heldout_predictions
+    mixed = _mixed_folder(heldout, tmp_path / "mixed")
+    output = tmp_path / "mixed_predicted"
+    # the converters' naming (<patient>_<modality>) sorts the cases; options pass through to nnUNetv2_predict
+    run_command(["nnUNetv2_csa_predict", "-i", mixed, "-o", output, "-d", TINY_DATASET_ID, "-c", "2d", "-f", "0",
+                 "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    predicted = read_labels(str(output))
+    expected = {**read_labels(str(predictions["LGE"])), **read_labels(str(predictions["C0"]))}
+    assert predicted.keys() == expected.keys() and len(predicted) == len(os.listdir(mixed))
+    for name in expected:
+        np.testing.assert_array_equal(predicted[name], expected[name], err_msg=name)
+    # the control: C0 cases given the LGE norms would have come out differently
+    assert _differs_somewhere({k: predicted[k] for k in misrouted_c0_predictions}, misrouted_c0_predictions)
+    with open(output / "csa_prediction.json") as f:
+        record = json.load(f)
+    assert record["case_modality"] == {name[:-len(".nii.gz")]: name[:-len(".nii.gz")].rsplit("_", 1)[1]
+                                       for name in expected}
+
+
+def test_mixed_folder_with_a_case_no_rule_matches_stops_before_predicting(trained_csa_model, heldout_predictions,
+                                                                          tmp_path):
+    env, _, _ = trained_csa_model
+    mixed = _mixed_folder(heldout_predictions[0], tmp_path / "mixed")
+    lge_image = next(n for n in os.listdir(mixed) if "_LGE_" in n)
+    shutil.copyfile(os.path.join(mixed, lge_image), os.path.join(mixed, "scan7_T2_0000.nii.gz"))
+    output = tmp_path / "out"
+    options = ["-o", output, "-d", TINY_DATASET_ID, "-c", "2d", "-f", "0", "-tr", TRAINER, "-device", "cpu"]
+    unmatched = run_command(["nnUNetv2_csa_predict", "-i", mixed, *options], env, check=False)
+    assert unmatched.returncode == 2 and not output.exists()
+    assert unmatched.stderr.strip().splitlines() == [
+        "error: 1 case(s) match no rule of the converters' naming (<patient>_<modality>): scan7_T2. Each regular "
+        "expression must match whole case names; fix them until every case matches exactly one (check with "
+        "--dry-run)"]
+    # rules of the user's own route it; two rules matching one case stop it
+    ambiguous = run_command(["nnUNetv2_csa_predict", "-i", mixed, *options, "--modality", "LGE", ".*_LGE|scan.*",
+                             "--modality", "C0", ".*_C0|scan7.*"], env, check=False)
+    assert ambiguous.returncode == 2 and not output.exists()
+    assert "1 match two or more: scan7_T2 (LGE/C0)" in ambiguous.stderr and "Traceback" not in ambiguous.stderr
+    dry = run_command(["nnUNetv2_csa_predict", "-i", mixed, *options, "--modality", "LGE", ".*_LGE|scan.*",
+                       "--modality", "C0", ".*_C0", "--dry-run"], env)
+    assert re.search(r"^LGE: 3 case\(s\)", dry.stdout, re.M) and "dry run: nothing predicted" in dry.stdout
+    assert not output.exists()

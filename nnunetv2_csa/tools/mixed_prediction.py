@@ -1,0 +1,210 @@
+"""Segment a test folder that mixes modalities with one command.
+
+    nnUNetv2_csa_predict -i MIXED_IMAGES -o OUT -d 501 -c 2d -tr nnUNetTrainerCSA -f 0 1 2 3 4
+
+takes ``nnUNetv2_predict``'s options, sorts the input's cases by modality and runs
+``nnUNetv2_predict`` once per modality with ``nnUNet_csa_modality`` set, all into ``-o``: the
+result is what a user who sorted the folder by hand and called ``nnUNetv2_predict`` per
+modality gets, voxel for voxel. Every option other than ``-i``, ``-o`` and the routing
+options below reaches ``nnUNetv2_predict`` unchanged (folds, ``--save_probabilities``,
+``-chk``, ``-step_size``, ``--disable_tta``, ``-device``, ``--continue_prediction`` ...).
+
+A case's modality comes from, in this order:
+
+1. ``--modality NAME REGEX`` (once per modality; the regular expression matches the whole
+   case identifier) or ``--csv FILE`` (columns ``case``, ``modality``);
+2. the dataset's own tagging rules, which ``nnUNetv2_csa_tag_modalities --modality`` wrote
+   into dataset.json (the model folder keeps a copy);
+3. the converters' naming, ``<patient>_<modality>``, for datasets written by this
+   package's converters.
+
+A case that no rule matches, or two, stops the command before anything is predicted, with
+one line naming the case. ``--dry-run`` prints the assignment and predicts nothing. Beside
+nnU-Net's own files the output folder gets ``csa_prediction.json``: each case's modality and
+where the rule came from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from nnunetv2_csa.errors import UserInputError, one_line_errors
+from nnunetv2_csa.modality import (CONVERSION_KEY, TAGGING_KEY, ModalityTagError, check_case_name,
+                                   modalities_from_plans)
+from nnunetv2_csa.modality_rules import (Rules, compile_rules, converter_naming_rules, modalities_from_rules,
+                                         read_tag_csv, some)
+from nnunetv2_csa.training.inference_modality import INFERENCE_MODALITY_ENV
+
+#: what the output folder records about the routing
+RECORD_FILE = "csa_prediction.json"
+
+
+class MixedPredictionError(UserInputError, ValueError):
+    pass
+
+
+def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) -> str:
+    """The model folder ``nnUNetv2_predict`` reads for these options (nnU-Net's own lookup)."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    try:
+        folder = get_output_folder(dataset, trainer, plans, configuration)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise MixedPredictionError(f"no trained model for -d {dataset} -tr {trainer} -p {plans} -c {configuration} "
+                                   f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                                   f"check nnUNet_results and the options") from None
+    if not os.path.isfile(os.path.join(folder, "plans.json")):
+        raise MixedPredictionError(f"{folder} holds no trained model (no plans.json): train it, or check -d, -tr, "
+                                   f"-p and -c")
+    return folder
+
+
+def _load_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MixedPredictionError(f"cannot read {path} ({e}); is the model folder complete?") from None
+    if not isinstance(content, dict):
+        raise MixedPredictionError(f"{path} does not hold a JSON object; is the model folder complete?")
+    return content
+
+
+def rules_for(model_folder: str, modality_rules, csv_file: str | None,
+              cases: list[str]) -> tuple[dict[str, str], str]:
+    """(case -> modality, where the rules came from) for every case; see the module's docstring."""
+    dataset_json = _load_json(os.path.join(model_folder, "dataset.json"))
+    model_modalities = modalities_from_plans(_load_json(os.path.join(model_folder, "plans.json")),
+                                             os.path.join(model_folder, "plans.json"))
+    rules: Rules | None = None
+    if csv_file:
+        listed, _, _ = read_tag_csv(csv_file)
+        missing = [c for c in cases if c not in listed]
+        if missing:
+            raise MixedPredictionError(f"{len(missing)} case(s) of the input are not in {csv_file}: {some(missing)}; "
+                                       f"add a line per case")
+        assignment, source = {c: listed[c] for c in cases}, f"--csv {csv_file}"
+    elif modality_rules:
+        rules, source = compile_rules(modality_rules, minimum=1), "--modality"
+    elif (dataset_json.get(TAGGING_KEY) or {}).get("rules"):
+        rules = compile_rules(dataset_json[TAGGING_KEY]["rules"], minimum=1)
+        source = "the dataset's tagging rules (nnUNetv2_csa_tag_modalities, in dataset.json)"
+    elif CONVERSION_KEY in dataset_json:
+        rules = converter_naming_rules(model_modalities)
+        source = "the converters' naming (<patient>_<modality>)"
+    else:
+        raise MixedPredictionError(f"{model_folder}/dataset.json has no tagging rules to sort the cases by (the "
+                                   f"dataset was tagged with a CSV, or by hand): give --modality NAME REGEX (once "
+                                   f"per modality) or --csv FILE")
+    if rules is not None:
+        assignment = modalities_from_rules(cases, rules, told_by=f"rule of {source}")
+    unknown = sorted({m for m in assignment.values() if m not in model_modalities})
+    if unknown:
+        raise ModalityTagError(f"{source} names modalities {unknown} that the model does not know; it knows "
+                               f"{model_modalities}")
+    return assignment, source
+
+
+def cases_of_folder(folder: str, file_ending: str) -> dict[str, list[str]]:
+    """case -> its files (every channel), as nnU-Net's predictor groups a folder."""
+    from nnunetv2.utilities.utils import create_paths_fn, get_identifiers_from_splitted_dataset_folder
+
+    if not os.path.isdir(folder):
+        raise MixedPredictionError(f"-i {folder} is not a folder; give the folder of images to segment")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(file_ending) and os.path.isfile(os.path.join(folder, f)))
+    cases = {check_case_name(str(case), folder): create_paths_fn(folder, files, file_ending, str(case))
+             for case in get_identifiers_from_splitted_dataset_folder(folder, file_ending)}
+    if not cases:
+        raise MixedPredictionError(f"-i {folder} holds no image named CASE_XXXX{file_ending}; give nnU-Net's "
+                                   f"image layout (imagesTs)")
+    return cases
+
+
+def _nnunet_options(argv: list[str]) -> argparse.Namespace:
+    """The options of nnUNetv2_predict that locate the model (the rest pass through unread)."""
+    parser = argparse.ArgumentParser(prog="nnUNetv2_csa_predict", add_help=False)
+    parser.add_argument("-d", required=True)
+    parser.add_argument("-c", required=True)
+    parser.add_argument("-tr", default="nnUNetTrainer")
+    parser.add_argument("-p", default="nnUNetPlans")
+    known, _ = parser.parse_known_args(argv)
+    return known
+
+
+def predict_mixed_folder(input_folder: str, output_folder: str, predict_options: list[str], modality_rules=(),
+                         csv_file: str | None = None, dry_run: bool = False) -> dict[str, str]:
+    """Runs nnUNetv2_predict per modality; returns case -> modality."""
+    from nnunetv2_csa.tools.commands import console_command
+
+    for option in ("-i", "-o"):
+        if option in predict_options:
+            raise MixedPredictionError(f"give {option} once")
+    located = _nnunet_options(predict_options)
+    model_folder = model_folder_of(located.d, located.tr, located.p, located.c)
+    file_ending = _load_json(os.path.join(model_folder, "dataset.json")).get("file_ending", ".nii.gz")
+    case_files = cases_of_folder(input_folder, file_ending)
+    assignment, source = rules_for(model_folder, modality_rules, csv_file, sorted(case_files))
+    by_modality: dict[str, list[str]] = {}
+    for case, modality in sorted(assignment.items()):
+        by_modality.setdefault(modality, []).append(case)
+    for modality, cases in by_modality.items():
+        print(f"{modality}: {len(cases)} case(s), e.g. {some(cases)}")
+    print(f"(modalities from {source})")
+    if dry_run:
+        print("dry run: nothing predicted")
+        return assignment
+    if os.path.isfile(output_folder):
+        raise MixedPredictionError(f"-o {output_folder} is a file; give a folder")
+    os.makedirs(output_folder, exist_ok=True)
+    for done, (modality, cases) in enumerate(by_modality.items()):
+        with tempfile.TemporaryDirectory(prefix=f"csa_predict_{modality}_") as sorted_input:
+            for case in cases:
+                for path in case_files[case]:
+                    os.symlink(os.path.abspath(path), os.path.join(sorted_input, os.path.basename(path)))
+            command = console_command("nnUNetv2_predict") + ["-i", sorted_input, "-o", output_folder, *predict_options]
+            print(f"\n{INFERENCE_MODALITY_ENV}={modality} nnUNetv2_predict -i <{len(cases)} {modality} case(s) of "
+                  f"{input_folder}> -o {output_folder} {' '.join(predict_options)}", flush=True)
+            finished = subprocess.run(command, env={**os.environ, INFERENCE_MODALITY_ENV: modality})
+        if finished.returncode != 0:
+            raise MixedPredictionError(f"nnUNetv2_predict stopped (exit {finished.returncode}) on the {modality} "
+                                       f"cases (its message is above; modalities done: "
+                                       f"{list(by_modality)[:done] or 'none'}); fix it and run the command again "
+                                       f"with --continue_prediction to keep what is done")
+    record = {"modality_source": source, "case_modality": assignment, "input_folder": os.path.abspath(input_folder),
+              "model_folder": model_folder, "nnUNetv2_predict_options": predict_options}
+    with tempfile.NamedTemporaryFile("w", dir=output_folder, prefix=f".{RECORD_FILE}.", delete=False) as f:
+        json.dump(record, f, indent=1)
+    os.replace(f.name, os.path.join(output_folder, RECORD_FILE))
+    return assignment
+
+
+@one_line_errors()
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_csa_predict",
+        description="nnUNetv2_predict for a folder that mixes modalities: sorts the cases by modality (rules below) "
+                    "and runs nnUNetv2_predict once per modality, with that modality's norms, into one output "
+                    "folder. All options not listed here go to nnUNetv2_predict (-d, -c, -tr, -p, -f, "
+                    "--save_probabilities, -chk, -device ...).",
+        epilog="Modalities come from --modality/--csv, else the dataset's tagging rules "
+               "(nnUNetv2_csa_tag_modalities), else the converters' naming <patient>_<modality>.")
+    parser.add_argument("-i", required=True, help="folder of images in nnU-Net's layout (CASE_0000.nii.gz), "
+                                                  "any mix of modalities")
+    parser.add_argument("-o", required=True, help="output folder (as nnUNetv2_predict's -o)")
+    parser.add_argument("--modality", nargs=2, action="append", default=[], metavar=("NAME", "REGEX"),
+                        help="a modality and the regular expression its case names match in full; once per modality")
+    parser.add_argument("--csv", help="CSV file with the columns case and modality, one line per input case")
+    parser.add_argument("--dry-run", action="store_true", help="print which case is which modality; predict nothing")
+    args, predict_options = parser.parse_known_args(argv)
+    if args.modality and args.csv:
+        parser.error("give --modality or --csv, not both")
+    predict_mixed_folder(args.i, args.o, predict_options, args.modality, args.csv, args.dry_run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
