@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -147,6 +148,24 @@ def tiny_preprocessed_dataset(tmp_path_factory):
                 env)
     name = next(d for d in os.listdir(env["nnUNet_preprocessed"]) if d.startswith(f"Dataset{TINY_DATASET_ID}_"))
     return env, name
+
+
+def plans_variant(env: dict, dataset_name: str, name: str, batch_size: int | None = None,
+                  features_per_stage: list | None = None) -> str:
+    """A copy of a dataset's 2d plans under the plans name ``name``, with another batch size or
+    network width (the preprocessed data are shared: same data identifier); returns ``name``."""
+    folder = os.path.join(env["nnUNet_preprocessed"], dataset_name)
+    with open(os.path.join(folder, "nnUNetPlans.json")) as f:
+        plans = json.load(f)
+    plans["plans_name"] = name
+    configuration = plans["configurations"]["2d"]
+    if batch_size is not None:
+        configuration["batch_size"] = batch_size
+    if features_per_stage is not None:
+        configuration["architecture"]["arch_kwargs"]["features_per_stage"] = features_per_stage
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump(plans, f)
+    return name
 
 
 VOLUME_DATASET_ID = 995

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_DATASET_ID, predict_in_process, read_labels, with_test_trainers
+from conftest import TINY_DATASET_ID, plans_variant, predict_in_process, read_labels, with_test_trainers
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +31,7 @@ def plans_with_global_batch(env: dict, dataset_name: str, batch_size: int) -> st
     """A copy of the tiny dataset's plans with another global batch size; returns its name. nnU-Net's
     batch Dice all-gathers per-sample sums, which fails (gloo: "Received data size doesn't match") when
     the ranks' batches differ in size: the global batch must be a multiple of the number of GPUs."""
-    folder = Path(env["nnUNet_preprocessed"]) / dataset_name
-    plans = json.loads((folder / "nnUNetPlans.json").read_text())
-    name = f"nnUNetPlansGlobalBatch{batch_size}"
-    plans["plans_name"] = name
-    plans["configurations"]["2d"]["batch_size"] = batch_size
-    (folder / f"{name}.json").write_text(json.dumps(plans))
-    return name
+    return plans_variant(env, dataset_name, f"nnUNetPlansGlobalBatch{batch_size}", batch_size=batch_size)
 
 
 def run_ddp_on_cpu(env: dict, trainer: str, plans: str, world_size: int, out, mode: str = "train",

@@ -124,13 +124,21 @@ def cases_of_folder(folder: str, file_ending: str) -> dict[str, list[str]]:
     return cases
 
 
+#: nnUNetv2_predict's single-dash options other than those that locate the model: declared so that
+#: argparse does not read ``-device`` as ``-d evice`` or ``-chk`` as ``-c hk``
+_OTHER_PREDICT_OPTIONS = ("-f", "-step_size", "-chk", "-npp", "-nps", "-prev_stage_predictions", "-num_parts",
+                          "-part_id", "-device")
+
+
 def _nnunet_options(argv: list[str]) -> argparse.Namespace:
     """The options of nnUNetv2_predict that locate the model (the rest pass through unread)."""
-    parser = argparse.ArgumentParser(prog="nnUNetv2_csa_predict", add_help=False)
+    parser = argparse.ArgumentParser(prog="nnUNetv2_csa_predict", add_help=False, allow_abbrev=False)
     parser.add_argument("-d", required=True)
     parser.add_argument("-c", required=True)
     parser.add_argument("-tr", default="nnUNetTrainer")
     parser.add_argument("-p", default="nnUNetPlans")
+    for option in _OTHER_PREDICT_OPTIONS:
+        parser.add_argument(option, nargs="+" if option == "-f" else None)
     known, _ = parser.parse_known_args(argv)
     return known
 
@@ -185,7 +193,7 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
 @one_line_errors()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="nnUNetv2_csa_predict",
+        prog="nnUNetv2_csa_predict", allow_abbrev=False,
         description="nnUNetv2_predict for a folder that mixes modalities: sorts the cases by modality (rules below) "
                     "and runs nnUNetv2_predict once per modality, with that modality's norms, into one output "
                     "folder. All options not listed here go to nnUNetv2_predict (-d, -c, -tr, -p, -f, "

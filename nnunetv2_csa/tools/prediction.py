@@ -18,7 +18,7 @@ from nnunetv2_csa.tools.commands import environment
 
 
 def predict_folder(model_folder: str, fold: int, input_folder: str, output_folder: str, device: str,
-                   overrides: dict, log) -> str | None:
+                   overrides: dict, log, save_probabilities: bool = False) -> str | None:
     """Segments every image of ``input_folder`` into ``output_folder`` with nnU-Net's own
     predictor at ``nnUNetv2_predict``'s defaults (step 0.5, Gaussian weighting, mirroring,
     checkpoint_final.pth). ``overrides``: environment variables for the call (None: unset),
@@ -36,7 +36,7 @@ def predict_folder(model_folder: str, fold: int, input_folder: str, output_folde
             predictor = nnUNetPredictor(device=torch.device(device), verbose=False, allow_tqdm=False)
             predictor.initialize_from_trained_model_folder(model_folder, (fold,), "checkpoint_final.pth")
             os.makedirs(output_folder, exist_ok=True)
-            predictor.predict_from_files_sequential(input_folder, output_folder, save_probabilities=False,
+            predictor.predict_from_files_sequential(input_folder, output_folder, save_probabilities=save_probabilities,
                                                     overwrite=True)
     except Exception as e:  # noqa: BLE001 - the caller reports it (the benchmark fails the row, the others go on)
         traceback.print_exc(file=log)

@@ -4,7 +4,8 @@ module: absolute imports only."""
 import torch
 
 from nnunetv2_csa.modality_norm import ModalitySpecificNorm
-from nnunetv2_csa.training.trainers import nnUNetTrainerCSA_2epochs_5its
+from nnunetv2_csa.training.trainers import (nnUNetTrainerCSA_1epochs_5its, nnUNetTrainerCSA_2epochs_5its,
+                                            nnUNetTrainerMSBN_1epochs_5its)
 
 
 def mark_modalities_apart(network: torch.nn.Module) -> torch.nn.Module:
@@ -20,10 +21,23 @@ def mark_modalities_apart(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-class nnUNetTrainerCSA_2epochs_5its_DistinctNorms(nnUNetTrainerCSA_2epochs_5its):
-    """The short CSA trainer whose modalities' norms start apart: the negative control of the
-    tests that compare predictions made with each modality's norms."""
+class _DistinctNorms:
+    """A trainer whose modalities' norms start apart: the negative control of the tests that
+    compare predictions made with each modality's norms."""
 
     def initialize(self):
         super().initialize()
         mark_modalities_apart(self.network)
+
+
+class nnUNetTrainerCSA_2epochs_5its_DistinctNorms(_DistinctNorms, nnUNetTrainerCSA_2epochs_5its):
+    pass
+
+
+# the two models of the lifecycle tests (tests/test_lifecycle.py): five folds each, one epoch
+class nnUNetTrainerCSA_1epochs_5its_DistinctNorms(_DistinctNorms, nnUNetTrainerCSA_1epochs_5its):
+    pass
+
+
+class nnUNetTrainerMSBN_1epochs_5its_DistinctNorms(_DistinctNorms, nnUNetTrainerMSBN_1epochs_5its):
+    pass

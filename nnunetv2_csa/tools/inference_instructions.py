@@ -1,0 +1,155 @@
+"""What ``nnUNetv2_find_best_configuration`` leaves a user of this package to do, said for
+models with modality-specific norms:
+
+    nnUNetv2_find_best_configuration 501 -c 2d 3d_fullres -tr nnUNetTrainerCSA
+    nnUNetv2_csa_inference_instructions -d 501
+
+nnU-Net pools the modalities in its cross-validation Dice and prints inference commands
+(``nnUNetv2_predict ...``) that stop on a model of this package until they are told the
+modality. This command reads what nnU-Net wrote (``inference_information.json``), scores
+each considered model's (and ensemble's) cross-validation predictions per modality with this
+package's evaluation, beside nnU-Net's pooled number, and prints nnU-Net's instructions with
+``nnUNetv2_csa_predict`` in place of ``nnUNetv2_predict`` where the model needs a modality
+(it takes the same options and sorts a mixed folder by modality). The instructions are
+written to ``inference_instructions_csa.txt`` beside nnU-Net's ``inference_instructions.txt``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+
+import pandas as pd
+
+from nnunetv2_csa.errors import UserInputError, one_line_errors
+from nnunetv2_csa.modality import MODALITIES_KEY, read_modality_tags
+
+INSTRUCTIONS_FILE = "inference_instructions_csa.txt"
+PER_MODALITY_FILE = "crossval_per_modality.csv"
+
+
+class InstructionsError(UserInputError, RuntimeError):
+    pass
+
+
+def _results_folder(dataset: str) -> str:
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if not nnUNet_results:
+        raise InstructionsError("nnUNet_results is not set: set it to the folder nnUNetv2_train wrote into")
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError:
+        raise InstructionsError(f"no dataset {dataset} in nnUNet_raw, nnUNet_preprocessed or {nnUNet_results}; "
+                                f"check -d") from None
+    return os.path.join(nnUNet_results, name)
+
+
+def _needs_modality(model: dict) -> bool:
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    folder = get_output_folder(model["dataset"], model["trainer"], model["plans_identifier"], model["configuration"])
+    with open(os.path.join(folder, "plans.json")) as f:
+        return MODALITIES_KEY in json.load(f)
+
+
+def rewritten_instructions(information: dict) -> str:
+    """nnU-Net's printed instructions, ``nnUNetv2_predict`` → ``nnUNetv2_csa_predict`` for
+    the models that need a modality."""
+    from nnunetv2.evaluation.find_best_configuration import print_inference_instructions
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_inference_instructions(information, instructions_file=None)
+    selected = information["best_model_or_ensemble"]["selected_model_or_models"]
+    csa_trainers = {m["trainer"] for m in selected
+                    if _needs_modality({**m, "dataset": information["dataset_name_or_id"]})}
+    lines = []
+    for line in printed.getvalue().splitlines():
+        trainer = re.search(r" -tr (\S+)", line)
+        if line.startswith("nnUNetv2_predict ") and trainer and trainer.group(1) in csa_trainers:
+            line = "nnUNetv2_csa_predict " + line.removeprefix("nnUNetv2_predict ")
+        lines.append(line)
+    return "\n".join(lines).strip() + "\n"
+
+
+def per_modality_crossval(results_folder: str, information: dict, num_processes: int) -> pd.DataFrame:
+    """Mean Dice over cases and foreground classes, per modality and pooled, of every model and
+    ensemble find_best_configuration scored, from the same cross-validation predictions."""
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    from nnunetv2_csa.tools.evaluation import evaluate_folder
+
+    dataset_name = os.path.basename(results_folder)
+    reference = os.path.join(nnUNet_preprocessed or "", dataset_name, "gt_segmentations")
+    if not os.path.isdir(reference):
+        raise InstructionsError(f"{reference} does not exist: nnU-Net's cross-validation references are needed "
+                                f"(set nnUNet_preprocessed as during training)")
+    rows = []
+    for identifier, pooled in information["all_results"].items():
+        if identifier.startswith("ensemble___"):
+            predictions = os.path.join(results_folder, "ensembles", identifier)
+        else:
+            fold_string = "_".join(str(f) for f in information["folds"])
+            predictions = os.path.join(results_folder, identifier, f"crossval_results_folds_{fold_string}")
+        with open(os.path.join(predictions, "dataset.json")) as f:
+            dataset_json = json.load(f)
+        tags = read_modality_tags(os.path.join(predictions, "dataset.json"))
+        df = evaluate_folder(predictions, reference, dataset_json["labels"], case_modality=dict(tags.case_modality),
+                             num_processes=num_processes, file_ending=dataset_json.get("file_ending", ".nii.gz"))
+        # nnU-Net's number: the mean over classes of each class's mean over cases; with every class in
+        # every case, the mean over all rows here
+        row = {"model": identifier, "nnU-Net Dice (pooled)": pooled, "Dice (pooled)": df["dice"].mean()}
+        for modality in tags.modalities:
+            row[f"Dice {modality}"] = df.loc[df["modality"] == modality, "dice"].mean()
+        row["cases"] = df["case"].nunique()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def inference_instructions(dataset: str, num_processes: int = 1) -> tuple[pd.DataFrame, str]:
+    results_folder = _results_folder(dataset)
+    information_file = os.path.join(results_folder, "inference_information.json")
+    if not os.path.isfile(information_file):
+        raise InstructionsError(f"{information_file} does not exist: run nnUNetv2_find_best_configuration "
+                                f"{dataset} first (with the trainers and configurations you trained)")
+    with open(information_file) as f:
+        information = json.load(f)
+    table = per_modality_crossval(results_folder, information, num_processes)
+    instructions = rewritten_instructions(information)
+    table.to_csv(os.path.join(results_folder, PER_MODALITY_FILE), index=False)
+    with open(os.path.join(results_folder, INSTRUCTIONS_FILE), "w") as f:
+        f.write(instructions)
+    return table, instructions
+
+
+@one_line_errors()
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_csa_inference_instructions",
+        description="After nnUNetv2_find_best_configuration: the cross-validation Dice per modality of every model "
+                    "it considered, and its inference instructions with the commands a model of this package "
+                    "needs (nnUNetv2_csa_predict, which sorts a mixed folder by modality).")
+    parser.add_argument("-d", required=True, help="dataset id or name, as given to nnUNetv2_find_best_configuration")
+    parser.add_argument("-np", type=int, default=1, help="processes for the evaluation (default 1)")
+    args = parser.parse_args(argv)
+    if args.np < 1:
+        parser.error("-np must be 1 or more")
+    table, instructions = inference_instructions(args.d, args.np)
+    with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 160):
+        print("Cross-validation Dice (mean over cases and foreground classes), per modality:")
+        print(table.to_string(index=False))
+    print()
+    print(instructions)
+    folder = _results_folder(args.d)
+    print(f"wrote {os.path.join(folder, PER_MODALITY_FILE)} and {os.path.join(folder, INSTRUCTIONS_FILE)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""After cross-validation: nnU-Net's own lifecycle commands with a model of this package, as a
+user runs them. A CSA model (one epoch, a narrow copy of the tiny phantom's plans, norms
+marked apart so that a case given the other modality's norms is segmented differently)
+trained on all five folds with --npz; then nnUNetv2_find_best_configuration, this package's
+per-modality view and instructions, the instructions run as printed on a mixed folder, the
+fold ensemble against its per-fold predictions, nnUNetv2_ensemble and
+nnUNetv2_apply_postprocessing on its outputs, and sharing: the zip round trip and the export
+of one modality for all folds.
+
+The ensemble that find_best_configuration considers has a second member that is a copy of the
+five trained folds under a second plans name (training a second model would double the
+cost): what is tested is that nnU-Net's ensembling path runs on this package's models, not
+whether an ensemble helps."""
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY_DATASET_ID, plans_variant, read_labels, run_command, with_test_trainers
+from nnunetv2_csa.tools.commands import console_command
+
+pytestmark = pytest.mark.integration
+
+TRAINER = "nnUNetTrainerCSA_1epochs_5its_DistinctNorms"
+PLANS = "nnUNetPlansLifecycle"
+MEMBER_PLANS = "nnUNetPlansLifecycleCopy"
+FOLDS = ("0", "1", "2", "3", "4")
+# narrow and small: the five trainings and the many predictions stay cheap on 2 cores
+NARROW = dict(batch_size=4, features_per_stage=[4, 8, 16, 32])
+PREDICT_ON_CPU = ["-device", "cpu", "-npp", "1", "-nps", "1"]
+
+
+def _model_folder(env, dataset_name, plans=PLANS):
+    return os.path.join(env["nnUNet_results"], dataset_name, f"{TRAINER}__{plans}__2d")
+
+
+def _run_two_at_a_time(commands: list[list[str]], env: dict) -> None:
+    """nnU-Net commands, two at once with one thread each (2 cores); fails with a failed one's output."""
+    for start in range(0, len(commands), 2):
+        running = [subprocess.Popen(console_command(c[0]) + c[1:], env=dict(env, OMP_NUM_THREADS="1"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for c in commands[start:start + 2]]
+        for command, process in zip(commands[start:start + 2], running):
+            output, _ = process.communicate(timeout=900)
+            assert process.returncode == 0, f"{' '.join(command)} exited {process.returncode}\n{output[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def cross_validated(tiny_preprocessed_dataset, tmp_path_factory):
+    env, dataset_name = tiny_preprocessed_dataset
+    # results of their own: find_best_configuration looks at every model of the dataset
+    env = dict(with_test_trainers(env), nnUNet_results=str(tmp_path_factory.mktemp("lifecycle_results")),
+               nnUNet_n_proc_DA="0")
+    plans_variant(env, dataset_name, PLANS, **NARROW)
+    _run_two_at_a_time([["nnUNetv2_train", str(TINY_DATASET_ID), "2d", fold, "-tr", TRAINER, "-p", PLANS, "-device",
+                         "cpu", "--npz"] for fold in FOLDS], env)
+    plans_variant(env, dataset_name, MEMBER_PLANS, **NARROW)
+    shutil.copytree(_model_folder(env, dataset_name), _model_folder(env, dataset_name, MEMBER_PLANS))
+    return env, dataset_name
+
+
+@pytest.fixture(scope="module")
+def best_configuration(cross_validated):
+    env, dataset_name = cross_validated
+    found = run_command(["nnUNetv2_find_best_configuration", TINY_DATASET_ID, "-c", "2d", "-tr", TRAINER,
+                         "-p", PLANS, MEMBER_PLANS, "-np", "1"], env)
+    ours = run_command(["nnUNetv2_csa_inference_instructions", "-d", TINY_DATASET_ID], env)
+    return found, ours
+
+
+@pytest.fixture(scope="module")
+def test_images(cross_validated, tmp_path_factory):
+    """Two training images of each modality (any images do: the tests compare predictions), in one
+    mixed folder and in a folder of the C0 ones alone."""
+    env, dataset_name = cross_validated
+    root = tmp_path_factory.mktemp("test_images")
+    images = sorted(os.listdir(os.path.join(env["nnUNet_raw"], dataset_name, "imagesTr")))
+    chosen = {modality: [name[:-len("_0000.nii.gz")] for name in images if f"_{modality}_" in name][:2]
+              for modality in ("LGE", "C0")}
+    for folder, modalities in (("mixed", ("LGE", "C0")), ("C0", ("C0",))):
+        os.makedirs(root / folder)
+        for modality in modalities:
+            for case in chosen[modality]:
+                shutil.copyfile(os.path.join(env["nnUNet_raw"], dataset_name, "imagesTr", f"{case}_0000.nii.gz"),
+                                root / folder / f"{case}_0000.nii.gz")
+    return root / "mixed", root / "C0", chosen
+
+
+@pytest.fixture(scope="module")
+def c0_fold_ensemble(cross_validated, test_images, tmp_path_factory):
+    """``nnUNet_csa_modality=C0 nnUNetv2_predict -f 0 1 2 3 4 --save_probabilities`` of the C0 images."""
+    env, _ = cross_validated
+    output = tmp_path_factory.mktemp("c0_fold_ensemble") / "predicted"
+    run_command(["nnUNetv2_predict", "-i", test_images[1], "-o", output, "-d", TINY_DATASET_ID, "-c", "2d", "-tr",
+                 TRAINER, "-p", PLANS, "-f", *FOLDS, "--save_probabilities", *PREDICT_ON_CPU],
+                dict(env, nnUNet_csa_modality="C0"))
+    return output
+
+
+def test_find_best_configuration_scores_the_csa_model_as_this_package_does(cross_validated, best_configuration):
+    env, dataset_name = cross_validated
+    found, ours = best_configuration
+    assert "ensemble___" in found.stdout  # the ensemble was considered
+    table = pd.read_csv(os.path.join(env["nnUNet_results"], dataset_name, "crossval_per_modality.csv"))
+    assert len(table) == 3 and (table["cases"] == 10).all()
+    # nnU-Net's pooled cross-validation Dice equals this package's on the same predictions ...
+    np.testing.assert_allclose(table["nnU-Net Dice (pooled)"], table["Dice (pooled)"], rtol=1e-6)
+    # ... which is the mean of the per-modality ones (five cases of each modality)
+    np.testing.assert_allclose(table["Dice (pooled)"], (table["Dice LGE"] + table["Dice C0"]) / 2, rtol=1e-6)
+    assert table["Dice LGE"].iloc[0] != table["Dice C0"].iloc[0]
+    assert re.search(r"Dice LGE +Dice C0", ours.stdout)
+
+
+def _printed_commands(text: str, replacements: dict) -> list[list[str]]:
+    """The command lines of printed instructions, placeholders (regular expressions) replaced."""
+    commands = []
+    for line in text.splitlines():
+        if line.startswith("nnUNetv2_"):
+            for placeholder, value in replacements.items():
+                line = re.sub(rf"\b{placeholder}\b", value, line)
+            commands.append(shlex.split(line))
+    return commands
+
+
+def test_inference_instructions_work_as_printed_on_a_mixed_folder(cross_validated, best_configuration, test_images,
+                                                                  c0_fold_ensemble, tmp_path):
+    env, dataset_name = cross_validated
+    mixed, _, chosen = test_images
+    results = os.path.join(env["nnUNet_results"], dataset_name)
+    stock = open(os.path.join(results, "inference_instructions.txt")).read()
+    ours = open(os.path.join(results, "inference_instructions_csa.txt")).read()
+    assert ours.strip() == stock.strip().replace("nnUNetv2_predict ", "nnUNetv2_csa_predict ")
+    assert "nnUNetv2_csa_predict" in ours and ours.strip() in best_configuration[1].stdout
+    # nnU-Net's own instruction stops on this model, in one line
+    stock_predict = next(c for c in _printed_commands(stock, {"INPUT_FOLDER": str(mixed),
+                                                              "OUTPUT_FOLDER[_A-Z0-9]*": str(tmp_path / "stock")})
+                         if c[0] == "nnUNetv2_predict")
+    refused = run_command(stock_predict + ["-device", "cpu"], env, check=False)
+    assert refused.returncode != 0 and "error: this model has modality-specific normalization" in refused.stderr
+    for command in _printed_commands(ours, {"INPUT_FOLDER": str(mixed), "OUTPUT_FOLDER_PP": str(tmp_path / "pp"),
+                                            "OUTPUT_FOLDER_MODEL_([0-9])": str(tmp_path / r"member\1"),
+                                            "OUTPUT_FOLDER": str(tmp_path / "final")}):
+        run_command(command + (PREDICT_ON_CPU if command[0] == "nnUNetv2_csa_predict" else []), env)
+    expected = {f"{case}.nii.gz" for cases in chosen.values() for case in cases}
+    assert set(read_labels(str(tmp_path / "pp"))) == expected
+    # the mixed folder's C0 cases were predicted as nnUNetv2_predict told C0 predicts them
+    final, c0 = read_labels(str(tmp_path / "final")), read_labels(str(c0_fold_ensemble))
+    assert set(final) == expected and len(c0) == 2
+    for name in c0:
+        np.testing.assert_array_equal(final[name], c0[name], err_msg=name)
+
+
+def _probabilities(folder) -> dict:
+    return {f: np.load(os.path.join(folder, f))["probabilities"].astype(np.float64) for f in sorted(os.listdir(folder))
+            if f.endswith(".npz")}
+
+
+def _softmax_of_mean_log(per_fold: list[dict]) -> dict:
+    """What the fold ensemble must give: nnU-Net averages the folds' logits, and the mean of the
+    folds' log-probabilities differs from that mean only by a constant per voxel."""
+    ensemble = {}
+    for name in per_fold[0]:
+        log_mean = np.mean([np.log(np.maximum(p[name], 1e-30)) for p in per_fold], axis=0)
+        exp = np.exp(log_mean - log_mean.max(axis=0, keepdims=True))
+        ensemble[name] = exp / exp.sum(axis=0, keepdims=True)
+    return ensemble
+
+
+def test_fold_ensemble_gives_every_fold_the_requested_modality_and_feeds_ensemble_and_postprocessing(
+        cross_validated, best_configuration, test_images, c0_fold_ensemble, tmp_path):
+    from nnunetv2_csa.tools.prediction import predict_folder
+
+    env, dataset_name = cross_validated
+    c0_images = test_images[1]
+    per_fold = {"C0": [], "LGE": []}
+    for modality, predictions in per_fold.items():
+        for fold in FOLDS:
+            output = tmp_path / f"fold{fold}_{modality}"
+            with open(f"{output}.log", "w") as log:
+                error = predict_folder(_model_folder(env, dataset_name), int(fold), str(c0_images), str(output), "cpu",
+                                       {"nnUNet_extTrainer": env["nnUNet_extTrainer"], "nnUNet_csa_modality": modality},
+                                       log, save_probabilities=True)
+            assert error is None, open(f"{output}.log").read()[-3000:]
+            predictions.append(_probabilities(output))
+    ensemble = _probabilities(c0_fold_ensemble)
+    expected, misrouted = _softmax_of_mean_log(per_fold["C0"]), _softmax_of_mean_log(per_fold["LGE"])
+    assert ensemble.keys() == expected.keys() and len(ensemble) == 2
+    for name in ensemble:
+        np.testing.assert_allclose(ensemble[name], expected[name], atol=2e-3, err_msg=name)
+    # the control: the same folds with the LGE norms give other probabilities
+    assert max(np.abs(ensemble[n] - misrouted[n]).max() for n in ensemble) > 0.05
+
+    # nnUNetv2_ensemble averages the probabilities of its inputs (here the fold ensemble and fold 0)
+    run_command(["nnUNetv2_ensemble", "-i", c0_fold_ensemble, tmp_path / "fold0_C0", "-o", tmp_path / "ensembled",
+                 "--save_npz", "-np", "1"], env)
+    ensembled = _probabilities(tmp_path / "ensembled")
+    for name in ensemble:
+        np.testing.assert_allclose(ensembled[name], (ensemble[name] + per_fold["C0"][0][name]) / 2, atol=2e-3)
+    # with the postprocessing find_best_configuration chose
+    with open(os.path.join(env["nnUNet_results"], dataset_name, "inference_information.json")) as f:
+        chosen = json.load(f)["best_model_or_ensemble"]
+    run_command(["nnUNetv2_apply_postprocessing", "-i", tmp_path / "ensembled", "-o", tmp_path / "postprocessed",
+                 "-pp_pkl_file", chosen["postprocessing_file"], "-plans_json", chosen["some_plans_file"], "-np", "1"],
+                env)
+    assert set(read_labels(str(tmp_path / "postprocessed"))) == set(read_labels(str(tmp_path / "ensembled")))
+
+
+def test_zip_round_trip_and_the_all_fold_export_predict_like_the_model(cross_validated, test_images, c0_fold_ensemble,
+                                                                        tmp_path):
+    env, dataset_name = cross_validated
+    c0_images = test_images[1]
+    original = read_labels(str(c0_fold_ensemble))
+    predict_c0 = ["-i", c0_images, "-d", TINY_DATASET_ID, "-c", "2d", "-tr", TRAINER, "-p", PLANS, "-f", *FOLDS,
+                  *PREDICT_ON_CPU]
+
+    archive = tmp_path / "model.zip"
+    run_command(["nnUNetv2_export_model_to_zip", "-d", TINY_DATASET_ID, "-o", archive, "-c", "2d", "-tr", TRAINER,
+                 "-p", PLANS, "-f", *FOLDS], env)
+    receiver = dict(env, nnUNet_results=str(tmp_path / "receiver_results"), nnUNet_csa_modality="C0")
+    os.makedirs(receiver["nnUNet_results"])
+    run_command(["nnUNetv2_install_pretrained_model_from_zip", archive], receiver)
+    run_command(["nnUNetv2_predict", *predict_c0, "-o", tmp_path / "received"], receiver)
+    received = read_labels(str(tmp_path / "received"))
+    assert received.keys() == original.keys() and len(received) == 2
+    for name in original:
+        np.testing.assert_array_equal(received[name], original[name], err_msg=name)
+    # without this package's trainers nnU-Net cannot build the model: it names the trainer it misses
+    without_package = {k: v for k, v in receiver.items() if k != "nnUNet_extTrainer"}
+    missing = run_command(["nnUNetv2_predict", *predict_c0, "-o", tmp_path / "without"], without_package, check=False)
+    assert missing.returncode != 0 and TRAINER in missing.stdout + missing.stderr
+
+    # C0 of all five folds as a stock model: stock nnU-Net's fold ensemble predicts what the model predicts
+    exported = tmp_path / "exported_C0"
+    run_command(["nnUNetv2_csa_export_modality", "-m", _model_folder(env, dataset_name), "--modality", "C0", "-o",
+                 exported], env)
+    assert sorted(d for d in os.listdir(exported) if d.startswith("fold_")) == [f"fold_{f}" for f in FOLDS]
+    run_command(["nnUNetv2_predict_from_modelfolder", "-m", exported, "-f", *FOLDS, "-i", c0_images, "-o",
+                 tmp_path / "stock_C0", *PREDICT_ON_CPU], without_package)
+    stock = read_labels(str(tmp_path / "stock_C0"))
+    assert stock.keys() == original.keys()
+    for name in stock:
+        np.testing.assert_array_equal(stock[name], original[name], err_msg=name)
