@@ -17,17 +17,18 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATASET_ID, plans_variant, read_labels, run_command, with_test_trainers
-from nnunetv2_csa.tools.commands import console_command
+from conftest import (TINY_DATASET_ID, plans_variant, predict_in_process, read_labels, run_command,
+                      with_test_trainers)
 
 pytestmark = pytest.mark.integration
 
-TRAINER = "nnUNetTrainerCSA_1epochs_5its_DistinctNorms"
+TRAINER = "nnUNetTrainerCSA_1epochs_5its_DistinctNorms_NoMirroring"
 PLANS = "nnUNetPlansLifecycle"
 MEMBER_PLANS = "nnUNetPlansLifecycleCopy"
 FOLDS = ("0", "1", "2", "3", "4")
@@ -40,15 +41,18 @@ def _model_folder(env, dataset_name, plans=PLANS):
     return os.path.join(env["nnUNet_results"], dataset_name, f"{TRAINER}__{plans}__2d")
 
 
-def _run_two_at_a_time(commands: list[list[str]], env: dict) -> None:
-    """nnU-Net commands, two at once with one thread each (2 cores); fails with a failed one's output."""
-    for start in range(0, len(commands), 2):
-        running = [subprocess.Popen(console_command(c[0]) + c[1:], env=dict(env, OMP_NUM_THREADS="1"),
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                   for c in commands[start:start + 2]]
-        for command, process in zip(commands[start:start + 2], running):
-            output, _ = process.communicate(timeout=900)
-            assert process.returncode == 0, f"{' '.join(command)} exited {process.returncode}\n{output[-6000:]}"
+# five folds in two processes, one thread each (tests/conftest.py; 2 cores); nnU-Net's own run_training, as nnUNetv2_train
+# --npz calls it (the command itself is tested in tests/test_trainer_integration.py): nnUNetv2_train sets
+# as many torch threads as there are cores, and two such processes beside nnU-Net's worker pools took
+# three times as long here (90 s instead of 28 s)
+_TRAIN_FOLDS = """
+import sys, torch
+from nnunetv2.run.run_training import run_training
+trainer, plans, *folds = sys.argv[1:]
+for fold in folds:
+    run_training({dataset!r}, "2d", int(fold), trainer, plans, export_validation_probabilities=True,
+                 device=torch.device("cpu"))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +62,13 @@ def cross_validated(tiny_preprocessed_dataset, tmp_path_factory):
     env = dict(with_test_trainers(env), nnUNet_results=str(tmp_path_factory.mktemp("lifecycle_results")),
                nnUNet_n_proc_DA="0")
     plans_variant(env, dataset_name, PLANS, **NARROW)
-    _run_two_at_a_time([["nnUNetv2_train", str(TINY_DATASET_ID), "2d", fold, "-tr", TRAINER, "-p", PLANS, "-device",
-                         "cpu", "--npz"] for fold in FOLDS], env)
+    script = _TRAIN_FOLDS.format(dataset=str(TINY_DATASET_ID))
+    running = [subprocess.Popen([sys.executable, "-c", script, TRAINER, PLANS, *folds],
+                                env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for folds in (FOLDS[0::2], FOLDS[1::2])]
+    for process in running:
+        output, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, output[-6000:]
     plans_variant(env, dataset_name, MEMBER_PLANS, **NARROW)
     shutil.copytree(_model_folder(env, dataset_name), _model_folder(env, dataset_name, MEMBER_PLANS))
     return env, dataset_name
@@ -92,15 +101,31 @@ def test_images(cross_validated, tmp_path_factory):
     return root / "mixed", root / "C0", chosen
 
 
+def _printed_commands(text: str, replacements: dict) -> list[list[str]]:
+    """The command lines of printed instructions, placeholders (regular expressions) replaced."""
+    commands = []
+    for line in text.splitlines():
+        if line.startswith("nnUNetv2_"):
+            for placeholder, value in replacements.items():
+                line = re.sub(rf"\b{placeholder}\b", value, line)
+            commands.append(shlex.split(line))
+    return commands
+
+
 @pytest.fixture(scope="module")
-def c0_fold_ensemble(cross_validated, test_images, tmp_path_factory):
-    """``nnUNet_csa_modality=C0 nnUNetv2_predict -f 0 1 2 3 4 --save_probabilities`` of the C0 images."""
-    env, _ = cross_validated
-    output = tmp_path_factory.mktemp("c0_fold_ensemble") / "predicted"
-    run_command(["nnUNetv2_predict", "-i", test_images[1], "-o", output, "-d", TINY_DATASET_ID, "-c", "2d", "-tr",
-                 TRAINER, "-p", PLANS, "-f", *FOLDS, "--save_probabilities", *PREDICT_ON_CPU],
-                dict(env, nnUNet_csa_modality="C0"))
-    return output
+def instructions_run(cross_validated, best_configuration, test_images, tmp_path_factory):
+    """This package's inference instructions run as printed on the mixed folder (nnUNetv2_csa_predict
+    also saving the probabilities, an option that passes through to nnUNetv2_predict)."""
+    env, dataset_name = cross_validated
+    root = tmp_path_factory.mktemp("instructions_run")
+    instructions = open(os.path.join(env["nnUNet_results"], dataset_name, "inference_instructions_csa.txt")).read()
+    commands = _printed_commands(instructions, {"INPUT_FOLDER": str(test_images[0]), "OUTPUT_FOLDER_PP": str(root / "pp"),
+                                                "OUTPUT_FOLDER_MODEL_([0-9])": str(root / r"member\1"),
+                                                "OUTPUT_FOLDER": str(root / "final")})
+    for command in commands:
+        extra = [*PREDICT_ON_CPU, "--save_probabilities"] if command[0] == "nnUNetv2_csa_predict" else []
+        run_command(command + extra, env)
+    return root, commands
 
 
 def test_find_best_configuration_scores_the_csa_model_as_this_package_does(cross_validated, best_configuration):
@@ -117,19 +142,8 @@ def test_find_best_configuration_scores_the_csa_model_as_this_package_does(cross
     assert re.search(r"Dice LGE +Dice C0", ours.stdout)
 
 
-def _printed_commands(text: str, replacements: dict) -> list[list[str]]:
-    """The command lines of printed instructions, placeholders (regular expressions) replaced."""
-    commands = []
-    for line in text.splitlines():
-        if line.startswith("nnUNetv2_"):
-            for placeholder, value in replacements.items():
-                line = re.sub(rf"\b{placeholder}\b", value, line)
-            commands.append(shlex.split(line))
-    return commands
-
-
 def test_inference_instructions_work_as_printed_on_a_mixed_folder(cross_validated, best_configuration, test_images,
-                                                                  c0_fold_ensemble, tmp_path):
+                                                                  instructions_run, tmp_path):
     env, dataset_name = cross_validated
     mixed, _, chosen = test_images
     results = os.path.join(env["nnUNet_results"], dataset_name)
@@ -143,17 +157,28 @@ def test_inference_instructions_work_as_printed_on_a_mixed_folder(cross_validate
                          if c[0] == "nnUNetv2_predict")
     refused = run_command(stock_predict + ["-device", "cpu"], env, check=False)
     assert refused.returncode != 0 and "error: this model has modality-specific normalization" in refused.stderr
-    for command in _printed_commands(ours, {"INPUT_FOLDER": str(mixed), "OUTPUT_FOLDER_PP": str(tmp_path / "pp"),
-                                            "OUTPUT_FOLDER_MODEL_([0-9])": str(tmp_path / r"member\1"),
-                                            "OUTPUT_FOLDER": str(tmp_path / "final")}):
-        run_command(command + (PREDICT_ON_CPU if command[0] == "nnUNetv2_csa_predict" else []), env)
+    root, commands = instructions_run
+    assert [c[0] for c in commands] == ["nnUNetv2_csa_predict", "nnUNetv2_apply_postprocessing"]  # a tie: one model
     expected = {f"{case}.nii.gz" for cases in chosen.values() for case in cases}
-    assert set(read_labels(str(tmp_path / "pp"))) == expected
-    # the mixed folder's C0 cases were predicted as nnUNetv2_predict told C0 predicts them
-    final, c0 = read_labels(str(tmp_path / "final")), read_labels(str(c0_fold_ensemble))
-    assert set(final) == expected and len(c0) == 2
-    for name in c0:
-        np.testing.assert_array_equal(final[name], c0[name], err_msg=name)
+    assert set(read_labels(str(root / "final"))) == expected and set(read_labels(str(root / "pp"))) == expected
+    with open(root / "final" / "csa_prediction.json") as f:
+        assert json.load(f)["case_modality"] == {c: m for m, cases in chosen.items() for c in cases}
+    # each case as nnU-Net's predictor told its modality segments it (the folder sorted by hand), and
+    # differently from the other modality's norms (the control)
+    final = read_labels(str(root / "final"))
+    for modality, other in (("LGE", "C0"), ("C0", "LGE")):
+        alone = tmp_path / modality
+        alone.mkdir()
+        for case in chosen[modality]:
+            shutil.copyfile(mixed / f"{case}_0000.nii.gz", alone / f"{case}_0000.nii.gz")
+        told = predict_in_process(env, _model_folder(env, dataset_name), alone, tmp_path / f"told_{modality}",
+                                  modality, folds=FOLDS)
+        assert len(told) == 2
+        for name, segmentation in told.items():
+            np.testing.assert_array_equal(final[name], segmentation, err_msg=name)
+        misrouted = predict_in_process(env, _model_folder(env, dataset_name), alone, tmp_path / f"as_{other}",
+                                       other, folds=FOLDS)
+        assert any(not np.array_equal(final[name], misrouted[name]) for name in told)
 
 
 def _probabilities(folder) -> dict:
@@ -173,35 +198,37 @@ def _softmax_of_mean_log(per_fold: list[dict]) -> dict:
 
 
 def test_fold_ensemble_gives_every_fold_the_requested_modality_and_feeds_ensemble_and_postprocessing(
-        cross_validated, best_configuration, test_images, c0_fold_ensemble, tmp_path):
+        cross_validated, best_configuration, test_images, instructions_run, tmp_path):
     from nnunetv2_csa.tools.prediction import predict_folder
 
     env, dataset_name = cross_validated
     c0_images = test_images[1]
-    per_fold = {"C0": [], "LGE": []}
-    for modality, predictions in per_fold.items():
-        for fold in FOLDS:
-            output = tmp_path / f"fold{fold}_{modality}"
-            with open(f"{output}.log", "w") as log:
-                error = predict_folder(_model_folder(env, dataset_name), int(fold), str(c0_images), str(output), "cpu",
-                                       {"nnUNet_extTrainer": env["nnUNet_extTrainer"], "nnUNet_csa_modality": modality},
-                                       log, save_probabilities=True)
-            assert error is None, open(f"{output}.log").read()[-3000:]
-            predictions.append(_probabilities(output))
-    ensemble = _probabilities(c0_fold_ensemble)
-    expected, misrouted = _softmax_of_mean_log(per_fold["C0"]), _softmax_of_mean_log(per_fold["LGE"])
+    def predicted(folds, modality, output):
+        with open(f"{output}.log", "w") as log:
+            error = predict_folder(_model_folder(env, dataset_name), folds, str(c0_images), str(output), "cpu",
+                                   {"nnUNet_extTrainer": env["nnUNet_extTrainer"], "nnUNet_csa_modality": modality},
+                                   log, save_probabilities=True)
+        assert error is None, open(f"{output}.log").read()[-3000:]
+        return _probabilities(output)
+
+    per_fold = [predicted(int(fold), "C0", tmp_path / f"fold{fold}_C0") for fold in FOLDS]
+    # the mixed folder's C0 cases, predicted by nnUNetv2_csa_predict -f 0 1 2 3 4 (the instructions)
+    ensemble = {n: p for n, p in _probabilities(instructions_run[0] / "final").items() if "_C0" in n}
+    expected = _softmax_of_mean_log(per_fold)
     assert ensemble.keys() == expected.keys() and len(ensemble) == 2
     for name in ensemble:
         np.testing.assert_allclose(ensemble[name], expected[name], atol=2e-3, err_msg=name)
     # the control: the same folds with the LGE norms give other probabilities
+    misrouted = predicted(FOLDS, "LGE", tmp_path / "ensemble_LGE")
     assert max(np.abs(ensemble[n] - misrouted[n]).max() for n in ensemble) > 0.05
 
-    # nnUNetv2_ensemble averages the probabilities of its inputs (here the fold ensemble and fold 0)
-    run_command(["nnUNetv2_ensemble", "-i", c0_fold_ensemble, tmp_path / "fold0_C0", "-o", tmp_path / "ensembled",
+    # nnUNetv2_ensemble averages the probabilities of its inputs (here folds 0 and 1)
+    run_command(["nnUNetv2_ensemble", "-i", tmp_path / "fold0_C0", tmp_path / "fold1_C0", "-o", tmp_path / "ensembled",
                  "--save_npz", "-np", "1"], env)
     ensembled = _probabilities(tmp_path / "ensembled")
     for name in ensemble:
-        np.testing.assert_allclose(ensembled[name], (ensemble[name] + per_fold["C0"][0][name]) / 2, atol=2e-3)
+        np.testing.assert_allclose(ensembled[name], (per_fold[0][name] + per_fold[1][name]) / 2,
+                                   atol=2e-3)
     # with the postprocessing find_best_configuration chose
     with open(os.path.join(env["nnUNet_results"], dataset_name, "inference_information.json")) as f:
         chosen = json.load(f)["best_model_or_ensemble"]
@@ -211,28 +238,30 @@ def test_fold_ensemble_gives_every_fold_the_requested_modality_and_feeds_ensembl
     assert set(read_labels(str(tmp_path / "postprocessed"))) == set(read_labels(str(tmp_path / "ensembled")))
 
 
-def test_zip_round_trip_and_the_all_fold_export_predict_like_the_model(cross_validated, test_images, c0_fold_ensemble,
+def test_zip_round_trip_and_the_all_fold_export_predict_like_the_model(cross_validated, test_images, instructions_run,
                                                                         tmp_path):
     env, dataset_name = cross_validated
     c0_images = test_images[1]
-    original = read_labels(str(c0_fold_ensemble))
-    predict_c0 = ["-i", c0_images, "-d", TINY_DATASET_ID, "-c", "2d", "-tr", TRAINER, "-p", PLANS, "-f", *FOLDS,
-                  *PREDICT_ON_CPU]
+    # what the model predicts: the mixed folder's C0 cases (nnUNetv2_csa_predict -f 0 1 2 3 4, the instructions)
+    original = {n: s for n, s in read_labels(str(instructions_run[0] / "final")).items() if "_C0" in n}
+    assert len(original) == 2
 
     archive = tmp_path / "model.zip"
     run_command(["nnUNetv2_export_model_to_zip", "-d", TINY_DATASET_ID, "-o", archive, "-c", "2d", "-tr", TRAINER,
                  "-p", PLANS, "-f", *FOLDS], env)
-    receiver = dict(env, nnUNet_results=str(tmp_path / "receiver_results"), nnUNet_csa_modality="C0")
+    receiver = dict(env, nnUNet_results=str(tmp_path / "receiver_results"))
     os.makedirs(receiver["nnUNet_results"])
     run_command(["nnUNetv2_install_pretrained_model_from_zip", archive], receiver)
-    run_command(["nnUNetv2_predict", *predict_c0, "-o", tmp_path / "received"], receiver)
-    received = read_labels(str(tmp_path / "received"))
-    assert received.keys() == original.keys() and len(received) == 2
+    installed = os.path.join(receiver["nnUNet_results"], dataset_name, f"{TRAINER}__{PLANS}__2d")
+    received = predict_in_process(receiver, installed, c0_images, tmp_path / "received", "C0", folds=FOLDS)
+    assert received.keys() == original.keys()
     for name in original:
         np.testing.assert_array_equal(received[name], original[name], err_msg=name)
     # without this package's trainers nnU-Net cannot build the model: it names the trainer it misses
     without_package = {k: v for k, v in receiver.items() if k != "nnUNet_extTrainer"}
-    missing = run_command(["nnUNetv2_predict", *predict_c0, "-o", tmp_path / "without"], without_package, check=False)
+    missing = run_command(["nnUNetv2_predict", "-i", c0_images, "-o", tmp_path / "without", "-d", TINY_DATASET_ID,
+                           "-c", "2d", "-tr", TRAINER, "-p", PLANS, "-f", *FOLDS, "-device", "cpu"],
+                          dict(without_package, nnUNet_csa_modality="C0"), check=False)
     assert missing.returncode != 0 and TRAINER in missing.stdout + missing.stderr
 
     # C0 of all five folds as a stock model: stock nnU-Net's fold ensemble predicts what the model predicts
@@ -240,9 +269,7 @@ def test_zip_round_trip_and_the_all_fold_export_predict_like_the_model(cross_val
     run_command(["nnUNetv2_csa_export_modality", "-m", _model_folder(env, dataset_name), "--modality", "C0", "-o",
                  exported], env)
     assert sorted(d for d in os.listdir(exported) if d.startswith("fold_")) == [f"fold_{f}" for f in FOLDS]
-    run_command(["nnUNetv2_predict_from_modelfolder", "-m", exported, "-f", *FOLDS, "-i", c0_images, "-o",
-                 tmp_path / "stock_C0", *PREDICT_ON_CPU], without_package)
-    stock = read_labels(str(tmp_path / "stock_C0"))
+    stock = predict_in_process(without_package, exported, c0_images, tmp_path / "stock_C0", folds=FOLDS)
     assert stock.keys() == original.keys()
     for name in stock:
         np.testing.assert_array_equal(stock[name], original[name], err_msg=name)

@@ -1,7 +1,8 @@
 """End to end through nnU-Net's own commands on CPU: train a short CSA variant, resume it
 with --c, predict each modality told it (nnUNetv2_predict; nnU-Net's predictor in process),
 export one modality and predict it with stock nnU-Net (same segmentation), and the one-line
-refusals of a missing modality, a swapped modality order and a too small batch."""
+refusals of a missing modality, a swapped modality order, a too small batch and a mixed test
+folder with a case no rule sorts (its predictions: tests/test_lifecycle.py)."""
 import json
 import os
 import re
@@ -325,28 +326,6 @@ def _mixed_folder(heldout, destination):
         for name in os.listdir(heldout / modality / "images"):
             shutil.copyfile(heldout / modality / "images" / name, os.path.join(destination, name))
     return destination
-
-
-def test_mixed_folder_is_predicted_as_per_modality_nnunet_predict_would(trained_csa_model, heldout_predictions,
-                                                                       misrouted_c0_predictions, tmp_path):
-    env, _, _ = trained_csa_model
-    heldout, predictions, _ = heldout_predictions
-    mixed = _mixed_folder(heldout, tmp_path / "mixed")
-    output = tmp_path / "mixed_predicted"
-    # the converters' naming (<patient>_<modality>) sorts the cases; options pass through to nnUNetv2_predict
-    run_command(["nnUNetv2_csa_predict", "-i", mixed, "-o", output, "-d", TINY_DATASET_ID, "-c", "2d", "-f", "0",
-                 "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"], env)
-    predicted = read_labels(str(output))
-    expected = {**read_labels(str(predictions["LGE"])), **read_labels(str(predictions["C0"]))}
-    assert predicted.keys() == expected.keys() and len(predicted) == len(os.listdir(mixed))
-    for name in expected:
-        np.testing.assert_array_equal(predicted[name], expected[name], err_msg=name)
-    # the control: C0 cases given the LGE norms would have come out differently
-    assert _differs_somewhere({k: predicted[k] for k in misrouted_c0_predictions}, misrouted_c0_predictions)
-    with open(output / "csa_prediction.json") as f:
-        record = json.load(f)
-    assert record["case_modality"] == {name[:-len(".nii.gz")]: name[:-len(".nii.gz")].rsplit("_", 1)[1]
-                                       for name in expected}
 
 
 def test_mixed_folder_with_a_case_no_rule_matches_stops_before_predicting(trained_csa_model, heldout_predictions,

@@ -17,13 +17,14 @@ import traceback
 from nnunetv2_csa.tools.commands import environment
 
 
-def predict_folder(model_folder: str, fold: int, input_folder: str, output_folder: str, device: str,
+def predict_folder(model_folder: str, fold: int | tuple, input_folder: str, output_folder: str, device: str,
                    overrides: dict, log, save_probabilities: bool = False) -> str | None:
     """Segments every image of ``input_folder`` into ``output_folder`` with nnU-Net's own
     predictor at ``nnUNetv2_predict``'s defaults (step 0.5, Gaussian weighting, mirroring,
-    checkpoint_final.pth). ``overrides``: environment variables for the call (None: unset),
-    those nnU-Net reads when it finds the trainer (nnUNet_extTrainer) and the trainer reads
-    when it builds the network (nnUNet_csa_modality). Returns None, or the error (one line),
+    checkpoint_final.pth). ``fold``: one fold, or a tuple of folds (their ensemble, as ``-f 0 1
+    2 3 4``). ``overrides``: environment variables for the call (None: unset), those nnU-Net
+    reads when it finds the trainer (nnUNet_extTrainer) and the trainer reads when it builds
+    the network (nnUNet_csa_modality). Returns None, or the error (one line),
     whose traceback goes to the open text file ``log`` with the predictor's output."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -34,7 +35,8 @@ def predict_folder(model_folder: str, fold: int, input_folder: str, output_folde
     try:
         with environment(overrides), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             predictor = nnUNetPredictor(device=torch.device(device), verbose=False, allow_tqdm=False)
-            predictor.initialize_from_trained_model_folder(model_folder, (fold,), "checkpoint_final.pth")
+            folds = tuple(fold) if isinstance(fold, (tuple, list)) else (fold,)
+            predictor.initialize_from_trained_model_folder(model_folder, folds, "checkpoint_final.pth")
             os.makedirs(output_folder, exist_ok=True)
             predictor.predict_from_files_sequential(input_folder, output_folder, save_probabilities=save_probabilities,
                                                     overwrite=True)

@@ -2,10 +2,11 @@
 (``tests/conftest.py``, ``with_test_trainers``). nnU-Net imports this module as a top-level
 module: absolute imports only."""
 import torch
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (
+    nnUNetTrainerNoMirroring)
 
 from nnunetv2_csa.modality_norm import ModalitySpecificNorm
-from nnunetv2_csa.training.trainers import (nnUNetTrainerCSA_1epochs_5its, nnUNetTrainerCSA_2epochs_5its,
-                                            nnUNetTrainerMSBN_1epochs_5its)
+from nnunetv2_csa.training.trainers import nnUNetTrainerCSA_1epochs_5its, nnUNetTrainerCSA_2epochs_5its
 
 
 def mark_modalities_apart(network: torch.nn.Module) -> torch.nn.Module:
@@ -34,10 +35,8 @@ class nnUNetTrainerCSA_2epochs_5its_DistinctNorms(_DistinctNorms, nnUNetTrainerC
     pass
 
 
-# the two models of the lifecycle tests (tests/test_lifecycle.py): five folds each, one epoch
-class nnUNetTrainerCSA_1epochs_5its_DistinctNorms(_DistinctNorms, nnUNetTrainerCSA_1epochs_5its):
-    pass
-
-
-class nnUNetTrainerMSBN_1epochs_5its_DistinctNorms(_DistinctNorms, nnUNetTrainerMSBN_1epochs_5its):
-    pass
+class nnUNetTrainerCSA_1epochs_5its_DistinctNorms_NoMirroring(_DistinctNorms, nnUNetTrainerNoMirroring,
+                                                               nnUNetTrainerCSA_1epochs_5its):
+    """The lifecycle tests' model (tests/test_lifecycle.py): five folds of one epoch, predicted many
+    times; nnU-Net's own variant without mirroring, so that its validations and predictions run a
+    quarter of the forward passes."""
