@@ -65,12 +65,63 @@ def _named_paths(markdown: str) -> set[str]:
     return paths
 
 
-def test_every_file_the_readme_and_the_documentation_name_exists():
-    pages = ["README.md"] + [os.path.join("documentation", f) for f in os.listdir(os.path.join(REPOSITORY,
-                                                                                              "documentation"))
-                             if f.endswith(".md")]
-    named = {page: _named_paths(open(os.path.join(REPOSITORY, page)).read()) for page in pages}
-    assert len(named["README.md"]) > 20  # the layout table alone names more: the pattern still finds them
+def _pages() -> list[str]:
+    return ["README.md"] + sorted(os.path.join("documentation", f)
+                                  for f in os.listdir(os.path.join(REPOSITORY, "documentation")) if f.endswith(".md"))
+
+
+def test_every_file_the_readme_and_the_documentation_name_or_link_exists():
+    named = {page: _named_paths(open(os.path.join(REPOSITORY, page)).read()) for page in _pages()}
+    # the layout page's table alone names more: the pattern still finds them
+    assert len(named[os.path.join("documentation", "layout.md")]) > 20
     missing = sorted(f"{page}: {path}" for page, paths in named.items() for path in paths
                      if not os.path.exists(os.path.join(REPOSITORY, path)))
+    for page in _pages():
+        for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", open(os.path.join(REPOSITORY, page)).read()):
+            if not re.match(r"https?://", link) and not os.path.exists(os.path.join(REPOSITORY, os.path.dirname(page),
+                                                                                     link)):
+                missing.append(f"{page}: link {link}")
     assert not missing, missing
+
+
+_RUN_BY = re.compile(r"# run by ((?:\.ci/run|tests/\w+\.py)(?:(?:,| and) (?:\.ci/run|tests/\w+\.py))*)")
+
+
+def _bash_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", markdown, re.S)
+
+
+def block_is_run_or_marked(block: str, page: str) -> str | None:
+    """None, or why the block breaks the rule: a page's shell block starts with ``# run by FILE``
+    (files of the tests that run it; each console command of the block occurs in one of them, or
+    one of them reads the page itself) or ``# not run by the tests: WHY``."""
+    first = block.splitlines()[0] if block.strip() else ""
+    if first.startswith("# not run by the tests:") and len(first) > len("# not run by the tests:") + 5:
+        return None
+    marked = _RUN_BY.match(first)
+    if not marked:
+        return f"starts with neither '# run by tests/...' nor '# not run by the tests: why': {first!r}"
+    files = re.findall(r"\.ci/run|tests/\w+\.py", marked.group(1))
+    absent = [f for f in files if not os.path.exists(os.path.join(REPOSITORY, f))]
+    if absent:
+        return f"names test files that do not exist: {absent}"
+    texts = "\n".join(open(os.path.join(REPOSITORY, f)).read() for f in files)
+    if os.path.basename(page) in texts:
+        return None
+    commands = set(re.findall(r"\bnnUNetv2_\w+", block))
+    unrun = sorted(c for c in commands if c not in texts)
+    return f"runs {unrun}, which {files} never name" if unrun else None
+
+
+def test_every_command_block_of_the_readme_and_the_documentation_is_run_by_a_test_or_marked_not_run():
+    broken = [f"{page}: {why}" for page in _pages() for block in _bash_blocks(open(os.path.join(REPOSITORY, page)).read())
+              for why in [block_is_run_or_marked(block, page)] if why]
+    assert not broken, broken
+
+
+def test_the_block_rule_refuses_an_unmarked_block_and_a_command_its_test_never_runs():
+    assert "starts with neither" in block_is_run_or_marked("nnUNetv2_train 1 2d 0\n", "README.md")
+    assert "never name" in block_is_run_or_marked("# run by tests/test_rows.py\nnnUNetv2_csa_evaluate -pred x\n",
+                                                  "documentation/x.md")
+    assert "do not exist" in block_is_run_or_marked("# run by tests/test_nothing.py\nls\n", "README.md")
+    assert block_is_run_or_marked("# not run by the tests: needs a GPU\nnnUNetv2_train\n", "README.md") is None

@@ -73,3 +73,15 @@ def test_malformed_rows_are_refused(bad, match):
 def test_a_row_setting_an_attribute_the_trainer_lacks_is_refused():
     with pytest.raises(AttributeError, match="paper_lamda"):
         trainers.row_trainers(Row("CSA_Typo", "csa", "", {"paper_lamda": 1.0}))
+
+
+def test_the_row_tables_docstring_names_every_trainer_class_it_makes():
+    # a grep for a trainer's name must land in rows.py, where the class comes from
+    import re
+
+    import nnunetv2_csa.training.rows as rows_module
+    from nnunetv2_csa.training.trainers import BASE_TRAINERS
+
+    named = set(re.findall(r"nnUNetTrainer\w+", rows_module.__doc__))
+    made = {trainer.__name__ for trainer in BASE_TRAINERS if not trainer.__name__.endswith("_BN")}
+    assert made <= named and named - made <= {"nnUNetTrainerSingleModality"}

@@ -14,7 +14,7 @@ from dataset_conversion.tag_modalities import patients_from_rule, tags_from_csv
 from nnunetv2_csa.modality_rules import compile_rules, converter_naming_rules, modalities_from_rules
 
 TAGGED_DATASET_ID = 994
-#: the README's AMOS-style rules: ids up to 500 are CT, above are MR
+#: the AMOS-style rules of documentation/converting.md: ids up to 500 are CT, above are MR
 AMOS_RULES = [("CT", r"amos_0([0-4][0-9][0-9]|500)"), ("MR", r"amos_(050[1-9]|05[1-9][0-9]|0[6-9][0-9][0-9])")]
 TAG_KEYS = ("csa_modalities", "csa_case_modality", "csa_case_patient")
 

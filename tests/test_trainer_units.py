@@ -171,7 +171,7 @@ def test_default_weights_are_the_papers_lambda_on_the_mean_loss():
 
 def test_one_default_area_normalization_for_the_loss_and_the_trainer():
     from nnunetv2_csa.losses import DEFAULT_AREA_NORMALIZATION, AffinityLoss, ClassSpecificAffinityLoss
-    assert DEFAULT_AREA_NORMALIZATION == "none"  # measured best on MyoPS (README)
+    assert DEFAULT_AREA_NORMALIZATION == "none"  # measured best on MyoPS (documentation/trainers.md)
     assert ClassSpecificAffinityLoss(3).area_normalization == DEFAULT_AREA_NORMALIZATION
     assert AffinityLoss().area_normalization == DEFAULT_AREA_NORMALIZATION
     assert nnUNetTrainerCSA.area_normalization == DEFAULT_AREA_NORMALIZATION

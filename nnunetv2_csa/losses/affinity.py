@@ -36,7 +36,7 @@ Where the paper is ambiguous (the project's design brief, "The CSA term"):
   describes the mean of squared entry differences (4'). ``reading="mean_squared"``
   (default) implements (4'); ``reading="literal"`` implements the printed (4).
 * ``S_c``, "the size of the region of interest": ``area_normalization="none"``
-  (``S_c = 1``, the default: it trained best on MyoPS 2020, see the README), ``"pixels"``
+  (``S_c = 1``, the default: it trained best on MyoPS 2020, see documentation/trainers.md), ``"pixels"``
   (pixel count of ``M^c`` at the feature resolution; makes the term tiny) or
   ``"fraction"`` (that count divided by ``H*W``, so that ``S_c`` lies in (0, 1] whatever
   the feature resolution; it inflates the term of small classes by 1/fraction^2).
@@ -81,7 +81,7 @@ class ClassSpecificAffinityLoss(torch.nn.Module):
             values ``0..C-1`` define the class masks, other values belong to no class.
         area_normalization: ``S_c`` of Eq. (3): ``"none"`` (1), ``"pixels"`` (mask pixel
             count at the feature resolution) or ``"fraction"`` (count / ``H*W``). The
-            default ``"none"`` is the one that trained best on real data (README).
+            default ``"none"`` is the one that trained best on real data (documentation/trainers.md).
         reading: ``"mean_squared"`` (default): per class, the mean over the ``P = MN``
             entries of the squared difference, Eq. (4'). ``"literal"``: the square of the
             mean entry difference, Eq. (4) as printed.

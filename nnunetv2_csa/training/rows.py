@@ -12,6 +12,22 @@ A row is one of three kinds:
 - ``joint``: nnU-Net's own trainer on the mixed dataset (``nnUNetTrainerJoint``).
 - ``single``: nnU-Net's own trainer on one modality's cases
   (``nnUNetTrainerSingleModality{index}``, one class per modality index).
+
+The trainer classes the table makes (each also as ``<name>_BN``, modality-specific
+BatchNorm, and as ``<name>_<E>epochs_<I>its`` and ``<name>_BN_<E>epochs_<I>its``, the short
+budgets of ``short_budget.py``; ``tests/test_rows.py`` checks this list against them):
+
+- Single: nnUNetTrainerSingleModality0, nnUNetTrainerSingleModality1, nnUNetTrainerSingleModality2
+- Joint: nnUNetTrainerJoint
+- MSBN: nnUNetTrainerMSBN
+- Affinity: nnUNetTrainerAffinity
+- UMMKD: nnUNetTrainerUMMKD
+- CSA: nnUNetTrainerCSA (its class is written out, ``nnUNetTrainerCSA.py``: the other CSA-kind
+  rows are it with attributes changed)
+- CSA_Lambda0p25, CSA_Lambda1, UMMKD_Lambda1, CSA_RampUp: nnUNetTrainerCSA_Lambda0p25,
+  nnUNetTrainerCSA_Lambda1, nnUNetTrainerUMMKD_Lambda1, nnUNetTrainerCSA_RampUp
+- CSA_AreaPixels, CSA_AreaFraction, CSA_Literal: nnUNetTrainerCSA_AreaPixels,
+  nnUNetTrainerCSA_AreaFraction, nnUNetTrainerCSA_Literal
 """
 from __future__ import annotations
 

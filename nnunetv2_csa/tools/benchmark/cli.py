@@ -25,7 +25,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="nnUNetv2_csa_benchmark",
         description="Train the paper's rows (Single, Joint, MSBN, Affinity, UMMKD, CSA) with nnUNetv2_train, "
                     "evaluate the fold's held-out cases, time each trainer, and write report.md, results.csv, "
-                    "results.json and PNG plots.")
+                    "results.json and PNG plots.",
+        epilog="The rows' trainer classes (nnUNetTrainerCSA, nnUNetTrainerMSBN, ... and their _BN twins and "
+               "_<E>epochs_<I>its variants) are made from the row table in nnunetv2_csa/training/rows.py.")
     parser.add_argument("-d", required=True, help="dataset ID or name")
     parser.add_argument("-c", default="2d", help="configuration (default 2d)")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
