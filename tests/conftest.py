@@ -156,11 +156,11 @@ def tiny_preprocessed_dataset(tmp_path_factory):
 
 
 def plans_variant(env: dict, dataset_name: str, name: str, batch_size: int | None = None,
-                  features_per_stage: list | None = None) -> str:
-    """A copy of a dataset's 2d plans under the plans name ``name``, with another batch size or
-    network width (the preprocessed data are shared: same data identifier); returns ``name``."""
+                  features_per_stage: list | None = None, source: str = "nnUNetPlans") -> str:
+    """A copy of a dataset's plans ``source`` under the plans name ``name``, with another 2d batch
+    size or network width (the preprocessed data are shared: same data identifier); returns ``name``."""
     folder = os.path.join(env["nnUNet_preprocessed"], dataset_name)
-    with open(os.path.join(folder, "nnUNetPlans.json")) as f:
+    with open(os.path.join(folder, f"{source}.json")) as f:
         plans = json.load(f)
     plans["plans_name"] = name
     configuration = plans["configurations"]["2d"]

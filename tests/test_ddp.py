@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_DATASET_ID, plans_variant, predict_in_process, read_labels, with_test_trainers
+from conftest import (TINY_DATASET_ID, plans_variant, predict_in_process, read_labels, run_command,
+                      with_test_trainers)
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +28,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def plans_with_global_batch(env: dict, dataset_name: str, batch_size: int) -> str:
-    """A copy of the tiny dataset's plans with another global batch size; returns its name. nnU-Net's
-    batch Dice all-gathers per-sample sums, which fails (gloo: "Received data size doesn't match") when
-    the ranks' batches differ in size: the global batch must be a multiple of the number of GPUs."""
-    return plans_variant(env, dataset_name, f"nnUNetPlansGlobalBatch{batch_size}", batch_size=batch_size)
+def plans_with_global_batch(env: dict, dataset_name: str, batch_size: int, source: str = "nnUNetPlans") -> str:
+    """A copy of the tiny dataset's plans ``source`` with another global batch size; returns its name.
+    nnU-Net's batch Dice all-gathers per-sample sums, which fails (gloo: "Received data size doesn't
+    match") when the ranks' batches differ in size: the global batch must be a multiple of the number
+    of GPUs."""
+    return plans_variant(env, dataset_name, f"{source}GlobalBatch{batch_size}", batch_size=batch_size, source=source)
+
+
+RESENC_PLANS = "nnUNetResEncUNetMPlans"
+
+
+def _residual_encoder_plans(env: dict, dataset_name: str) -> None:
+    """nnU-Net's residual-encoder M preset for the tiny dataset, planned and preprocessed once."""
+    if not (Path(env["nnUNet_preprocessed"]) / dataset_name / f"{RESENC_PLANS}.json").is_file():
+        run_command(["nnUNetv2_plan_experiment", "-d", str(TINY_DATASET_ID), "-pl", "nnUNetPlannerResEncM"], env)
+    run_command(["nnUNetv2_preprocess", "-d", str(TINY_DATASET_ID), "-plans_name", RESENC_PLANS, "-c", "2d",
+                 "-np", "1"], env)
 
 
 def run_ddp_on_cpu(env: dict, trainer: str, plans: str, world_size: int, out, mode: str = "train",
@@ -85,22 +98,27 @@ def _single_process_predictions_equal_the_final_validation(env, dataset_name, mo
         assert not np.array_equal(misrouted[f"{case}.nii.gz"], validation[f"{case}.nii.gz"]), case
 
 
-#: in the suite (10 minutes for all of it); NNUNETV2_CSA_DDP_ALL=1 adds the other rows in 2 processes
-IN_THE_SUITE = [("Joint", 2), ("CSA", 3)]
-ON_REQUEST = [("CSA", 2), ("MSBN", 2), ("Affinity", 2), ("UMMKD", 2), ("CSA_BN", 2), ("Single", 2)]
+#: in the suite (10 minutes for all of it); NNUNETV2_CSA_DDP_ALL=1 adds every other row in 2 and 3
+#: processes and CSA on nnU-Net's residual-encoder preset
+IN_THE_SUITE = [("Joint", 2, "nnUNetPlans"), ("CSA", 3, "nnUNetPlans")]
+ON_REQUEST = [(row, world_size, "nnUNetPlans") for world_size in (2, 3)
+              for row in ("Single", "Joint", "MSBN", "Affinity", "UMMKD", "CSA", "CSA_BN")
+              if (row, world_size, "nnUNetPlans") not in IN_THE_SUITE] + [("CSA", 2, RESENC_PLANS)]
 ROWS = IN_THE_SUITE + (ON_REQUEST if os.environ.get("NNUNETV2_CSA_DDP_ALL") == "1" else [])
 UNPAIRED_ROWS = ("MSBN", "Affinity", "UMMKD", "CSA", "CSA_BN")
 
 
-@pytest.mark.parametrize("row, world_size", ROWS)
-def test_ddp_trains_validates_and_agrees_on_every_rank(ddp_results, row, world_size):
+@pytest.mark.parametrize("row, world_size, base_plans", ROWS)
+def test_ddp_trains_validates_and_agrees_on_every_rank(ddp_results, row, world_size, base_plans):
     env, dataset_name, results, out = ddp_results
     # CSA: the variant whose modalities' norms start apart (tests/ext_trainers), so that a case the final
     # validation gave the other modality's norms would differ from the single-process prediction below
     trainer = {"CSA": "nnUNetTrainerCSA_2epochs_5its_DistinctNorms",
                "Single": "nnUNetTrainerSingleModality0_2epochs_5its"}.get(row, f"nnUNetTrainer{row}_2epochs_5its")
     global_batch = 4 * world_size
-    plans = plans_with_global_batch(env, dataset_name, global_batch)
+    if base_plans == RESENC_PLANS:
+        _residual_encoder_plans(env, dataset_name)
+    plans = plans_with_global_batch(env, dataset_name, global_batch, base_plans)
     run_ddp_on_cpu(env, trainer, plans, world_size, out)
 
     states = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
