@@ -226,11 +226,16 @@ class StagedDataset:
                                   f"writable -o/--output (or nnUNet_raw)") from None
         try:
             self.folder = tempfile.mkdtemp(prefix=self._prefix, dir=self.output_root)
+            os.chmod(self.folder, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
         except OSError as e:
             self._discard()
             raise ConversionError(f"cannot write into {self.output_root} ({e.strerror}): choose a writable "
                                   f"-o/--output (or nnUNet_raw)") from None
-        os.chmod(self.folder, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
+        except BaseException:
+            # a signal (SIGTERM turned into SystemExit, Ctrl-C) while the folder is being made: `with`
+            # calls __exit__ only once __enter__ has returned, so the folder is removed here
+            self._discard()
+            raise
         return self
 
     def stage_preprocessed_splits(self, splits: list) -> None:
