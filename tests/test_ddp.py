@@ -166,3 +166,29 @@ def test_ddp_refuses_a_batch_that_cannot_hold_every_modality_on_every_rank_befor
                 f"needs at least one sample of each modality (2: ['LGE', 'C0']). Plan a batch size of at least 4") \
             in log, log[-2000:]
         assert "Epoch 0" not in log
+
+
+def test_the_final_validation_skips_ddps_buffer_broadcast_and_restores_it():
+    # the mechanism behind the _BN rows' --val in 3 processes (ON_REQUEST): in one gloo process, DDP
+    # would broadcast a BatchNorm network's buffers at its next forward; inside the final validation's
+    # context it does not, and afterwards it does again. Fails loudly if torch renames the switch.
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from nnunetv2_csa.training.per_modality_validation import _no_buffer_sync_in_forward
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        network = DistributedDataParallel(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)))
+        assert network.will_sync_module_buffers()
+        with _no_buffer_sync_in_forward(network):
+            assert not network.will_sync_module_buffers()
+        assert network.will_sync_module_buffers()
+        plain = torch.nn.BatchNorm2d(2)
+        with _no_buffer_sync_in_forward(plain):  # one process: nothing to switch
+            pass
+    finally:
+        dist.destroy_process_group()

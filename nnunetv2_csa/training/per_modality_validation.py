@@ -20,6 +20,7 @@ from typing import List
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, save_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.collate_outputs import collate_outputs
@@ -100,6 +101,32 @@ class CaseRouting:
             self._refuse(self.broken)
         if self.case is not None and self.forwards_of_case == 0:
             self._refuse(f"never predicted {self.case}, the last case it loaded")
+
+
+@contextmanager
+def _no_buffer_sync_in_forward(network):
+    """nnU-Net's final validation predicts with the DDP-wrapped network, and DDP broadcasts the
+    network's buffers (BatchNorm's running statistics: the ``_BN`` rows) at a forward pass that
+    follows a training step or starts a process, a collective every rank must join. nnU-Net
+    splits the validation cases over the ranks, so under ``nnUNetv2_train ... --val`` a rank
+    without a case never joins and the others wait until the timeout (found by the CPU harness:
+    CSA_BN in 3 processes). The buffers are equal on every rank already (broadcast at every
+    training step, or loaded from one checkpoint) and inference does not change them, so the
+    final validation runs without that broadcast."""
+    if not isinstance(network, DistributedDataParallel):
+        yield
+        return
+    attribute = next((a for a in ("forward_sync_buffers", "broadcast_buffers") if hasattr(network, a)), None)
+    if attribute is None:
+        raise RuntimeError("torch's DistributedDataParallel has neither forward_sync_buffers nor broadcast_buffers: "
+                           "the final validation of the _BN rows under DDP needs another way to skip the buffer "
+                           "broadcast (nnunetv2_csa/training/per_modality_validation.py)")
+    saved = getattr(network, attribute)
+    setattr(network, attribute, False)
+    try:
+        yield
+    finally:
+        setattr(network, attribute, saved)
 
 
 class PerModalityValidationMixin:
@@ -197,6 +224,12 @@ class PerModalityValidationMixin:
         """nnU-Net's final validation, one pass over all cases; a trainer with modality-specific
         norms routes the network to each case's modality right after nnU-Net loads the case
         (``CaseRouting``), then writes ``summary_per_modality.json``."""
+        with _no_buffer_sync_in_forward(self.network):
+            self._final_validation(save_probabilities)
+        if self.local_rank == 0:
+            self._write_validation_summary_per_modality()
+
+    def _final_validation(self, save_probabilities: bool):
         if type(self)._route is PerModalityValidationMixin._route:  # shared norms: nothing to route
             super().perform_actual_validation(save_probabilities)
         else:
@@ -211,8 +244,6 @@ class PerModalityValidationMixin:
             finally:
                 hook.remove()
                 self.dataset_class = original
-        if self.local_rank == 0:
-            self._write_validation_summary_per_modality()
 
     def _write_validation_summary_per_modality(self):
         summary_file = join(self.output_folder, "validation", "summary.json")
