@@ -43,6 +43,7 @@ from dataset_conversion.staging import (StagedDataset, check_output_free, datase
 from nnunetv2_csa.errors import UserInputError, first_few
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, CONVERSION_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
                                    OTHER_MODALITY_LABELS, ModalityTags)
+from nnunetv2_csa.tools.inputs import integer_at_least
 from nnunetv2_csa.tools.phantom import read_phantom_marker
 
 
@@ -308,7 +309,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, modality_choices: Sequ
                         metavar="MODALITY",
                         help=f"modalities to convert, from {list(modality_choices)}; their order is the modality "
                              f"index order (default: {' '.join(default_modalities)})")
-    parser.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), default=None,
+    parser.add_argument("--crop", nargs=2, type=integer_at_least(1), metavar=("H", "W"), default=None,
                         help="crop every image and label to H x W pixels in-plane, centred on the bounding box of "
                              "the labelled heart (all slices), padding with the image minimum where needed. It "
                              "uses the labels, so it is an evaluation protocol (the paper's 224 224), not "
@@ -316,7 +317,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, modality_choices: Sequ
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="5-fold",
                         help="splits_final.json: nnU-Net's 5 folds, or the paper's single 80/20 split; always "
                              "grouped by patient (default: 5-fold)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    parser.add_argument("--seed", type=integer_at_least(0), default=DEFAULT_SEED,
                         help=f"seed of the split and of --unpaired (default: {DEFAULT_SEED}, nnU-Net's)")
     parser.add_argument("--unpaired", action="store_true",
                         help="each patient contributes only one modality (patients shuffled with the seed and "
@@ -328,7 +329,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, modality_choices: Sequ
                         help="write images without a label to imagesTs (default: report and leave them out)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing dataset with this id, once the new one is complete")
-    parser.add_argument("-np", "--num-processes", type=int, default=default_num_processes,
+    parser.add_argument("-np", "--num-processes", type=integer_at_least(1), default=default_num_processes,
                         help=f"worker processes; more than 1 pays off only for large volumes such as CT, since "
                              f"each worker needs about a second to start (default: {default_num_processes})")
 

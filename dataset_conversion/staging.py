@@ -25,11 +25,17 @@ def resolve_output_root(output_root: str | None) -> str:
     return os.path.abspath(output_root)
 
 
+#: longest dataset name: with "DatasetXXX_" and nnU-Net's "<trainer>__<plans>__<configuration>" below it, the
+#: folder names stay far below file systems' 255 bytes
+MAX_DATASET_NAME = 100
+
+
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     if not 1 <= int(dataset_id) <= 999:
         raise ConversionError(f"dataset id {dataset_id} is outside 1..999 (nnU-Net names datasets DatasetXXX_Name)")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name):
-        raise ConversionError(f"dataset name {name!r} must be letters, digits, '_' or '-' (it becomes a folder name)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name) or len(name) > MAX_DATASET_NAME:
+        raise ConversionError(f"dataset name {name!r} must be 1 to {MAX_DATASET_NAME} letters, digits, '_' or '-', "
+                              f"starting with a letter or digit (it becomes a folder name); choose another --name")
     return f"Dataset{int(dataset_id):03d}_{name}"
 
 

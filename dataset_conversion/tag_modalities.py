@@ -31,9 +31,10 @@ from dataset_conversion.errors import ConversionError, ConversionWarning
 from dataset_conversion.splits import DEFAULT_SEED, SPLIT_CHOICES, check_splits_cover_modalities, make_patient_splits
 from dataset_conversion.staging import current_umask, stale_preprocessed_message, write_json
 from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, TAGGING_KEY, ModalityTags,
-                                   check_case_name)
+                                   check_case_name, is_plain_name)
 from nnunetv2_csa.modality_rules import compile_rules, modalities_from_rules, read_tag_csv
 from nnunetv2_csa.modality_rules import some as _some
+from nnunetv2_csa.tools.inputs import integer_at_least, read_json_file
 
 
 BACKUP_SUFFIX = ".before_csa_tags"
@@ -81,7 +82,6 @@ def tags_from_csv(path: str, cases: Sequence[str]) -> tuple[dict[str, str], dict
 
 def raw_dataset(dataset: str, raw_root: str | None) -> tuple[str, dict, list[str]]:
     """(folder, dataset.json, training case identifiers) of a raw dataset given by id or name."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
 
     raw_root = raw_root or os.environ.get("nnUNet_raw")
@@ -91,16 +91,16 @@ def raw_dataset(dataset: str, raw_root: str | None) -> tuple[str, dict, list[str
     json_file = os.path.join(folder, "dataset.json")
     if not os.path.isfile(json_file):
         raise ConversionError(f"{json_file} does not exist: {folder} is not an nnU-Net raw dataset")
-    try:
-        dataset_json = load_json(json_file)
-    except ValueError as e:
-        raise ConversionError(f"{json_file} is not valid JSON ({e}); fix it or restore it from a backup") from None
+    dataset_json = read_json_file(json_file, "fix it or restore it from a backup")
     # the case names only: nnU-Net's get_filenames_of_train_images_and_targets also lists every
     # channel's file, in a pool of 12 forked workers, which can hang a small command like this one
     if "dataset" in dataset_json:
         cases = sorted(dataset_json["dataset"])
     elif "file_ending" not in dataset_json:
         raise ConversionError(f"{json_file} has no file_ending: it is not an nnU-Net v2 dataset.json")
+    elif not os.path.isdir(os.path.join(folder, "imagesTr")):
+        raise ConversionError(f"{folder} has no imagesTr folder: it is not an nnU-Net raw dataset (its training "
+                              f"images belong in imagesTr/CASE_0000{dataset_json['file_ending']})")
     else:
         cases = sorted(get_identifiers_from_splitted_dataset_folder(os.path.join(folder, "imagesTr"),
                                                                     dataset_json["file_ending"]))
@@ -120,6 +120,9 @@ def _find_dataset_folder(raw_root: str, dataset: str) -> str:
             raise ConversionError(f"{'no' if not found else 'more than one'} folder {prefix}* in {raw_root} "
                                   f"({found}); give -d the dataset's id or full folder name")
         return os.path.join(raw_root, found[0])
+    if not is_plain_name(dataset, 255):
+        raise ConversionError(f"-d {dataset!r} is neither a dataset id nor a folder name (no '/', no '..'); give "
+                              f"the dataset's id or its folder name in {raw_root}")
     folder = os.path.join(raw_root, dataset)
     if not os.path.isdir(folder):
         raise ConversionError(f"{folder} does not exist; give -d the dataset's id or its folder name in {raw_root}")
@@ -246,7 +249,8 @@ def main(argv=None) -> int:
     parser.add_argument("--patient", help="regular expression whose first group, searched in a case name, is its "
                                           "patient (cases of a patient share a fold); default: each case its own")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="5-fold", help="default: %(default)s")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the split (default: %(default)s)")
+    parser.add_argument("--seed", type=integer_at_least(0), default=DEFAULT_SEED,
+                        help="seed of the split (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing modality tags and split")
     parser.add_argument("--dry-run", action="store_true", help="print the assignment and the split, write nothing")
     parser.add_argument("--raw", help="nnUNet_raw folder (default: the nnUNet_raw variable)")

@@ -92,7 +92,9 @@ MAX_MODALITY_NAME = 64
 MAX_CASE_NAME = 200
 
 
-def _plain_name(name, longest: int) -> bool:
+def is_plain_name(name, longest: int) -> bool:
+    """Whether ``name`` can be one path component: not empty, no separator, not '.' or '..', at
+    most ``longest`` bytes."""
     return (isinstance(name, str) and name not in ("", ".", "..") and len(name.encode()) <= longest
             and not any(c in name for c in ("/", "\\", "\x00")))
 
@@ -100,7 +102,7 @@ def _plain_name(name, longest: int) -> bool:
 def check_case_name(case: str, source: str = "dataset.json") -> str:
     """A case name is joined into file paths: it must be a plain file name stem, never a path
     (``../x``, ``/abs``, ``a/b``) that would read or write outside the dataset."""
-    if not _plain_name(case, MAX_CASE_NAME):
+    if not is_plain_name(case, MAX_CASE_NAME):
         raise ModalityTagError(f"case name {case!r} in {source} is not a plain file name (no folders, no '..', "
                                f"not empty, at most {MAX_CASE_NAME} bytes); fix the entry or convert the dataset again")
     return case
@@ -112,7 +114,7 @@ def check_modality_names(names, source: str = "dataset.json") -> tuple[str, ...]
     ``LGE`` would be two modalities to the trainer and one folder on a case-insensitive disk)."""
     names = tuple(names)
     for name in names:
-        if not _plain_name(name, MAX_MODALITY_NAME):
+        if not is_plain_name(name, MAX_MODALITY_NAME):
             raise ModalityTagError(f"modality name {name!r} in {source} is not a plain name (no folders, no '..', "
                                    f"not empty, at most {MAX_MODALITY_NAME} bytes); rename it")
     folded = {}

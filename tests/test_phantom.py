@@ -328,4 +328,4 @@ def test_cli_help_and_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad_exit:
         phantom.main(["--layout", "myops", "-o", str(tmp_path), "-n", "0"])
     assert bad_exit.value.code == 2
-    assert "n_patients" in capsys.readouterr().err
+    assert "argument -n: 0 is below the smallest allowed value, 1" in capsys.readouterr().err

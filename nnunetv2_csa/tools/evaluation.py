@@ -74,6 +74,7 @@ from tqdm import tqdm
 
 from nnunetv2_csa.errors import one_line_errors
 from nnunetv2_csa.image_files import check_file_complete, grid_differences
+from nnunetv2_csa.tools.inputs import integer_at_least, read_json_file
 from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
 
 METRICS = ("dice", "hd", "hd95", "assd")
@@ -482,17 +483,14 @@ def _labels_from_arguments(values: Iterable[str]) -> dict[str, int]:
         try:
             labels[name] = int(number)
         except ValueError:
-            raise SystemExit(f"-l expects integers or name=integer, got {value!r}") from None
+            raise ValueError(f"-l expects integers or name=integer, got {value!r}") from None
     return labels
 
 
 def _read_dataset_json(path: str) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "dataset.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"-djfile {path} does not exist: give the dataset.json of the dataset")
-    with open(path) as f:
-        return json.load(f)
+    return read_json_file(path, "give -djfile the dataset.json of the dataset")
 
 
 def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
@@ -513,7 +511,7 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("-o", default=None,
                         help="output folder for metrics.csv and summary.json (default: PRED/csa_evaluation; "
                              "nnU-Net's own PRED/summary.json is left alone)")
-    parser.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("-np", type=integer_at_least(1), default=1, help="worker processes (default 1)")
     parser.add_argument("--hd95", choices=list(HD95_DEFINITIONS), default=DEFAULT_HD95,
                         help="directed (default): max of the two directed 95th percentiles, as MONAI and DeepMind's "
                              "surface-distance; pooled: MedPy's 95th percentile of both directions together")
@@ -528,7 +526,7 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
     if args.djfile is not None:
         dataset_json = _read_dataset_json(args.djfile)
         if "labels" not in dataset_json:
-            raise SystemExit(f"{args.djfile} has no 'labels' entry")
+            raise ValueError(f"{args.djfile} has no 'labels' entry; give -djfile the dataset.json of the dataset")
         labels = dataset_json["labels"]
         file_ending = dataset_json.get("file_ending", file_ending)
         has_tags = MODALITIES_KEY in dataset_json or CASE_MODALITY_KEY in dataset_json

@@ -16,10 +16,11 @@ import os
 import shutil
 import tempfile
 
-from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
+from batchgenerators.utilities.file_and_folder_operations import join, save_json
 
 from nnunetv2_csa.errors import UserInputError, one_line_errors
 from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, modalities_from_plans
+from nnunetv2_csa.tools.inputs import read_json_file
 
 # torch, nnU-Net and the modules that need them are imported where they are used, so that
 # `nnUNetv2_csa_export_modality --help` and argument errors answer at once
@@ -35,6 +36,12 @@ def _fold_folders(model_folder: str, folds) -> list[str]:
                        if d.startswith("fold_") and os.path.isdir(join(model_folder, d)))
     if not folds:
         raise ExportError(f"{model_folder} has no fold_* folders: is it a trained nnU-Net model folder?")
+    repeated = sorted({f for f in folds if list(folds).count(f) > 1})
+    if repeated:
+        raise ExportError(f"-f names fold(s) {' '.join(repeated)} more than once; name each fold once")
+    missing = [f for f in folds if not os.path.isdir(join(model_folder, f"fold_{f}"))]
+    if missing:
+        raise ExportError(f"{model_folder} has no fold_{missing[0]} folder; -f takes the folds it holds")
     return [f"fold_{f}" for f in folds]
 
 
@@ -74,16 +81,19 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
     parent = os.path.dirname(os.path.abspath(output_folder))
     if not os.path.isdir(parent):
         raise ExportError(f"the folder {parent} that -o {output_folder} would go into does not exist; create it first")
-    plans = load_json(plans_file)
-    dataset_json = load_json(join(model_folder, "dataset.json"))
+    plans = read_json_file(plans_file, "is the model folder complete?")
+    dataset_json = read_json_file(join(model_folder, "dataset.json"), "is the model folder complete?")
     modalities = modalities_from_plans(plans, plans_file)
     if modality not in modalities:
         raise ModalityTagError(f"unknown modality {modality!r}; {model_folder} knows {modalities}")
     plans_manager = PlansManager(plans)
 
-    staging = tempfile.mkdtemp(prefix=".export_", dir=parent)
+    fold_folders = _fold_folders(model_folder, folds)
     try:
-        fold_folders = _fold_folders(model_folder, folds)
+        staging = tempfile.mkdtemp(prefix=".export_", dir=parent)
+    except OSError as e:
+        raise ExportError(f"cannot write into {parent} ({e.strerror}): choose a writable place for -o") from None
+    try:
         for fold in fold_folders:
             checkpoint_file = join(model_folder, fold, checkpoint_name)
             if not os.path.isfile(checkpoint_file):

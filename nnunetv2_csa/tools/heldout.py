@@ -15,7 +15,6 @@ them). Files are copied from the raw dataset; the output folder is written all o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -23,23 +22,11 @@ from typing import Sequence
 
 from nnunetv2_csa.errors import UserInputError, one_line_errors
 from nnunetv2_csa.modality import modality_tags_from_dataset_json
+from nnunetv2_csa.tools.inputs import dataset_folder, integer_at_least, read_json_file
 
 
 class HeldOutError(UserInputError, ValueError):
     """Bad request; the message names the file or folder and the fix."""
-
-
-def _dataset_folder(root_variable: str, dataset_id: str) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    root = os.environ.get(root_variable)
-    if not root:
-        raise HeldOutError(f"{root_variable} is not set: export it as for nnUNetv2_train")
-    try:
-        name = maybe_convert_to_dataset_name(str(dataset_id))
-    except RuntimeError as e:
-        raise HeldOutError(str(e).splitlines()[0]) from None
-    return os.path.join(root, name)
 
 
 def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, list[str]]:
@@ -47,20 +34,21 @@ def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, 
     returns the cases per modality."""
     from nnunetv2_csa.tools.benchmark.scoring import fold_test_set
 
-    raw = _dataset_folder("nnUNet_raw", dataset_id)
-    preprocessed = _dataset_folder("nnUNet_preprocessed", dataset_id)
+    raw = dataset_folder("nnUNet_raw", dataset_id, "convert the dataset with nnUNetv2_csa_convert_*")
+    if not os.environ.get("nnUNet_preprocessed"):
+        raise HeldOutError("nnUNet_preprocessed is not set: export it as for nnUNetv2_train")
+    preprocessed = os.path.join(os.environ["nnUNet_preprocessed"], os.path.basename(raw))
     if os.path.exists(output_folder):
         raise HeldOutError(f"{output_folder} exists already; choose a new output folder")
-    with open(os.path.join(raw, "dataset.json")) as f:
-        dataset_json = json.load(f)
+    dataset_json = read_json_file(os.path.join(raw, "dataset.json"), "convert the dataset again")
     tags = modality_tags_from_dataset_json(dataset_json, os.path.join(raw, "dataset.json"))
     splits_file = os.path.join(preprocessed, "splits_final.json")
     if not os.path.isfile(splits_file):
         splits_file = os.path.join(raw, "splits_final.json")
     if not os.path.isfile(splits_file):
         raise HeldOutError(f"no splits_final.json in {preprocessed} or {raw}: convert with nnUNetv2_csa_convert_*")
-    with open(splits_file) as f:
-        splits = json.load(f)
+    splits = read_json_file(splits_file, "convert the dataset again, or tag it with nnUNetv2_csa_tag_modalities",
+                            holds=list)
     if not 0 <= fold < len(splits):
         raise HeldOutError(f"fold {fold} is not in {splits_file} ({len(splits)} folds)")
     ending = dataset_json.get("file_ending", ".nii.gz")
@@ -97,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "modality of the same patients) into one folder per modality: <out>/<modality>/images (inputs "
                     "for nnUNetv2_predict) and <out>/<modality>/labels (references for nnUNetv2_csa_evaluate).")
     parser.add_argument("-d", required=True, help="dataset ID or name")
-    parser.add_argument("-f", type=int, default=0, help="fold of splits_final.json (default 0)")
+    parser.add_argument("-f", type=integer_at_least(0), default=0, help="fold of splits_final.json (default 0)")
     parser.add_argument("-o", required=True, help="new output folder")
     args = parser.parse_args(argv)
     by_modality = write_held_out(args.d, args.f, args.o)

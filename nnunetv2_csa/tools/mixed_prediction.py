@@ -37,6 +37,7 @@ from nnunetv2_csa.modality import (CONVERSION_KEY, TAGGING_KEY, ModalityTagError
                                    modalities_from_plans)
 from nnunetv2_csa.modality_rules import (Rules, compile_rules, converter_naming_rules, modalities_from_rules,
                                          read_tag_csv, some)
+from nnunetv2_csa.tools.inputs import read_json_file
 from nnunetv2_csa.training.inference_modality import INFERENCE_MODALITY_ENV
 
 #: what the output folder records about the routing
@@ -64,14 +65,7 @@ def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) 
 
 
 def _load_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            content = json.load(f)
-    except (OSError, ValueError) as e:
-        raise MixedPredictionError(f"cannot read {path} ({e}); is the model folder complete?") from None
-    if not isinstance(content, dict):
-        raise MixedPredictionError(f"{path} does not hold a JSON object; is the model folder complete?")
-    return content
+    return read_json_file(path, "is the model folder complete?")
 
 
 def rules_for(model_folder: str, modality_rules, csv_file: str | None,

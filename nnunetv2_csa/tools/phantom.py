@@ -64,6 +64,8 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
+from nnunetv2_csa.tools.inputs import integer_at_least
+
 # ----------------------------------------------------------------------------- label codes
 MSCMRSEG_LABELS = {"myocardium": 200, "lv_blood": 500, "rv_blood": 600}
 MYOPS_LABELS = {"myocardium": 200, "lv_blood": 500, "rv_blood": 600, "edema": 1220, "scar": 2221}
@@ -687,10 +689,11 @@ def main(argv=None) -> None:
     parser.add_argument("--layout", required=True, choices=sorted(_DEFAULT_COUNTS),
                         help="which public dataset's layout to imitate")
     parser.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
-    parser.add_argument("-n", type=int, default=None,
+    parser.add_argument("-n", type=integer_at_least(1), default=None,
                         help="number of patients (mscmrseg, myops) or of cases per modality (mmwhs); "
                              f"default {_DEFAULT_COUNTS}")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files); default 0")
+    parser.add_argument("--seed", type=integer_at_least(0), default=0,
+                        help="random seed (same seed, same files); default 0")
     parser.add_argument("--size", type=int, default=None,
                         help="in-plane matrix (mscmrseg, myops; default 96) or cube edge (mmwhs; default 64)")
     parser.add_argument("--modalities", nargs="+", default=list(MSCMRSEG_SEQUENCES),

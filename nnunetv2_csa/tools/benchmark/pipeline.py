@@ -12,7 +12,8 @@ from typing import Sequence
 import pandas as pd
 from tqdm import tqdm
 
-from nnunetv2_csa.modality import CASE_PATIENT_KEY, ModalityTags, modality_tags_from_dataset_json
+from nnunetv2_csa.modality import (CASE_PATIENT_KEY, MAX_CASE_NAME, ModalityTags, is_plain_name,
+                                   modality_tags_from_dataset_json)
 from nnunetv2_csa.tools.benchmark.common import BenchmarkError, json_safe, log_stage
 from nnunetv2_csa.tools.benchmark.plots import (plot_dice_boxplots, plot_overlay, plot_paired_differences,
                                                 plot_training_curves)
@@ -25,6 +26,7 @@ from nnunetv2_csa.tools.benchmark.runner import (TIMING_FILE, kept_or_new_timing
 from nnunetv2_csa.tools.benchmark.scoring import (OTHER_MODALITY_SOURCE, VALIDATION_SOURCE, FoldRun, TestSet,
                                                   evaluate_rows, fold_test_set, merge_test_sets)
 from nnunetv2_csa.tools.benchmark.tables import budget_table, wilcoxon_table
+from nnunetv2_csa.tools.inputs import dataset_folder, read_json_file
 
 
 def _fold_rows(rows: Sequence[str], fold: int, modalities: Sequence[str], norm: str, budget, single_budget: str,
@@ -126,28 +128,39 @@ def prepare(dataset_id, configuration: str, plans: str, folds, budget: tuple[int
             single_budget: str) -> Benchmark:
     """Check every input (rows, budget, trainer names, folders, tags, splits) and lay out the
     folds' test sets and models; nothing is trained or written but the report's log folder."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     rows = list(dict.fromkeys(rows))
     unknown = [r for r in rows if r not in ALL_ROWS]
     if not rows or unknown:
         raise BenchmarkError(f"unknown rows {unknown}; choose from {list(ALL_ROWS)}" if unknown else "no rows chosen")
     if device not in ("cpu", "cuda"):
         raise BenchmarkError(f"device must be 'cpu' or 'cuda', not {device!r}")
-    preprocessed_root = required_folder("nnUNet_preprocessed")
+    for option, value in (("-c", configuration), ("-p", plans)):
+        if not is_plain_name(value, MAX_CASE_NAME):
+            raise BenchmarkError(f"{option} {value!r} is not a plain name (no folders, no '..', not empty, at most "
+                                 f"{MAX_CASE_NAME} bytes): it becomes part of the model's folder name")
     results_root = required_folder("nnUNet_results")
     raw_root = os.environ.get("nnUNet_raw", "")
-    dataset_name = maybe_convert_to_dataset_name(str(dataset_id))
-    preprocessed_folder = os.path.join(preprocessed_root, dataset_name)
-    with open(os.path.join(preprocessed_folder, "dataset.json")) as f:
-        dataset_json = json.load(f)
+    preprocessed_folder = dataset_folder("nnUNet_preprocessed", dataset_id,
+                                         f"the dataset is not preprocessed yet: run nnUNetv2_plan_and_preprocess -d "
+                                         f"{dataset_id} -c {configuration} first")
+    dataset_name = os.path.basename(preprocessed_folder)
+    dataset_json = read_json_file(os.path.join(preprocessed_folder, "dataset.json"),
+                                  f"run nnUNetv2_plan_and_preprocess -d {dataset_id} again")
     tags = modality_tags_from_dataset_json(dataset_json, os.path.join(preprocessed_folder, "dataset.json"))
+    plans_file = os.path.join(preprocessed_folder, plans + ".json")
+    if not os.path.isfile(plans_file):
+        raise BenchmarkError(f"{plans_file} does not exist: check -p (the plans of this dataset: "
+                             f"{sorted(f[:-5] for f in os.listdir(preprocessed_folder) if 'Plans' in f)})")
+    configurations = read_json_file(plans_file, f"run nnUNetv2_plan_and_preprocess -d {dataset_id} again"
+                                    ).get("configurations", {})
+    if configuration not in configurations:
+        raise BenchmarkError(f"configuration {configuration!r} is not in {plans_file}; choose one of "
+                             f"{sorted(configurations)} with -c")
     splits_file = os.path.join(preprocessed_folder, "splits_final.json")
     if not os.path.isfile(splits_file):
         raise BenchmarkError(f"{splits_file} does not exist: convert the dataset with nnUNetv2_csa_convert_* "
                              f"(it writes the patient-grouped splits), or run nnU-Net once to create them")
-    with open(splits_file) as f:
-        splits = json.load(f)
+    splits = read_json_file(splits_file, "convert or tag the dataset again", holds=list)
     folds = _parse_folds(folds, len(splits), splits_file)
     if budget is not None:
         budget = (int(budget[0]), int(budget[1]))
@@ -161,7 +174,13 @@ def prepare(dataset_id, configuration: str, plans: str, folds, budget: tuple[int
                           folds, rows, dataset_json, tags, preprocessed_folder,
                           os.path.join(raw_root, dataset_name) if raw_root else None, report_folder,
                           subprocess_environment(device))
-    os.makedirs(benchmark.log_folder(), exist_ok=True)
+    if os.path.exists(report_folder) and not os.path.isdir(report_folder):
+        raise BenchmarkError(f"-o {report_folder} is a file; give a folder for the report")
+    try:
+        os.makedirs(benchmark.log_folder(), exist_ok=True)
+    except OSError as e:
+        raise BenchmarkError(f"cannot create the report folder {report_folder} ({e.strerror}); choose a writable "
+                             f"-o") from None
     for fold in folds:
         validation_cases = sorted(splits[fold]["val"])
         test_set = fold_test_set(validation_cases, {c: tags.modality_of_case(c) for c in validation_cases},

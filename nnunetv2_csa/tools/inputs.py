@@ -1,0 +1,79 @@
+"""What the console commands check of their inputs before they act, each in one place: numbers on
+the command line, JSON files that must hold an object, the dataset an id names.
+
+Every check ends in a :class:`~nnunetv2_csa.errors.UserInputError` (or argparse's own usage
+error), never in a traceback: see ``tests/test_malformed_options.py``, which walks every command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from nnunetv2_csa.errors import UserInputError
+
+
+class InputFileError(UserInputError, ValueError):
+    """A file the command reads is missing, unreadable or not what it must be; the message names it."""
+
+
+class DatasetNotFound(UserInputError, ValueError):
+    """A dataset id or name that names no dataset (or one not yet preprocessed)."""
+
+
+def integer_at_least(minimum: int):
+    """An argparse ``type``: a whole number of at least ``minimum`` (a seed, a count, a process
+    number), so that ``--seed -1`` or ``-np 0`` is a usage error naming the option, not a
+    traceback deep inside."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the smallest allowed value, {minimum}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"  # what argparse names in its message
+    return parse
+
+
+def read_json_file(path: str, fix: str, holds: type = dict):
+    """The JSON value in ``path``, which must be a ``holds`` (an object: dataset.json, plans; a
+    list: splits_final.json); a missing, unreadable or malformed file, or one holding anything
+    else (``null``), is an :class:`InputFileError` naming it and ``fix``."""
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputFileError(f"cannot read {path} ({e}); {fix}") from None
+    if not isinstance(content, holds):
+        expected = {dict: "a JSON object", list: "a JSON list"}.get(holds, holds.__name__)
+        found = "null" if content is None else type(content).__name__
+        raise InputFileError(f"{path} holds {found}, not {expected}; {fix}")
+    return content
+
+
+def dataset_name(dataset_id) -> str:
+    """nnU-Net's folder name (DatasetXXX_Name) of a dataset id or name, looked up as nnU-Net does."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return maybe_convert_to_dataset_name(str(dataset_id))
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetNotFound(f"no dataset {dataset_id!r} in nnUNet_raw, nnUNet_preprocessed or nnUNet_results "
+                              f"({first}); give -d an existing dataset id or its DatasetXXX_Name") from None
+
+
+def dataset_folder(root_variable: str, dataset_id, fix: str) -> str:
+    """``$root_variable/DatasetXXX_Name`` of ``dataset_id``, which must exist (``fix`` says how
+    to make it, e.g. run nnUNetv2_plan_and_preprocess)."""
+    root = os.environ.get(root_variable)
+    if not root:
+        raise DatasetNotFound(f"{root_variable} is not set: export it as for nnUNetv2_train")
+    if not os.path.isdir(root):
+        raise DatasetNotFound(f"{root_variable}={root} is not a folder: check the variable (a typo?)")
+    folder = os.path.join(root, dataset_name(dataset_id))
+    if not os.path.isdir(folder):
+        raise DatasetNotFound(f"{folder} does not exist: {fix}")
+    return folder
