@@ -41,6 +41,7 @@ from dataset_conversion.splits import (DEFAULT_SEED, SPLIT_CHOICES, check_splits
 from dataset_conversion.staging import (StagedDataset, check_output_free, dataset_folder_name, resolve_output_root,
                                         stale_preprocessed_message, write_json)
 from nnunetv2_csa.errors import UserInputError, first_few
+from nnunetv2_csa.image_files import LOOKS_LIKE_IMAGE
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, CONVERSION_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
                                    OTHER_MODALITY_LABELS, ModalityTags)
 from nnunetv2_csa.tools.inputs import integer_at_least
@@ -52,9 +53,6 @@ from nnunetv2_csa.tools.phantom import read_phantom_marker
 # ---------------------------------------------------------------------------------------
 # Finding files
 # ---------------------------------------------------------------------------------------
-_LOOKS_LIKE_IMAGE = re.compile(r"\.nii(\.gz)?\s*$", re.IGNORECASE)
-
-
 def scan_input(input_folder: str, filename_pattern: re.Pattern) -> list[tuple[re.Match, str]]:
     """Every file under ``input_folder`` (recursively, sorted) whose name matches."""
     if not os.path.isdir(input_folder):
@@ -67,18 +65,20 @@ def scan_input(input_folder: str, filename_pattern: re.Pattern) -> list[tuple[re
         real = [os.path.realpath(os.path.join(root, d)) for d in dirs]
         dirs[:] = sorted(d for d, r in zip(dirs, real) if r not in visited)
         visited.update(real)
-        skipped += [f"{os.path.join(root, d)!r} (a folder)" for d in dirs if _LOOKS_LIKE_IMAGE.search(d)]
+        skipped += [f"{os.path.join(root, d)!r} (a folder)" for d in dirs if LOOKS_LIKE_IMAGE.search(d)]
         for name in sorted(files):
             match = filename_pattern.fullmatch(name)
             if match:
                 found.append((match, os.path.join(root, name)))
-            elif _LOOKS_LIKE_IMAGE.search(name):
+            elif LOOKS_LIKE_IMAGE.search(name):
                 skipped.append(repr(os.path.join(root, name)))
     if skipped:
         # a near miss ("Case3002_C0 (1).nii.gz", a trailing space) is data the user meant to convert
         shown = first_few(skipped, 10)
         warnings.warn(f"{len(skipped)} image-like name(s) under {input_folder} do not follow the dataset's file "
-                      f"naming and were skipped: {shown}; rename them if they belong to the dataset",
+                      f"naming (NIfTI, .nii or .nii.gz, named as the release names them) and were skipped: {shown}; "
+                      f"rename them, or convert other formats (.mha, .nrrd, ...) to NIfTI, if they belong to the "
+                      f"dataset",
                       ConversionWarning, stacklevel=2)
     return found
 

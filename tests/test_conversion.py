@@ -692,6 +692,30 @@ def test_truncated_uncompressed_nifti(myops_copy, tmp_path):
     _expect_failure(convert_myops, myops_copy, str(tmp_path / "raw"), r"Case3002_gd\.nii is truncated")
 
 
+@pytest.mark.parametrize("ending", [".NII.GZ", ".Nii.Gz", ".NII"])
+def test_a_truncated_label_is_an_error_whatever_its_names_case(myops_copy, tmp_path, ending):
+    # the converters match names case-insensitively; the truncation check once tested
+    # endswith(".gz") and let a truncated .NII.GZ label through with half its voxels zero
+    path = os.path.join(myops_copy, "train", "Case3004", "Case3004_gd.nii.gz")
+    with (gzip.open if ending == ".NII" else open)(path, "rb") as f:
+        data = f.read()
+    os.remove(path)
+    with open(path[:-len(".nii.gz")] + ending, "wb") as f:
+        f.write(data[: len(data) * 2 // 3])
+    _expect_failure(convert_myops, myops_copy, str(tmp_path / "raw"),
+                    rf"Case3004_gd{re.escape(ending)} (is truncated|is corrupt or truncated)")
+
+
+def test_a_complete_upper_case_file_name_converts(myops_copy, tmp_path):
+    # the negative control of the test above: the name's case alone is no error
+    path = os.path.join(myops_copy, "train", "Case3004", "Case3004_gd.nii.gz")
+    os.rename(path, path[:-len(".nii.gz")] + ".NII.GZ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConversionWarning)
+        folder = convert_myops(myops_copy, 34, str(tmp_path / "raw"), split="80-20")
+    assert os.path.isfile(os.path.join(folder, "labelsTr", "Case3004_C0.nii.gz"))
+
+
 def test_corrupt_file(myops_copy, tmp_path):
     path = os.path.join(myops_copy, "train", "Case3001", "Case3001_gd.nii.gz")
     with open(path, "wb") as f:
@@ -882,6 +906,22 @@ def test_nan_intensities_are_an_error_naming_the_file(myops_copy, tmp_path):
     _expect_failure(convert_myops, myops_copy, str(tmp_path / "raw"), r"Case3002_C0\.nii\.gz holds 3 NaN/Inf voxel")
 
 
+@pytest.mark.parametrize("ending", [".nii.gz", ".NII.GZ"])
+def test_nan_intensities_are_an_error_whatever_the_names_case(myops_copy, tmp_path, ending):
+    import nibabel
+
+    path = os.path.join(myops_copy, "train", "Case3002", "Case3002_C0.nii.gz")
+    image = nibabel.load(path)
+    array = np.asarray(image.dataobj, dtype=np.float32)
+    array[0, 0, :2] = np.nan
+    header = image.header.copy()
+    header.set_data_dtype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(array, image.affine, header), path)
+    os.rename(path, path[:-len(".nii.gz")] + ending)
+    _expect_failure(convert_myops, myops_copy, str(tmp_path / "raw"),
+                    rf"Case3002_C0{re.escape(ending)} holds 2 NaN/Inf voxel")
+
+
 @pytest.mark.parametrize("crop", [None, (32, 32)])
 def test_an_empty_label_is_named_and_never_called_too_large(myops_copy, tmp_path, crop):
     _rewrite(os.path.join(myops_copy, "train", "Case3003", "Case3003_gd.nii.gz"), lambda im: im * 0)
@@ -905,6 +945,20 @@ def test_near_miss_file_names_are_listed_not_skipped_silently(myops_copy, tmp_pa
     assert len(skipped) == 1 and skipped[0].startswith("3 image-like name(s)")
     for name in ("Case3002_C0 (1).nii.gz", "Case3002_T2.nii.gz ", "Case3009_LGE.nii.gz' (a folder)"):
         assert name in skipped[0], name
+
+
+def test_files_of_formats_the_converter_does_not_read_are_named(myops_copy, tmp_path):
+    case = os.path.join(myops_copy, "train", "Case3002")
+    for name in ("Case3002_T2.mha", "Case3002_C0.nrrd", "Case3002_notes.txt"):
+        with open(os.path.join(case, name), "wb") as f:
+            f.write(b"not read")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert_myops(myops_copy, 35, str(tmp_path / "raw"), split="80-20")
+    skipped = [str(w.message) for w in caught if "were skipped" in str(w.message)]
+    assert len(skipped) == 1 and skipped[0].startswith("2 image-like name(s)"), skipped
+    assert "Case3002_T2.mha" in skipped[0] and "Case3002_C0.nrrd" in skipped[0]
+    assert "notes.txt" not in skipped[0]  # not an image: no noise about it
 
 
 def test_sigterm_leaves_no_hidden_partial_dataset(tmp_path):

@@ -300,6 +300,21 @@ def make_folders(tmp_path, reference_cases, prediction_cases):
     return str(prediction_folder), str(reference_folder)
 
 
+def test_image_files_the_evaluation_does_not_read_are_named(tmp_path):
+    pred, ref = make_folders(tmp_path, ["p1_LGE", "p2_LGE"], ["p1_LGE", "p2_LGE"])
+    for name in ("p3_LGE.mha", "p4_LGE.NII.GZ", "p5_LGE.nrrd"):
+        with open(os.path.join(pred, name), "wb") as f:
+            f.write(b"not read")
+    with pytest.warns(UserWarning) as caught:
+        df = evaluate_folder(pred, ref, LABELS, output_folder=str(tmp_path / "out"))
+    skipped = [str(w.message) for w in caught if "were not evaluated" in str(w.message)]
+    assert len(skipped) == 1 and skipped[0].startswith("3 image file(s) in the prediction folder"), skipped
+    for name in ("p3_LGE.mha", "p4_LGE.NII.GZ", "p5_LGE.nrrd"):
+        assert name in skipped[0]
+    assert "summary.json" not in skipped[0]  # nnU-Net's own files are no images
+    assert sorted(df["case"].unique()) == ["p1_LGE", "p2_LGE"]
+
+
 def test_missing_prediction_is_an_error_listing_cases(tmp_path):
     pred, ref = make_folders(tmp_path, ["p1_LGE", "p2_LGE", "p3_LGE"], ["p1_LGE", "p3_LGE"])
     with pytest.raises(FileNotFoundError, match=r"have no prediction.*\['p2_LGE'\].*allow_missing"):

@@ -74,7 +74,9 @@ MALFORMED = {
         ["-m", "{model}", "--modality", "LGE", "-o", "{tmp}/e", "-f", "-1"],
         ["-m", "{model}", "--modality", "../x", "-o", "{tmp}/e"],
         ["-m", "{model}", "--modality", "LGE", "-o", "{missing}/e"],
-        ["-m", "{model}", "--modality", "LGE", "-o", "{model}"]],
+        ["-m", "{model}", "--modality", "LGE", "-o", "{model}"],
+        # a folder no one may write into, root included
+        (["-m", "{model}", "--modality", "LGE", "-o", "/proc/exported"], "cannot write into /proc")],
     "nnUNetv2_csa_trainer_dir": [["--bogus"], ["-d", "1"]],
     "nnUNetv2_csa_benchmark": [
         ["-d", str(UNKNOWN_ID), "--budget", "1", "5"], ["-d", str(NO_IMAGES_ID), "--budget", "1", "5"],

@@ -72,8 +72,8 @@ import SimpleITK as sitk
 from scipy import stats
 from tqdm import tqdm
 
-from nnunetv2_csa.errors import one_line_errors
-from nnunetv2_csa.image_files import check_file_complete, grid_differences
+from nnunetv2_csa.errors import first_few, one_line_errors
+from nnunetv2_csa.image_files import LOOKS_LIKE_IMAGE, check_file_complete, grid_differences
 from nnunetv2_csa.tools.inputs import integer_at_least, read_json_file
 from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
 
@@ -249,9 +249,13 @@ def evaluate_case(prediction_file: str, reference_file: str, labels: dict[str, i
 def _cases_in(folder: str, file_ending: str, role: str) -> dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{role} folder {folder} does not exist")
-    return {name[:-len(file_ending)]: os.path.join(folder, name)
-            for name in sorted(os.listdir(folder))
-            if name.endswith(file_ending) and os.path.isfile(os.path.join(folder, name))}
+    files = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
+    skipped = [name for name in files if not name.endswith(file_ending) and LOOKS_LIKE_IMAGE.search(name)]
+    if skipped:
+        # another format (.mha, .nrrd) or another spelling (.NII.GZ) is a case the user meant to score
+        warnings.warn(f"{len(skipped)} image file(s) in the {role} folder {folder} do not end in {file_ending!r} "
+                      f"and were not evaluated: {first_few(skipped, 10)}; convert or rename them", stacklevel=3)
+    return {name[:-len(file_ending)]: os.path.join(folder, name) for name in files if name.endswith(file_ending)}
 
 
 def _evaluate_case_star(args) -> list[dict]:
