@@ -15,6 +15,7 @@ from typing import Sequence
 
 from dataset_conversion.errors import ConversionError, ConversionWarning
 from nnunetv2_csa.modality import CASE_MODALITY_KEY, MODALITIES_KEY
+from nnunetv2_csa.tools.inputs import nearest_existing
 
 
 def resolve_output_root(output_root: str | None) -> str:
@@ -52,7 +53,7 @@ def check_output_free(output_root: str, dataset_id: int, folder_name: str, overw
     """The existing raw folders for this id (to replace with --overwrite); errors when one
     exists without --overwrite, or when preprocessed/results folders carry another name
     for the id (nnU-Net then refuses the id as ambiguous)."""
-    nearest = _nearest_existing(output_root)  # where the new folders would be created
+    nearest = nearest_existing(output_root)  # where the new folders would be created
     if not os.path.isdir(nearest):
         raise ConversionError(f"{nearest} is a file, not a folder, so the output folder {output_root} cannot be "
                               f"there: choose a folder with -o/--output (or nnUNet_raw)")
@@ -75,12 +76,6 @@ def check_output_free(output_root: str, dataset_id: int, folder_name: str, overw
                 f"{folder_name}; nnU-Net would then find two names for one id and refuse it. Remove that folder, "
                 f"convert with --name {os.path.basename(others[0]).split('_', 1)[1]}, or choose another -d")
     return existing
-
-
-def _nearest_existing(path: str) -> str:
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
 
 
 def _missing_ancestors(path: str) -> list[str]:

@@ -513,6 +513,42 @@ def test_cli_with_label_list_and_default_output(tmp_path, capsys):
     assert "all" in capsys.readouterr().out
 
 
+def test_prediction_folder_equal_to_reference_folder_is_refused(tmp_path):
+    pred, ref = make_folders(tmp_path, ["c1"], ["c1"])
+    for same in (ref, ref + "/", os.path.join(ref, "..", "ref")):  # one folder, however spelled
+        with pytest.raises(ValueError, match="the prediction and the reference folder are both"):
+            run_cli(["-pred", same, "-ref", ref, "-l", "1"])
+    assert sorted(os.listdir(ref)) == ["c1.nii.gz"]  # nothing written among the references
+
+
+@pytest.mark.parametrize("foreign", ["summary.json", "metrics.csv"])
+def test_output_folder_with_files_the_evaluation_did_not_write_is_refused_before_scoring(tmp_path, foreign):
+    pred, ref = make_folders(tmp_path, ["c1", "c2"], ["c1", "c2"])
+    _truncate(os.path.join(ref, "c2.nii.gz"))  # scoring first would end in this file's error instead
+    os.remove(os.path.join(pred, "summary.json"))  # make_folders' stand-in for nnU-Net's own
+    (tmp_path / "pred" / foreign).write_text("{}")
+    with pytest.raises(ValueError, match=rf"holds {foreign} that nnUNetv2_csa_evaluate did not write"):
+        run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", pred])
+    assert (tmp_path / "pred" / foreign).read_text() == "{}"
+
+
+def test_unwritable_or_file_output_fails_before_scoring(tmp_path):
+    pred, ref = make_folders(tmp_path, ["c1", "c2"], ["c1", "c2"])
+    _truncate(os.path.join(ref, "c2.nii.gz"))
+    with pytest.raises(ValueError, match="cannot write into /proc"):  # no one may write there, root included
+        run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", "/proc/csa_evaluation"])
+    with pytest.raises(ValueError, match=r"-o .*summary.json is a file; give a folder"):
+        run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", os.path.join(pred, "summary.json")])
+
+
+def test_an_output_folder_the_evaluation_wrote_is_written_again(tmp_path):
+    # the negative control of the refusals above
+    pred, ref = make_folders(tmp_path, ["c1"], ["c1"])
+    run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", str(tmp_path / "out")])
+    run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", str(tmp_path / "out")])
+    assert sorted(os.listdir(tmp_path / "out")) == ["metrics.csv", "summary.json"]
+
+
 def test_cli_dataset_json_without_tags_evaluates_without_modality(tmp_path, capsys):
     pred, ref = make_folders(tmp_path, ["c1", "c2"], ["c1", "c2"])
     dataset_json = tmp_path / "dataset.json"

@@ -27,7 +27,8 @@ TAGGED = str(TAGGED_ID)
 # {tmp}: a fresh folder; {file}: a plain file in it; {missing}: a path that does not exist; {raw}:
 # nnUNet_raw, holding Dataset901 (dataset.json, no imagesTr) and Dataset902 (dataset.json holding null),
 # neither preprocessed, and Dataset903 (two tagged cases, preprocessed: dataset.json, plans, split);
-# {model}: a model folder with plans.json and an empty fold_0. A case is its arguments, or (arguments,
+# {model}: a model folder with plans.json and an empty fold_0; {users_report}: a folder of the user's
+# report.md, results.csv and notes.txt. A case is its arguments, or (arguments,
 # what its error line must say) where an earlier check could otherwise answer first
 CONVERTER = ["-i", "{missing}", "-d", "501"]
 RETAG = ["--overwrite", "--dry-run"]
@@ -88,6 +89,9 @@ MALFORMED = {
         ["-d", str(NO_IMAGES_ID), "--budget", "1", "5", "-c", "../x"],
         ["-d", str(NO_IMAGES_ID), "--budget", "1", "5", "-p", "a/b"],
         (["-d", TAGGED, "--budget", "1", "5", "-o", "{file}"], "is a file"),
+        (["-d", TAGGED, "--budget", "1", "5", "-o", "{users_report}"],
+         "holds report.md, results.csv, which the benchmark did not write"),
+        (["-d", TAGGED, "--budget", "1", "5", "-o", "/proc/report"], "cannot write into /proc"),
         (["-d", TAGGED, "--budget", "1", "5", "-p", "nnUNetPlansTypo"], "nnUNetPlansTypo.json does not exist"),
         (["-d", TAGGED, "--budget", "1", "5", "-c", "3d_typo"], "'3d_typo' is not in"),
         (["-d", TAGGED, "--budget", "1", "5", "-f", "7"], "fold(s) [7]"),
@@ -160,11 +164,15 @@ def hostile_setup(tmp_path, monkeypatch):
     (model / "fold_0").mkdir(parents=True)
     (model / "plans.json").write_text(json.dumps({"csa_modalities": ["LGE", "C0"]}))
     (model / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "myo": 1}}))
+    users_report = tmp_path / "users_report"
+    users_report.mkdir()
+    for name in ("report.md", "results.csv", "notes.txt"):
+        (users_report / name).write_text("the user's")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     (scratch / "a_file.txt").write_text("not a folder")
     return {"tmp": str(scratch), "file": str(scratch / "a_file.txt"), "missing": str(tmp_path / "missing"),
-            "raw": str(raw), "model": str(model)}
+            "raw": str(raw), "model": str(model), "users_report": str(users_report)}
 
 
 CASES = [(name, *(case if isinstance(case, tuple) else (case, ""))) for name, cases in MALFORMED.items()

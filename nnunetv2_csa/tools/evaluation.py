@@ -74,7 +74,7 @@ from tqdm import tqdm
 
 from nnunetv2_csa.errors import first_few, one_line_errors
 from nnunetv2_csa.image_files import LOOKS_LIKE_IMAGE, check_file_complete, grid_differences
-from nnunetv2_csa.tools.inputs import integer_at_least, read_json_file
+from nnunetv2_csa.tools.inputs import check_output_folder, integer_at_least, read_json_file
 from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
 
 METRICS = ("dice", "hd", "hd95", "assd")
@@ -258,6 +258,26 @@ def _cases_in(folder: str, file_ending: str, role: str) -> dict[str, str]:
     return {name[:-len(file_ending)]: os.path.join(folder, name) for name in files if name.endswith(file_ending)}
 
 
+#: the files the evaluation writes into its output folder
+OUTPUT_FILES = ("metrics.csv", "summary.json")
+
+
+def _check_output_folder(folder: str) -> None:
+    """``folder`` can be written, and holds no metrics.csv or summary.json but the evaluation's own
+    (nnU-Net writes a summary.json of its own into a prediction folder)."""
+    check_output_folder(folder, "-o")
+    summary = os.path.join(folder, "summary.json")
+    try:
+        with open(summary) as f:
+            ours = "definitions" in json.load(f) and os.path.isfile(os.path.join(folder, "metrics.csv"))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    present = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(folder, name))]
+    if present and not ours:
+        raise ValueError(f"{folder} holds {' and '.join(present)} that nnUNetv2_csa_evaluate did not write (nnU-Net's "
+                         f"own summary.json?); give -o a new folder, or one this command wrote before")
+
+
 def _evaluate_case_star(args) -> list[dict]:
     return evaluate_case(*args)
 
@@ -279,7 +299,13 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
     missing from a given map is an error. A reference case without prediction is an error
     unless ``allow_missing``, which evaluates the cases present in both folders and warns
     about (and records in ``summary.json`` and ``df.attrs["skipped"]``) the rest. With
-    ``output_folder`` writes ``metrics.csv`` and ``summary.json`` there."""
+    ``output_folder`` writes ``metrics.csv`` and ``summary.json`` there; it is checked before any
+    case is scored."""
+    if os.path.realpath(prediction_folder) == os.path.realpath(reference_folder):
+        raise ValueError(f"the prediction and the reference folder are both {prediction_folder}: every case would "
+                         f"be scored against itself (Dice 1); give -pred the predictions and -ref the references")
+    if output_folder is not None:
+        _check_output_folder(output_folder)
     predictions = _cases_in(prediction_folder, file_ending, "prediction")
     references = _cases_in(reference_folder, file_ending, "reference")
     if case_modality is not None:

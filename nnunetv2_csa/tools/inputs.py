@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 
 from nnunetv2_csa.errors import UserInputError
 
@@ -77,3 +78,26 @@ def dataset_folder(root_variable: str, dataset_id, fix: str) -> str:
     if not os.path.isdir(folder):
         raise DatasetNotFound(f"{folder} does not exist: {fix}")
     return folder
+
+
+def nearest_existing(path: str) -> str:
+    """``path`` or its nearest ancestor that exists: where a new folder at ``path`` would be made."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_folder(folder: str, option: str) -> None:
+    """Before any work is done: ``folder`` is a folder, or can be made one, that this process can
+    write into (tried, not judged from permission bits, which do not bind root). ``option``
+    names where the folder came from (``-o``)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise InputFileError(f"{option} {folder} is a file; give a folder")
+    nearest = nearest_existing(folder)
+    if not os.path.isdir(nearest):
+        raise InputFileError(f"{nearest} is a file, so {option} {folder} cannot be made below it; give a folder")
+    try:
+        tempfile.TemporaryDirectory(dir=nearest, prefix=".write_test_").cleanup()
+    except OSError as e:
+        raise InputFileError(f"cannot write into {nearest} ({e.strerror}); choose a writable {option}") from None

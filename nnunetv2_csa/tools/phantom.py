@@ -64,7 +64,8 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
-from nnunetv2_csa.tools.inputs import integer_at_least
+from nnunetv2_csa.errors import first_few
+from nnunetv2_csa.tools.inputs import check_output_folder, integer_at_least
 
 # ----------------------------------------------------------------------------- label codes
 MSCMRSEG_LABELS = {"myocardium": 200, "lv_blood": 500, "rv_blood": 600}
@@ -130,7 +131,23 @@ class PhantomVolume:
 PHANTOM_MARKER = "nnunetv2_csa_phantom.json"
 
 
-def _write_marker(out_dir: str, layout: str, **parameters) -> None:
+def _check_output_folder(out_dir: str, overwrite: bool) -> None:
+    """The phantom writes into a new or empty folder, or into one it wrote before (its marker is
+    there): it never replaces a user's files with synthetic ones, nor labels them synthetic with
+    its marker, unless ``overwrite``."""
+    check_output_folder(out_dir, "-o")
+    if overwrite or not os.path.isdir(out_dir) or os.path.isfile(os.path.join(out_dir, PHANTOM_MARKER)):
+        return
+    present = sorted(os.listdir(out_dir))
+    if present:
+        raise ValueError(f"{out_dir} holds files the phantom did not write ({first_few(present, 5)}); they could be "
+                         f"replaced by synthetic ones and its marker would label them synthetic: choose a new or "
+                         f"empty folder, or add --overwrite")
+
+
+def _write_marker(out_dir: str, layout: str, overwrite: bool, **parameters) -> None:
+    """Checks the folder (see :func:`_check_output_folder`) and marks it, before any image is written."""
+    _check_output_folder(out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, PHANTOM_MARKER), "w") as f:
         json.dump({"generator": "nnunetv2_csa.tools.phantom", "layout": layout, **parameters}, f, indent=1)
@@ -459,7 +476,7 @@ def _check_count(name: str, value: int) -> None:
 
 def write_mscmrseg_phantom(out_dir: str, n_patients: int = 10, modalities=("C0", "LGE", "T2"),
                            seed: int = 0, unlabelled: dict[str, list[int]] | None = None,
-                           in_plane_size: int = 96) -> list[str]:
+                           in_plane_size: int = 96, overwrite: bool = False) -> list[str]:
     """Write an MS-CMRSeg 2019-like dataset; returns the written paths.
 
     ``out_dir/patient{N}_{SEQ}.nii.gz`` and ``patient{N}_{SEQ}_manual.nii.gz`` for N = 1..n_patients
@@ -480,7 +497,7 @@ def write_mscmrseg_phantom(out_dir: str, n_patients: int = 10, modalities=("C0",
         outside = sorted(p for p in patients if not 1 <= p <= n_patients)
         if outside:
             raise ValueError(f"unlabelled[{sequence!r}] names patients {outside} outside 1..{n_patients}")
-    _write_marker(out_dir, "mscmrseg", n_patients=n_patients, modalities=list(modalities), seed=seed,
+    _write_marker(out_dir, "mscmrseg", overwrite, n_patients=n_patients, modalities=list(modalities), seed=seed,
                   in_plane_size=in_plane_size)
     written = []
     for patient in range(1, n_patients + 1):
@@ -528,7 +545,7 @@ def myops_patient_volumes(case_id: int, seed: int = 0,
 
 
 def write_myops_phantom(out_dir: str, n_patients: int = 5, seed: int = 0, first_id: int = 3001,
-                        in_plane_size: int = 96) -> list[str]:
+                        in_plane_size: int = 96, overwrite: bool = False) -> list[str]:
     """Write a MyoPS 2020-like dataset; returns the written paths.
 
     ``out_dir/Case{ID}/Case{ID}_{C0,LGE,T2}.nii.gz`` on one shared grid and one
@@ -538,7 +555,8 @@ def write_myops_phantom(out_dir: str, n_patients: int = 5, seed: int = 0, first_
     _check_count("first_id", first_id)
     _check_seed(seed)
     _check_in_plane_size(in_plane_size)
-    _write_marker(out_dir, "myops", n_patients=n_patients, seed=seed, first_id=first_id, in_plane_size=in_plane_size)
+    _write_marker(out_dir, "myops", overwrite, n_patients=n_patients, seed=seed, first_id=first_id,
+                  in_plane_size=in_plane_size)
     written = []
     for case_id in range(first_id, first_id + n_patients):
         case_dir = os.path.join(out_dir, f"Case{case_id}")
@@ -656,7 +674,7 @@ def mmwhs_case_volume(modality: str, case_id: int, seed: int = 0, size: int = 64
 
 
 def write_mmwhs_phantom(out_dir: str, n_per_modality: int = 5, seed: int = 0, first_id: int = 1001,
-                        size: int = 64) -> list[str]:
+                        size: int = 64, overwrite: bool = False) -> list[str]:
     """Write an MM-WHS 2017-like dataset; returns the written paths.
 
     ``out_dir/{ct,mr}_train_{ID}_image.nii.gz`` and ``_label.nii.gz`` for IDs first_id..; codes 205,
@@ -666,7 +684,8 @@ def write_mmwhs_phantom(out_dir: str, n_per_modality: int = 5, seed: int = 0, fi
     _check_count("first_id", first_id)
     _check_seed(seed)
     _check_volume_size(size)
-    _write_marker(out_dir, "mmwhs", n_per_modality=n_per_modality, seed=seed, first_id=first_id, size=size)
+    _write_marker(out_dir, "mmwhs", overwrite, n_per_modality=n_per_modality, seed=seed, first_id=first_id,
+                  size=size)
     written = []
     for modality in MMWHS_MODALITIES:
         for case_id in range(first_id, first_id + n_per_modality):
@@ -688,7 +707,9 @@ def main(argv=None) -> None:
                     "MM-WHS 2017 or MyoPS 2020 (names, label codes, dtypes, geometry), for tests and demos.")
     parser.add_argument("--layout", required=True, choices=sorted(_DEFAULT_COUNTS),
                         help="which public dataset's layout to imitate")
-    parser.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="output folder (created if missing); a folder that holds other files is refused "
+                             "unless --overwrite")
     parser.add_argument("-n", type=integer_at_least(1), default=None,
                         help="number of patients (mscmrseg, myops) or of cases per modality (mmwhs); "
                              f"default {_DEFAULT_COUNTS}")
@@ -696,6 +717,9 @@ def main(argv=None) -> None:
                         help="random seed (same seed, same files); default 0")
     parser.add_argument("--size", type=int, default=None,
                         help="in-plane matrix (mscmrseg, myops; default 96) or cube edge (mmwhs; default 64)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a folder that holds files the phantom did not write (they may be replaced, "
+                             "and the folder is marked synthetic)")
     parser.add_argument("--modalities", nargs="+", default=list(MSCMRSEG_SEQUENCES),
                         choices=list(MSCMRSEG_SEQUENCES), help="mscmrseg only: sequences to write")
     args = parser.parse_args(argv)
@@ -703,11 +727,12 @@ def main(argv=None) -> None:
     try:
         if args.layout == "mscmrseg":
             paths = write_mscmrseg_phantom(args.output, count, tuple(args.modalities), args.seed,
-                                           in_plane_size=args.size or 96)
+                                           in_plane_size=args.size or 96, overwrite=args.overwrite)
         elif args.layout == "mmwhs":
-            paths = write_mmwhs_phantom(args.output, count, args.seed, size=args.size or 64)
+            paths = write_mmwhs_phantom(args.output, count, args.seed, size=args.size or 64, overwrite=args.overwrite)
         else:
-            paths = write_myops_phantom(args.output, count, args.seed, in_plane_size=args.size or 96)
+            paths = write_myops_phantom(args.output, count, args.seed, in_plane_size=args.size or 96,
+                                        overwrite=args.overwrite)
     except ValueError as error:
         parser.error(str(error))
     print(f"wrote {len(paths)} files ({args.layout} layout) to {os.path.abspath(args.output)}")

@@ -12,6 +12,7 @@ from typing import Sequence
 import pandas as pd
 from tqdm import tqdm
 
+from nnunetv2_csa.errors import first_few
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, MAX_CASE_NAME, ModalityTags, is_plain_name,
                                    modality_tags_from_dataset_json)
 from nnunetv2_csa.tools.benchmark.common import BenchmarkError, json_safe, log_stage
@@ -26,7 +27,7 @@ from nnunetv2_csa.tools.benchmark.runner import (TIMING_FILE, kept_or_new_timing
 from nnunetv2_csa.tools.benchmark.scoring import (OTHER_MODALITY_SOURCE, VALIDATION_SOURCE, FoldRun, TestSet,
                                                   evaluate_rows, fold_test_set, merge_test_sets)
 from nnunetv2_csa.tools.benchmark.tables import budget_table, wilcoxon_table
-from nnunetv2_csa.tools.inputs import dataset_folder, read_json_file
+from nnunetv2_csa.tools.inputs import check_output_folder, dataset_folder, read_json_file
 
 
 def _fold_rows(rows: Sequence[str], fold: int, modalities: Sequence[str], norm: str, budget, single_budget: str,
@@ -79,6 +80,20 @@ def _parse_folds(folds, n_splits: int, splits_file: str) -> list[int]:
     if bad:
         raise BenchmarkError(f"fold(s) {bad} not in {splits_file} ({n_splits} folds)")
     return list(dict.fromkeys(folds))
+
+
+def _check_report_folder(folder: str) -> None:
+    """The report folder can be written, and is new or a report folder (its ``logs`` made by an
+    earlier run): the report's files never replace a user's results.csv or report.md. A folder
+    seeded with only ``predictions/`` to reuse is fine: nothing in it is replaced."""
+    check_output_folder(folder, "-o")
+    if not os.path.isdir(folder) or os.path.isdir(os.path.join(folder, "logs")):
+        return
+    replaced = [name for name in sorted(os.listdir(folder))
+                if name in ("report.md", "results.csv", "results.json", TIMING_FILE) or name.endswith(".png")]
+    if replaced:
+        raise BenchmarkError(f"-o {folder} holds {first_few(replaced, 5)}, which the benchmark did not write and its "
+                             f"report would replace; give -o a new folder, or one an earlier benchmark run wrote")
 
 
 @dataclass
@@ -174,13 +189,8 @@ def prepare(dataset_id, configuration: str, plans: str, folds, budget: tuple[int
                           folds, rows, dataset_json, tags, preprocessed_folder,
                           os.path.join(raw_root, dataset_name) if raw_root else None, report_folder,
                           subprocess_environment(device))
-    if os.path.exists(report_folder) and not os.path.isdir(report_folder):
-        raise BenchmarkError(f"-o {report_folder} is a file; give a folder for the report")
-    try:
-        os.makedirs(benchmark.log_folder(), exist_ok=True)
-    except OSError as e:
-        raise BenchmarkError(f"cannot create the report folder {report_folder} ({e.strerror}); choose a writable "
-                             f"-o") from None
+    _check_report_folder(report_folder)
+    os.makedirs(benchmark.log_folder(), exist_ok=True)
     for fold in folds:
         validation_cases = sorted(splits[fold]["val"])
         test_set = fold_test_set(validation_cases, {c: tags.modality_of_case(c) for c in validation_cases},
