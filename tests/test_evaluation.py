@@ -19,8 +19,8 @@ from scipy.spatial.distance import cdist
 
 from nnunetv2_csa.image_files import IncompleteFileError
 from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
-from nnunetv2_csa.tools.evaluation import (evaluate_case, evaluate_folder, main, run_cli, summarize,
-                                     symmetric_surface_distances, wilcoxon_between_methods)
+from nnunetv2_csa.tools.evaluation import (HD95_DEFINITIONS, evaluate_case, evaluate_folder, main, run_cli,
+                                           summarize, symmetric_surface_distances, wilcoxon_between_methods)
 
 # spacing in SimpleITK order (x, y, z); arrays below are in numpy order (z, y, x)
 SPACING_2D = (0.5, 2.0, 5.0)
@@ -378,7 +378,8 @@ def test_evaluate_folder_rows_and_summary_json(tmp_path):
     assert entry["reference_file"].endswith("p2_LGE.nii.gz")
     assert entry["metrics"]["lv"]["flag"] == "pred_empty"
     assert set(summary["mean"]) == {"myo", "lv"}
-    assert summary["hd95_definition"].startswith("max of the two directed 95th percentiles")
+    assert summary["definitions"]["hd95"].startswith("max of the two directed 95th percentiles")
+    assert summary["absent_classes"] == []
     assert summary["mean"]["myo"]["dice"] == pytest.approx(df.loc[df.class_name == "myo", "dice"].mean())
     assert set(summary["per_modality"]) == {"LGE", "C0"}
     lge_myo_dice = summary["per_modality"]["LGE"]["myo"]["dice"]
@@ -390,6 +391,37 @@ def test_evaluate_folder_rows_and_summary_json(tmp_path):
         lge_case_means.mean())
     assert summary["flags"]["LGE"]["lv"] == {"both_empty": 0, "pred_empty": 1, "ref_empty": 0}
     assert summary["flags"]["C0"]["lv"] == {"both_empty": 0, "pred_empty": 0, "ref_empty": 0}
+
+
+@pytest.mark.parametrize("hd95", ["directed", "pooled"])
+def test_summary_json_states_the_hd95_definition_its_values_were_computed_with(tmp_path, hd95):
+    # one table (HD95_DEFINITIONS) both chooses the computation and says what it is: summary.json once
+    # said "pooled (MedPy)" beside directed values
+    for folder in ("ref", "pred"):
+        (tmp_path / folder).mkdir()
+    ref = write_label_map(tmp_path / "ref" / "c1.nii.gz", square(2, 2, size=6))
+    pred = write_label_map(tmp_path / "pred" / "c1.nii.gz", square(3, 2, size=9))
+    evaluate_folder(str(tmp_path / "pred"), str(tmp_path / "ref"), LABELS, output_folder=str(tmp_path / "out"),
+                    hd95=hd95)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["definitions"]["hd95"] == f"{HD95_DEFINITIONS[hd95]} (--hd95 {hd95})"
+    assert "hd95_definition" not in summary  # no second statement that could disagree
+    other = next(d for d in HD95_DEFINITIONS if d != hd95)
+    assert HD95_DEFINITIONS[other] not in json.dumps(summary)
+    [row] = evaluate_case(pred, ref, LABELS, hd95=hd95)
+    [other_row] = evaluate_case(pred, ref, LABELS, hd95=other)
+    assert other_row["hd95"] != pytest.approx(row["hd95"])  # the two definitions differ on this case
+    assert summary["mean"]["myo"]["hd95"] == pytest.approx(row["hd95"])
+
+
+def test_a_class_present_in_no_file_is_named_as_absent(tmp_path, capsys):
+    pred, ref = make_folders(tmp_path, ["c1", "c2"], ["c1", "c2"])  # only label 1 is drawn
+    run_cli(["-pred", pred, "-ref", ref, "-l", "myo=1", "scar=2", "-o", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["absent_classes"] == ["scar"]
+    assert summary["mean"]["scar"]["dice"] == 1.0  # the convention, now stated beside it
+    assert "absent_classes" in summary["definitions"]
+    assert "class(es) ['scar'] appear in no prediction and no reference" in capsys.readouterr().err
 
 
 def test_parallel_workers_give_the_same_rows(tmp_path):

@@ -37,7 +37,9 @@ All metrics are **3D, per volume**, with the true 3D spacing, as nnU-Net reports
 Empty-mask conventions (column ``flag``; counted in ``summary.json`` under ``"flags"``)
 --------------------------------------------------------------------------------------
 * ``both_empty``: the class is absent from prediction and reference: Dice = 1,
-  HD = HD95 = ASSD = 0 (a correct "not there").
+  HD = HD95 = ASSD = 0 (a correct "not there"). A class that is both_empty in every case
+  is listed under ``"absent_classes"`` in ``summary.json`` (and named by the command): its
+  Dice 1 is this convention, not a result, and lifts the means.
 * ``pred_empty`` / ``ref_empty``: exactly one of the two is empty: Dice = 0, and
   HD = HD95 = ASSD = the physical diagonal of the image, ``sqrt(Σ (size_i * spacing_i)^2)``
   in mm, which is at least every distance two voxels of the image can have: the worst
@@ -371,12 +373,37 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
         df.to_csv(os.path.join(output_folder, "metrics.csv"), index=False)
         files = {c: (predictions[c], references[c]) for c in cases}
         with open(os.path.join(output_folder, "summary.json"), "w") as f:
-            json.dump(dict(_summary_json(df, files), hd95_definition=HD95_DEFINITIONS[hd95]), f, indent=2,
-                      sort_keys=False)
+            json.dump(_summary_json(df, files, hd95), f, indent=2, sort_keys=False)
     return df
 
 
-def _summary_json(df: pd.DataFrame, files: Mapping[str, tuple[str, str]]) -> dict:
+#: what summary.json says each of its numbers is; HD95's entry comes from HD95_DEFINITIONS, the
+#: table the computation itself chooses its definition from
+DEFINITIONS = {
+    "distances": "3D per volume, millimetres, surfaces = face-connected contour voxels (image border counts as "
+                 "outside)",
+    "hd": "max of the pooled symmetric surface distances",
+    "assd": "mean of the pooled symmetric surface distances",
+    "both_empty": "dice 1, distances 0; such rows count in every mean",
+    "pred_empty/ref_empty": "dice 0, distances = physical image diagonal in mm",
+    "absent_classes": "classes in no prediction and no reference of any case: their dice 1 and distances 0 are the "
+                      "both_empty convention, not a result, and lift mean and foreground_mean",
+    "std": "sample standard deviation over cases (ddof=1), null for a single case",
+    "mean_over_classes": "per case mean over classes, then statistics over cases",
+}
+
+
+def summary_definitions(hd95: str) -> dict[str, str]:
+    """The definitions summary.json states, for the HD95 definition ``hd95`` its values were computed with."""
+    return {**DEFINITIONS, "hd95": f"{HD95_DEFINITIONS[hd95]} (--hd95 {hd95})"}
+
+
+def absent_classes(df: pd.DataFrame) -> list[str]:
+    """The classes that no case holds in its prediction or its reference (all rows both_empty)."""
+    return [name for name, rows in df.groupby("class_name", sort=False) if (rows["flag"] == "both_empty").all()]
+
+
+def _summary_json(df: pd.DataFrame, files: Mapping[str, tuple[str, str]], hd95: str) -> dict:
     per_case = []
     for case, rows in df.groupby("case", sort=True):
         entry = {"case": case}
@@ -410,16 +437,7 @@ def _summary_json(df: pd.DataFrame, files: Mapping[str, tuple[str, str]]) -> dic
 
     return {"metric_per_case": per_case, "mean": mean, "foreground_mean": foreground_mean,
             "per_modality": per_modality, "flags": flags, "skipped": df.attrs.get("skipped", {}),
-            "definitions": {
-                "distances": "3D per volume, millimetres, surfaces = face-connected contour voxels "
-                             "(image border counts as outside)",
-                "hd": "max of the pooled symmetric surface distances",
-                "hd95": "95th percentile of the pooled symmetric surface distances (MedPy hd95)",
-                "assd": "mean of the pooled symmetric surface distances",
-                "both_empty": "dice 1, distances 0",
-                "pred_empty/ref_empty": "dice 0, distances = physical image diagonal in mm",
-                "std": "sample standard deviation over cases (ddof=1), null for a single case",
-                "mean_over_classes": "per case mean over classes, then statistics over cases"}}
+            "absent_classes": absent_classes(df), "definitions": summary_definitions(hd95)}
 
 
 # --------------------------------------------------------------------------- statistics
@@ -584,6 +602,10 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
     wide["n"] = table.groupby(["modality", "class_name"], sort=False)["n"].first()
     with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 120):
         print(wide.to_string())
+    absent = absent_classes(df)
+    if absent:
+        print(f"class(es) {absent} appear in no prediction and no reference: their Dice 1 is the both_empty "
+              f"convention, not a result, and lifts the means", file=sys.stderr)
     counts = df["flag"].value_counts()
     flagged = {f: int(counts.get(f, 0)) for f in FLAGS if counts.get(f, 0)}
     if flagged:
