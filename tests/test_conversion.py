@@ -19,6 +19,7 @@ from dataset_conversion import ConversionError, ConversionWarning, convert_mmwhs
 from dataset_conversion import common, mmwhs, mscmrseg, myops
 from dataset_conversion.cases import SourceCase, crop_box
 from dataset_conversion.splits import make_patient_splits, select_unpaired
+from dataset_conversion.staging import dataset_folder_name
 from nnunetv2_csa.modality import read_modality_tags
 from nnunetv2_csa.tools.phantom import write_mmwhs_phantom, write_mscmrseg_phantom, write_myops_phantom
 
@@ -959,6 +960,17 @@ def test_files_of_formats_the_converter_does_not_read_are_named(myops_copy, tmp_
     assert len(skipped) == 1 and skipped[0].startswith("2 image-like name(s)"), skipped
     assert "Case3002_T2.mha" in skipped[0] and "Case3002_C0.nrrd" in skipped[0]
     assert "notes.txt" not in skipped[0]  # not an image: no noise about it
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "", ".hidden", "two words", "a" * 101, "é"])
+def test_a_dataset_name_that_is_no_plain_folder_name_is_refused_naming_the_limit(name):
+    with pytest.raises(ConversionError, match=r"must be 1 to 100 letters, digits, '_' or '-'.*choose another --name"):
+        dataset_folder_name(501, name)
+
+
+@pytest.mark.parametrize("name", ["a" * 100, "My-Data_2", "7T"])
+def test_plain_dataset_names_become_the_folder_name(name):
+    assert dataset_folder_name(501, name) == f"Dataset501_{name}"
 
 
 def test_sigterm_leaves_no_hidden_partial_dataset(tmp_path):

@@ -32,20 +32,24 @@ TAGGED = str(TAGGED_ID)
 # what its error line must say) where an earlier check could otherwise answer first
 CONVERTER = ["-i", "{missing}", "-d", "501"]
 RETAG = ["--overwrite", "--dry-run"]
+NAME_LIMIT = "must be 1 to 100 letters, digits"
 MALFORMED = {
     "nnUNetv2_csa_convert_mscmrseg": [
         CONVERTER, ["-i", "{tmp}", "-d", "501", "--seed", "-1"], ["-i", "{tmp}", "-d", "-5"],
-        ["-i", "{tmp}", "-d", "1000"], ["-i", "{tmp}", "-d", "x"], ["-i", "{tmp}", "-d", "501", "--name", "../x"],
-        ["-i", "{tmp}", "-d", "501", "--name", ""], ["-i", "{tmp}", "-d", "501", "--name", "a" * 300],
+        ["-i", "{tmp}", "-d", "1000"], ["-i", "{tmp}", "-d", "x"],
+        (["-i", "{tmp}", "-d", "501", "--name", "../x"], NAME_LIMIT),
+        (["-i", "{tmp}", "-d", "501", "--name", ""], NAME_LIMIT),
+        (["-i", "{tmp}", "-d", "501", "--name", "a" * 300], NAME_LIMIT),
         ["-i", "{tmp}", "-d", "501", "--crop", "0", "5"], ["-i", "{tmp}", "-d", "501", "-np", "0"],
         ["-i", "{tmp}", "-d", "501", "-o", "{file}"], ["-i", "{file}", "-d", "501"]],
     "nnUNetv2_csa_convert_mmwhs": [CONVERTER, ["-i", "{tmp}", "-d", "502", "--seed", "x"],
                                    ["-i", "{tmp}", "-d", "502", "-np", "-2"]],
     "nnUNetv2_csa_convert_myops": [CONVERTER, ["-i", "{tmp}", "-d", "503", "--crop", "-1", "3"],
-                                   ["-i", "{tmp}", "-d", "503", "--name", "a/b"]],
+                                   (["-i", "{tmp}", "-d", "503", "--name", "a/b"], NAME_LIMIT)],
     "nnUNetv2_csa_tag_modalities": [
         ["-d", str(UNKNOWN_ID), "--modality", "LGE", ".*"], ["-d", str(NULL_JSON_ID), "--modality", "LGE", ".*"],
-        ["-d", str(NO_IMAGES_ID), "--modality", "LGE", ".*"], ["-d", "../x", "--modality", "LGE", ".*"],
+        ["-d", str(NO_IMAGES_ID), "--modality", "LGE", ".*"],
+        (["-d", "../x", "--modality", "LGE", ".*"], "neither a dataset id nor a folder name"),
         ["-d", str(NO_IMAGES_ID), "--modality", "../../escaped", ".*"],
         ["-d", str(NO_IMAGES_ID), "--modality", "LGE", "("], ["-d", str(NO_IMAGES_ID), "--csv", "{missing}"],
         ["-d", str(NO_IMAGES_ID), "--modality", "LGE", ".*", "--seed", "-1"],
@@ -86,8 +90,8 @@ MALFORMED = {
         ["-d", str(NO_IMAGES_ID), "--budget", "1", "5", "-f", "-1"],
         ["-d", str(NO_IMAGES_ID), "--budget", "1", "5", "--folds", "x"],
         ["-d", str(NO_IMAGES_ID), "--budget", "1", "5", "--timing-iterations", "-1"],
-        ["-d", str(NO_IMAGES_ID), "--budget", "1", "5", "-c", "../x"],
-        ["-d", str(NO_IMAGES_ID), "--budget", "1", "5", "-p", "a/b"],
+        (["-d", str(NO_IMAGES_ID), "--budget", "1", "5", "-c", "../x"], "-c '../x' is not a plain name"),
+        (["-d", str(NO_IMAGES_ID), "--budget", "1", "5", "-p", "a/b"], "-p 'a/b' is not a plain name"),
         (["-d", TAGGED, "--budget", "1", "5", "-o", "{file}"], "is a file"),
         (["-d", TAGGED, "--budget", "1", "5", "-o", "{users_report}"],
          "holds report.md, results.csv, which the benchmark did not write"),
