@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from typing import Sequence
 
-from nnunetv2_csa.errors import UserInputError, one_line_errors
+from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
 from nnunetv2_csa.modality import modality_tags_from_dataset_json
 from nnunetv2_csa.tools.inputs import dataset_folder, integer_at_least, read_json_file
 
@@ -55,26 +55,49 @@ def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, 
     validation = sorted(splits[fold]["val"])
     test_set = fold_test_set(validation, {c: tags.modality_of_case(c) for c in validation},
                              dataset_json.get("csa_case_patient", {}), os.path.join(raw, "labelsTr"), raw, ending)
+    copies = _files_to_copy(test_set, raw, ending, _channel_count(dataset_json))
     parent = os.path.dirname(os.path.abspath(output_folder))
     if not os.path.isdir(parent):
         raise HeldOutError(f"the folder {parent} that -o {output_folder} would go into does not exist; create it first")
     staging = tempfile.mkdtemp(prefix=".heldout_", dir=parent)
-    by_modality: dict[str, list[str]] = {}
     try:
-        for case in test_set.cases:
-            modality = test_set.case_modality[case]
-            image = test_set.other_modality_images.get(case, os.path.join(raw, "imagesTr", f"{case}_0000{ending}"))
-            for source, sub, name in ((image, "images", f"{case}_0000{ending}"),
-                                      (test_set.references[case], "labels", f"{case}{ending}")):
-                os.makedirs(os.path.join(staging, modality, sub), exist_ok=True)
-                shutil.copyfile(source, os.path.join(staging, modality, sub, name))
-            by_modality.setdefault(modality, []).append(case)
+        for source, target in copies:
+            os.makedirs(os.path.dirname(os.path.join(staging, target)), exist_ok=True)
+            shutil.copyfile(source, os.path.join(staging, target))
         os.chmod(staging, 0o755)
         os.replace(staging, output_folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    by_modality: dict[str, list[str]] = {}
+    for case in test_set.cases:
+        by_modality.setdefault(test_set.case_modality[case], []).append(case)
     return by_modality
+
+
+def _channel_count(dataset_json: dict) -> int:
+    """The image files per case: one per entry of nnU-Net's channel_names ("modality" in older files)."""
+    return len(dataset_json.get("channel_names") or dataset_json.get("modality") or {"0": "single"})
+
+
+def _files_to_copy(test_set, raw: str, ending: str, n_channels: int) -> list[tuple[str, str]]:
+    """(source, path in the output folder) of every file to copy: each held-out case's image of every
+    channel (_0000, _0001, ...: nnUNetv2_predict needs them all) and its label; a missing one is an
+    error before anything is written."""
+    copies = []
+    for case in test_set.cases:
+        modality = test_set.case_modality[case]
+        first = test_set.other_modality_images.get(case, os.path.join(raw, "imagesTr", f"{case}_0000{ending}"))
+        for channel in range(n_channels):
+            name = f"{case}_{channel:04d}{ending}"
+            copies.append((os.path.join(os.path.dirname(first), name), os.path.join(modality, "images", name)))
+        copies.append((test_set.references[case], os.path.join(modality, "labels", f"{case}{ending}")))
+    missing = [source for source, _ in copies if not os.path.isfile(source)]
+    if missing:
+        raise HeldOutError(f"{len(missing)} file(s) of the held-out cases are missing ({first_few(missing, 3)}); the "
+                           f"dataset has {n_channels} channel(s) (channel_names of dataset.json), each case one image "
+                           f"file per channel and a label: restore them, or convert the dataset again")
+    return copies
 
 
 @one_line_errors(ValueError, OSError)
