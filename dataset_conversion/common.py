@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from nnunetv2_csa.errors import UserInputError, first_few
 from nnunetv2_csa.image_files import LOOKS_LIKE_IMAGE
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, CONVERSION_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
                                    OTHER_MODALITY_LABELS, ModalityTags)
+from nnunetv2_csa.tools.commands import sigterm_unwinds
 from nnunetv2_csa.tools.inputs import integer_at_least
 from nnunetv2_csa.tools.phantom import read_phantom_marker
 
@@ -347,13 +347,8 @@ def run_main(convert: Callable[..., str], args: argparse.Namespace, **kwargs) ->
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
 
-    def stop(signum, frame):
-        # unwinds like Ctrl-C, so that the all-or-nothing cleanup runs: no hidden
-        # .Dataset*.incomplete-* folder is left behind by a terminated conversion
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    with warnings.catch_warnings():
+    # a terminated conversion unwinds, so that no hidden .Dataset*.incomplete-* folder is left behind
+    with warnings.catch_warnings(), sigterm_unwinds():
         warnings.simplefilter("always", ConversionWarning)
         warnings.showwarning = show
         try:
@@ -361,6 +356,4 @@ def run_main(convert: Callable[..., str], args: argparse.Namespace, **kwargs) ->
         except UserInputError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        finally:
-            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -187,17 +187,29 @@ def _print_assignment(folder: str, tags: ModalityTags, case_patient: Mapping[str
 
 
 def _replace_file(content, target: str) -> None:
-    """Writes JSON ``content`` next to ``target`` and renames it over ``target`` (atomic)."""
+    """Writes ``content`` (bytes as they are, anything else as JSON) next to ``target`` and renames
+    it over ``target`` (atomic)."""
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".incomplete",
                                          dir=os.path.dirname(target))
     os.close(handle)
     try:
-        write_json(content, temporary)
+        if isinstance(content, bytes):
+            with open(temporary, "wb") as f:
+                f.write(content)
+        else:
+            write_json(content, temporary)
         os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _content_or_none(path: str) -> bytes | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _commit(folder: str, dataset_json: dict, splits: list, preprocessed_root: str | None) -> None:
@@ -212,6 +224,7 @@ def _commit(folder: str, dataset_json: dict, splits: list, preprocessed_root: st
         if (os.path.exists(path) and not os.access(path, os.W_OK)) or not os.access(os.path.dirname(path), os.W_OK):
             raise ConversionError(f"cannot write {path}: make it writable; nothing was changed")
     backup = json_file + BACKUP_SUFFIX
+    old_splits = {target: _content_or_none(target) for target in targets}
     try:
         if not os.path.exists(backup):
             shutil.copy2(json_file, backup)
@@ -220,10 +233,20 @@ def _commit(folder: str, dataset_json: dict, splits: list, preprocessed_root: st
         for target in targets:
             _replace_file(splits, target)
         _replace_file(dataset_json, json_file)
-    except OSError as e:
-        raise ConversionError(f"could not write the tags into {folder} ({e}); dataset.json is unchanged (its "
-                              f"original is in {backup}), splits_final.json may be new: run the command again") \
-            from None
+    except BaseException as error:
+        # failed or interrupted (SIGTERM, Ctrl-C) before the tags were written: the old split comes
+        # back, so that a new split never stands beside the old tags
+        for target, content in old_splits.items():
+            if content is None:
+                if os.path.exists(target):
+                    os.remove(target)
+            else:
+                _replace_file(content, target)
+        if isinstance(error, OSError):
+            raise ConversionError(f"could not write the tags into {folder} ({error}); nothing was changed (the "
+                                  f"original dataset.json is in {backup}): fix the cause and run the command "
+                                  f"again") from None
+        raise
     print(f"tags written to {json_file} (original kept as {os.path.basename(backup)}); split: "
           f"{', '.join(targets)}")
     dataset_id = int(os.path.basename(folder)[len("Dataset"):].split("_")[0])

@@ -52,3 +52,23 @@ def test_a_missing_channel_is_one_error_before_anything_is_written(tmp_path, mon
                                            r" the dataset has 2 channel\(s\)"):
         write_held_out("904", 0, str(tmp_path / "heldout"))
     assert sorted(os.listdir(tmp_path)) == ["preprocessed", "raw"]  # no output, no staging folder
+
+
+def test_a_terminated_copy_leaves_nothing_behind(tmp_path, monkeypatch):
+    import shutil
+    import signal
+
+    from nnunetv2_csa.tools import heldout
+
+    raw_dataset(tmp_path, monkeypatch, 2)
+    copy = shutil.copyfile
+
+    def copy_then_terminate(source, target):
+        copy(source, target)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(heldout.shutil, "copyfile", copy_then_terminate)
+    with pytest.raises(SystemExit) as exit_info:
+        heldout.main(["-d", "904", "-o", str(tmp_path / "heldout")])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert sorted(os.listdir(tmp_path)) == ["preprocessed", "raw"]  # no output, no .heldout_* staging folder

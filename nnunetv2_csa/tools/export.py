@@ -20,6 +20,7 @@ from batchgenerators.utilities.file_and_folder_operations import join, save_json
 
 from nnunetv2_csa.errors import UserInputError, one_line_errors
 from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, modalities_from_plans
+from nnunetv2_csa.tools.commands import sigterm_unwinds
 from nnunetv2_csa.tools.inputs import read_json_file
 
 # torch, nnU-Net and the modules that need them are imported where they are used, so that
@@ -164,8 +165,9 @@ def main(argv=None) -> None:
                         help="load checkpoints with full pickle (can run code from the file): only for files from "
                              "a source you trust that hold more than an nnU-Net checkpoint does")
     args = parser.parse_args(argv)
-    out = export_modality(args.model_folder, args.modality, args.output, args.folds, args.checkpoint,
-                          trust_checkpoint=args.trust_checkpoint)
+    with sigterm_unwinds():  # a terminated run removes its staging folder too
+        out = export_modality(args.model_folder, args.modality, args.output, args.folds, args.checkpoint,
+                              trust_checkpoint=args.trust_checkpoint)
     folds = sorted(d.removeprefix("fold_") for d in os.listdir(out) if d.startswith("fold_"))
     print(f"exported modality {args.modality} (fold(s) {', '.join(folds)}) to {out}; predict it with "
           f"nnUNetv2_predict_from_modelfolder -m {out} -f {' '.join(folds)} -i INPUT -o OUTPUT")

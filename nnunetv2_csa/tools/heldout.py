@@ -22,6 +22,7 @@ from typing import Sequence
 
 from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
 from nnunetv2_csa.modality import modality_tags_from_dataset_json
+from nnunetv2_csa.tools.commands import sigterm_unwinds
 from nnunetv2_csa.tools.inputs import dataset_folder, integer_at_least, read_json_file
 
 
@@ -111,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("-f", type=integer_at_least(0), default=0, help="fold of splits_final.json (default 0)")
     parser.add_argument("-o", required=True, help="new output folder")
     args = parser.parse_args(argv)
-    by_modality = write_held_out(args.d, args.f, args.o)
+    with sigterm_unwinds():  # a terminated run removes its staging folder too
+        by_modality = write_held_out(args.d, args.f, args.o)
     for modality, cases in sorted(by_modality.items()):
         print(f"{modality}: {len(cases)} case(s) in {os.path.join(args.o, modality)}/images and /labels; predict with "
               f"nnUNet_csa_modality={modality} nnUNetv2_predict -i {os.path.join(args.o, modality, 'images')} ...")
