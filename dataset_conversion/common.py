@@ -37,8 +37,8 @@ from dataset_conversion.cases import FILE_ENDING, CaseJob, CaseResult, LabelSche
 from dataset_conversion.errors import ConversionError, ConversionWarning
 from dataset_conversion.splits import (DEFAULT_SEED, SPLIT_CHOICES, check_splits_cover_modalities, make_patient_splits,
                                        select_unpaired)
-from dataset_conversion.staging import (StagedDataset, check_output_free, dataset_folder_name, resolve_output_root,
-                                        stale_preprocessed_message, write_json)
+from dataset_conversion.staging import (StagedDataset, check_output_free, claim_dataset_id, dataset_folder_name,
+                                        resolve_output_root, stale_preprocessed_message, write_json)
 from nnunetv2_csa.errors import UserInputError, first_few
 from nnunetv2_csa.image_files import LOOKS_LIKE_IMAGE
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, CONVERSION_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
@@ -139,26 +139,29 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
     if split not in SPLIT_CHOICES:
         raise ConversionError(f"unknown split {split!r}; choose one of {list(SPLIT_CHOICES)}")
     crop_yx = _checked_crop(crop)
-    existing = check_output_free(output_root, dataset_id, folder_name, overwrite, preprocessed_root)
-    chosen = choose_cases(cases, modalities, source_folder, unpaired, unlabelled_to_imagesTs, seed)
-    case_patient = {c.case_id: c.patient for c in chosen.training}
-    case_modality = {c.case_id: c.modality for c in chosen.training}
-    splits = make_patient_splits(case_patient, split, seed, case_modality)
-    check_splits_cover_modalities(splits, case_modality, modalities, split)
+    # the id is claimed from the check that it is free until the dataset is in place
+    with claim_dataset_id(output_root, dataset_id):
+        existing = check_output_free(output_root, dataset_id, folder_name, overwrite, preprocessed_root)
+        chosen = choose_cases(cases, modalities, source_folder, unpaired, unlabelled_to_imagesTs, seed)
+        case_patient = {c.case_id: c.patient for c in chosen.training}
+        case_modality = {c.case_id: c.modality for c in chosen.training}
+        splits = make_patient_splits(case_patient, split, seed, case_modality)
+        check_splits_cover_modalities(splits, case_modality, modalities, split)
 
-    with StagedDataset(output_root, folder_name, preprocessed_root, dataset_id, existing) as staged:
-        results = run_case_jobs(_case_jobs(chosen, staged.folder, scheme, orientation, crop_yx), num_processes)
-        _warn_about_results(results, case_patient, scheme, folder_name, check_spacing)
-        conversion = {"converter": converter, "source": os.path.abspath(source_folder),
-                      "modalities": list(modalities), "split": split, "seed": seed, "unpaired": unpaired,
-                      "crop": list(crop_yx) if crop_yx else None, "orientation": orientation,
-                      "unlabelled_to_imagesTs": unlabelled_to_imagesTs, **dict(options or {}),
-                      "phantom": read_phantom_marker(source_folder)}
-        dataset_json = _dataset_json(chosen, modalities, scheme, name, description, reference, licence, conversion)
-        write_json(dataset_json, os.path.join(staged.folder, "dataset.json"))
-        write_json(splits, os.path.join(staged.folder, "splits_final.json"))
-        staged.stage_preprocessed_splits(splits)
-        staged.commit()
+        with StagedDataset(output_root, folder_name, preprocessed_root, dataset_id, existing) as staged:
+            results = run_case_jobs(_case_jobs(chosen, staged.folder, scheme, orientation, crop_yx), num_processes)
+            _warn_about_results(results, case_patient, scheme, folder_name, check_spacing)
+            conversion = {"converter": converter, "source": os.path.abspath(source_folder),
+                          "modalities": list(modalities), "split": split, "seed": seed, "unpaired": unpaired,
+                          "crop": list(crop_yx) if crop_yx else None, "orientation": orientation,
+                          "unlabelled_to_imagesTs": unlabelled_to_imagesTs, **dict(options or {}),
+                          "phantom": read_phantom_marker(source_folder)}
+            dataset_json = _dataset_json(chosen, modalities, scheme, name, description, reference, licence,
+                                         conversion)
+            write_json(dataset_json, os.path.join(staged.folder, "dataset.json"))
+            write_json(splits, os.path.join(staged.folder, "splits_final.json"))
+            staged.stage_preprocessed_splits(splits)
+            staged.commit()
 
     stale = stale_preprocessed_message(preprocessed_root, folder_name, dataset_json, dataset_id)
     if stale:

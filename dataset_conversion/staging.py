@@ -4,6 +4,8 @@ place together, or not at all.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -12,6 +14,11 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from dataset_conversion.errors import ConversionError, ConversionWarning
 from nnunetv2_csa.modality import CASE_MODALITY_KEY, MODALITIES_KEY
@@ -38,6 +45,27 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
         raise ConversionError(f"dataset name {name!r} must be 1 to {MAX_DATASET_NAME} letters, digits, '_' or '-', "
                               f"starting with a letter or digit (it becomes a folder name); choose another --name")
     return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+@contextlib.contextmanager
+def claim_dataset_id(output_root: str, dataset_id: int):
+    """Holds dataset id ``dataset_id`` of ``output_root`` for one conversion at a time: two at once
+    with different names would each find the id free and leave two DatasetXXX_* folders, which
+    nnU-Net refuses. An exclusive lock on a file in the temporary folder, keyed by the output
+    folder; the system releases it when the process ends, however it ends (no stale claim). One
+    machine only: conversions on two machines sharing a network folder are not held apart."""
+    if fcntl is None:  # no flock (Windows): no claim, as before
+        yield
+        return
+    key = hashlib.sha1(os.path.realpath(output_root).encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"nnunetv2_csa_Dataset{int(dataset_id):03d}_{key}.lock")
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConversionError(f"another conversion of dataset id {dataset_id} into {output_root} is running (it "
+                                  f"holds {path}); wait for it to end, or choose another -d/--dataset-id") from None
+        yield  # closing the file releases the lock
 
 
 def _same_id_folders(root: str | None, dataset_id: int) -> list[str]:

@@ -19,7 +19,7 @@ from dataset_conversion import ConversionError, ConversionWarning, convert_mmwhs
 from dataset_conversion import common, mmwhs, mscmrseg, myops
 from dataset_conversion.cases import SourceCase, crop_box
 from dataset_conversion.splits import make_patient_splits, select_unpaired
-from dataset_conversion.staging import dataset_folder_name
+from dataset_conversion.staging import claim_dataset_id, dataset_folder_name
 from nnunetv2_csa.modality import read_modality_tags
 from nnunetv2_csa.tools.phantom import write_mmwhs_phantom, write_mscmrseg_phantom, write_myops_phantom
 
@@ -971,6 +971,23 @@ def test_a_dataset_name_that_is_no_plain_folder_name_is_refused_naming_the_limit
 @pytest.mark.parametrize("name", ["a" * 100, "My-Data_2", "7T"])
 def test_plain_dataset_names_become_the_folder_name(name):
     assert dataset_folder_name(501, name) == f"Dataset501_{name}"
+
+
+def test_a_dataset_id_being_converted_is_claimed(myops_copy, tmp_path):
+    # another conversion of the id holds its claim (here: this test, as a second process would): a
+    # conversion with another --name stops at once (_expect_failure converts id 30), instead of leaving a
+    # second Dataset030_* folder
+    raw = str(tmp_path / "raw")
+    with claim_dataset_id(os.path.abspath(raw), 30):
+        _expect_failure(convert_myops, myops_copy, raw, r"another conversion of dataset id 30 into .* is running",
+                        name="OtherName", split="80-20")
+        with warnings.catch_warnings():  # another id is not held
+            warnings.simplefilter("ignore", ConversionWarning)
+            convert_myops(myops_copy, 37, raw, split="80-20")
+    with warnings.catch_warnings():  # the claim ends with its holder
+        warnings.simplefilter("ignore", ConversionWarning)
+        convert_myops(myops_copy, 30, raw, name="OtherName", split="80-20")
+    assert sorted(os.listdir(raw)) == ["Dataset030_OtherName", "Dataset037_MyoPS2020"]
 
 
 def test_sigterm_leaves_no_hidden_partial_dataset(tmp_path):
