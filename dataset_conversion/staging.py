@@ -183,6 +183,11 @@ def _stage_preprocessed_splits(preprocessed_root: str, folder_name: str, splits:
             warnings.warn(f"replaced {target}: {reason}; preprocessed data in {preprocessed_folder} may be stale: "
                           f"rerun nnUNetv2_plan_and_preprocess -d {int(dataset_id)} --clean", ConversionWarning,
                           stacklevel=3)
+    if not os.path.isdir(preprocessed_root):
+        # made without a word, a typo'd tree would receive the split while nnU-Net reads another
+        warnings.warn(f"the preprocessed folder {preprocessed_root} (nnUNet_preprocessed) did not exist and is "
+                      f"created for the split; if the variable holds a typo, correct it and convert again",
+                      ConversionWarning, stacklevel=3)
     staged = _StagedSplits("", target, _missing_ancestors(preprocessed_folder))
     try:
         os.makedirs(preprocessed_folder, exist_ok=True)

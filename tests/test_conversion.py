@@ -990,6 +990,19 @@ def test_a_dataset_id_being_converted_is_claimed(myops_copy, tmp_path):
     assert sorted(os.listdir(raw)) == ["Dataset030_OtherName", "Dataset037_MyoPS2020"]
 
 
+def test_a_preprocessed_folder_that_does_not_exist_is_named_when_created(myops_copy, tmp_path):
+    (tmp_path / "nnUNet_preprocessed").mkdir()
+    for root in (tmp_path / "nnUNet_preprocesed", tmp_path / "nnUNet_preprocessed"):  # a typo, then the real one
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            convert_myops(myops_copy, 38, str(tmp_path / "raw"), split="80-20", preprocessed_root=str(root),
+                          overwrite=True)
+        named = [str(w.message) for w in caught if "did not exist and is created" in str(w.message)]
+        assert named == ([f"the preprocessed folder {root} (nnUNet_preprocessed) did not exist and is created for "
+                          f"the split; if the variable holds a typo, correct it and convert again"]
+                         if root.name == "nnUNet_preprocesed" else [])
+
+
 def test_sigterm_leaves_no_hidden_partial_dataset(tmp_path):
     # the signal arrives as soon as the temporary folder appears, which is also the moment
     # right after its creation, before the conversion holds its name
