@@ -30,6 +30,8 @@ from dataset_conversion.common import run_main
 from dataset_conversion.errors import ConversionError, ConversionWarning
 from dataset_conversion.splits import DEFAULT_SEED, SPLIT_CHOICES, check_splits_cover_modalities, make_patient_splits
 from dataset_conversion.staging import current_umask, stale_preprocessed_message, write_json
+from nnunetv2_csa.errors import first_few
+from nnunetv2_csa.image_files import images_not_read
 from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, TAGGING_KEY, ModalityTags,
                                    check_case_name, is_plain_name)
 from nnunetv2_csa.modality_rules import compile_rules, modalities_from_rules, read_tag_csv
@@ -102,6 +104,11 @@ def raw_dataset(dataset: str, raw_root: str | None) -> tuple[str, dict, list[str
         raise ConversionError(f"{folder} has no imagesTr folder: it is not an nnU-Net raw dataset (its training "
                               f"images belong in imagesTr/CASE_0000{dataset_json['file_ending']})")
     else:
+        skipped = images_not_read(os.listdir(os.path.join(folder, "imagesTr")), dataset_json["file_ending"])
+        if skipped:
+            warnings.warn(f"{len(skipped)} image file(s) in {folder}/imagesTr do not end in the dataset's file_ending "
+                          f"{dataset_json['file_ending']!r}, so neither this command nor nnU-Net sees them: "
+                          f"{first_few(skipped, 10)}; convert or rename them", ConversionWarning, stacklevel=2)
         cases = sorted(get_identifiers_from_splitted_dataset_folder(os.path.join(folder, "imagesTr"),
                                                                     dataset_json["file_ending"]))
     if not cases:

@@ -68,6 +68,12 @@ def is_nifti_name(name: str) -> bool:
 LOOKS_LIKE_IMAGE = re.compile(r"\.(nii|nii\.gz|mha|mhd|nrrd|nhdr|mgz|mnc|dcm|hdr|img)\s*$", re.IGNORECASE)
 
 
+def images_not_read(names, file_ending: str) -> list[str]:
+    """The names that look like image files (any format, any case) but do not end in ``file_ending``:
+    what a command reading ``*{file_ending}`` passes over, and so must name."""
+    return sorted(name for name in names if not name.endswith(file_ending) and LOOKS_LIKE_IMAGE.search(name))
+
+
 def check_file_complete(path: str) -> None:
     """Raise :class:`IncompleteFileError` if a NIfTI file is truncated or its gzip stream is
     corrupt, judged by the header's own promise of how many bytes follow."""

@@ -122,6 +122,24 @@ def test_tagging_stopped_before_the_tags_are_written_puts_the_old_split_back(tmp
     assert (folder / "dataset.json").read_text() == '{"old": "tags"}'
 
 
+def test_images_of_another_ending_are_named_not_passed_over(tmp_path, capsys):
+    from dataset_conversion.errors import ConversionWarning
+    from dataset_conversion.tag_modalities import raw_dataset
+    from nnunetv2_csa.tools.mixed_prediction import cases_of_folder
+
+    folder = tmp_path / "Dataset906_X"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz", "labels": {"background": 0}}))
+    for name in ("a_0000.nii.gz", "b_0000.NII.GZ", "c_0000.mha", "notes.txt"):
+        (folder / "imagesTr" / name).write_bytes(b"")
+    with pytest.warns(ConversionWarning, match=r"2 image file\(s\) in .*imagesTr do not end in the dataset's "
+                                               r"file_ending '\.nii\.gz'.*: b_0000\.NII\.GZ, c_0000\.mha;"):
+        assert raw_dataset("Dataset906_X", str(tmp_path))[2] == ["a"]
+    # the mixed-modality predictor reads an input folder the same way
+    assert list(cases_of_folder(str(folder / "imagesTr"), ".nii.gz")) == ["a"]
+    assert "warning: 2 image file(s) in -i" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def plain_nnunet_dataset(tmp_path_factory):
     """A phantom converted by this package, then stripped to a plain nnU-Net raw dataset (no

@@ -75,7 +75,7 @@ from scipy import stats
 from tqdm import tqdm
 
 from nnunetv2_csa.errors import first_few, one_line_errors
-from nnunetv2_csa.image_files import LOOKS_LIKE_IMAGE, check_file_complete, grid_differences
+from nnunetv2_csa.image_files import check_file_complete, grid_differences, images_not_read
 from nnunetv2_csa.tools.inputs import check_output_folder, integer_at_least, read_json_file
 from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
 
@@ -252,7 +252,7 @@ def _cases_in(folder: str, file_ending: str, role: str) -> dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{role} folder {folder} does not exist")
     files = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
-    skipped = [name for name in files if not name.endswith(file_ending) and LOOKS_LIKE_IMAGE.search(name)]
+    skipped = images_not_read(files, file_ending)
     if skipped:
         # another format (.mha, .nrrd) or another spelling (.NII.GZ) is a case the user meant to score
         warnings.warn(f"{len(skipped)} image file(s) in the {role} folder {folder} do not end in {file_ending!r} "

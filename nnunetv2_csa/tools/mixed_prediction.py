@@ -32,7 +32,8 @@ import subprocess
 import sys
 import tempfile
 
-from nnunetv2_csa.errors import UserInputError, one_line_errors
+from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
+from nnunetv2_csa.image_files import images_not_read
 from nnunetv2_csa.modality import (CONVERSION_KEY, TAGGING_KEY, ModalityTagError, check_case_name,
                                    modalities_from_plans)
 from nnunetv2_csa.modality_rules import (Rules, compile_rules, converter_naming_rules, modalities_from_rules,
@@ -109,7 +110,12 @@ def cases_of_folder(folder: str, file_ending: str) -> dict[str, list[str]]:
 
     if not os.path.isdir(folder):
         raise MixedPredictionError(f"-i {folder} is not a folder; give the folder of images to segment")
-    files = sorted(f for f in os.listdir(folder) if f.endswith(file_ending) and os.path.isfile(os.path.join(folder, f)))
+    files = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
+    skipped = images_not_read(files, file_ending)
+    if skipped:
+        print(f"warning: {len(skipped)} image file(s) in -i {folder} do not end in {file_ending!r} and are not "
+              f"predicted: {first_few(skipped, 10)}; convert or rename them", file=sys.stderr)
+    files = [f for f in files if f.endswith(file_ending)]
     cases = {check_case_name(str(case), folder): create_paths_fn(folder, files, file_ending, str(case))
              for case in get_identifiers_from_splitted_dataset_folder(folder, file_ending)}
     if not cases:
