@@ -58,6 +58,9 @@ MALFORMED = {
          "not a plain name"),
         (["-d", TAGGED, "--modality", "lge", ".*LGE", "--modality", "LGE", ".*C0", *RETAG], "differ only in case"),
         (["-d", TAGGED, "--modality", "LGE", "(", "--modality", "C0", ".*C0", *RETAG], "("),
+        (["-d", TAGGED, "--modality", "LGE", ".*LGE", "--modality", "C0", ".*C0", "--patient", "(", *RETAG], "("),
+        (["-d", TAGGED, "--modality", "LGE", ".*LGE", "--modality", "C0", ".*C0", "--split", "9-fold"],
+         "invalid choice"),
         (["-d", TAGGED, "--csv", "{missing}", *RETAG], "missing"), (["-d", TAGGED, "--csv", "{file}", *RETAG], "a_file.txt")],
     "nnUNetv2_csa_phantom": [
         ["--layout", "mscmrseg", "-o", "{tmp}/p", "-n", "-1"], ["--layout", "myops", "-o", "{tmp}/p", "-n", "x"],
@@ -67,6 +70,9 @@ MALFORMED = {
         ["-pred", "{missing}", "-ref", "{tmp}", "-l", "1"], ["-pred", "{tmp}", "-ref", "{missing}", "-l", "1"],
         ["-pred", "{tmp}", "-ref", "{tmp}", "-l", "x"], ["-pred", "{tmp}", "-ref", "{tmp}", "-l", "-1"],
         ["-pred", "{tmp}", "-ref", "{tmp}", "-l", "1", "-np", "0"],
+        (["-pred", "{tmp}", "-ref", "{tmp}", "-l", "1"], "the prediction and the reference folder are both"),
+        (["-pred", "{tmp}", "-ref", "{raw}", "-l", "1", "--hd95", "medpy"], "invalid choice"),
+        (["-pred", "{tmp}", "-ref", "{raw}", "-l", "1", "-o", "{file}"], "is a file"),
         ["-pred", "{tmp}", "-ref", "{tmp}", "-djfile", "{missing}"],
         ["-pred", "{tmp}", "-ref", "{tmp}", "-djfile", "{raw}/Dataset902_Null/dataset.json"]],
     "nnUNetv2_csa_heldout": [
@@ -80,6 +86,7 @@ MALFORMED = {
         ["-m", "{model}", "--modality", "../x", "-o", "{tmp}/e"],
         ["-m", "{model}", "--modality", "LGE", "-o", "{missing}/e"],
         ["-m", "{model}", "--modality", "LGE", "-o", "{model}"],
+        (["-m", "{model}", "--modality", "LGE", "-o", "{tmp}/e", "-chk", "../../x.pth"], "-chk '../../x.pth' is not"),
         # a folder no one may write into, root included
         (["-m", "{model}", "--modality", "LGE", "-o", "/proc/exported"], "cannot write into /proc")],
     "nnUNetv2_csa_trainer_dir": [["--bogus"], ["-d", "1"]],

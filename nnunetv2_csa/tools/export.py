@@ -19,7 +19,7 @@ import tempfile
 from batchgenerators.utilities.file_and_folder_operations import join, save_json
 
 from nnunetv2_csa.errors import UserInputError, one_line_errors
-from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, modalities_from_plans
+from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, is_plain_name, modalities_from_plans
 from nnunetv2_csa.tools.commands import sigterm_unwinds
 from nnunetv2_csa.tools.inputs import read_json_file
 
@@ -77,6 +77,9 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
     if not os.path.isfile(plans_file):
         raise ExportError(f"{plans_file} does not exist: -m must be a trained model folder "
                           f"(…/DatasetXXX/<trainer>__<plans>__<configuration>)")
+    if not is_plain_name(checkpoint_name, 255):
+        raise ExportError(f"-chk {checkpoint_name!r} is not a file name (no folders, no '..'): give the name of the "
+                          f"checkpoint file in each fold folder, e.g. checkpoint_best.pth")
     if os.path.exists(output_folder):
         raise ExportError(f"{output_folder} exists already; choose a new output folder")
     parent = os.path.dirname(os.path.abspath(output_folder))
