@@ -113,6 +113,19 @@ def count_non_finite_voxels(path: str) -> int:
     return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))
 
 
+class NonFiniteVoxelsError(UserInputError, ValueError):
+    """An image holds NaN or Inf voxels; the message names the file and the count."""
+
+
+def check_finite(path: str) -> None:
+    """Raise :class:`NonFiniteVoxelsError` if a NIfTI image holds NaN or Inf voxels."""
+    n_bad = count_non_finite_voxels(path)
+    if n_bad:
+        raise NonFiniteVoxelsError(f"{path} holds {n_bad} NaN/Inf voxel(s): they would reach nnU-Net (its "
+                                   f"normalisation then makes the whole image NaN); repair the file (or leave the "
+                                   f"case out)")
+
+
 #: Headers written by different tools (image and label, prediction and reference) differ in
 #: the last digits; beyond these a difference is a real misalignment
 SPACING_RTOL = 1e-4

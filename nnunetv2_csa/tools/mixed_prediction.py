@@ -33,7 +33,7 @@ import sys
 import tempfile
 
 from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
-from nnunetv2_csa.image_files import images_not_read
+from nnunetv2_csa.image_files import check_file_complete, check_finite, images_not_read
 from nnunetv2_csa.modality import (CONVERSION_KEY, TAGGING_KEY, ModalityTagError, check_case_name,
                                    modalities_from_plans)
 from nnunetv2_csa.modality_rules import (Rules, compile_rules, converter_naming_rules, modalities_from_rules,
@@ -147,6 +147,10 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
     model_folder = model_folder_of(located.d, located.tr, located.p, located.c)
     file_ending = _load_json(os.path.join(model_folder, "dataset.json")).get("file_ending", ".nii.gz")
     case_files = cases_of_folder(input_folder, file_ending)
+    for files in case_files.values():  # nnU-Net's reader would predict on a truncated file's zeros, or on NaN
+        for path in files:
+            check_file_complete(path)
+            check_finite(path)
     assignment, source = rules_for(model_folder, modality_rules, csv_file, sorted(case_files))
     by_modality: dict[str, list[str]] = {}
     for case, modality in sorted(assignment.items()):
