@@ -207,6 +207,24 @@ def test_other_modality_predictions_are_kept_only_for_the_same_checkpoint_and_ca
     assert not (tmp_path / "predictions" / "predicted_with_C0.json").exists()
 
 
+def test_other_modality_prediction_gets_every_channel_of_a_case(tmp_path, monkeypatch):
+    fold_folder = tmp_path / "fold_0"
+    fold_folder.mkdir()
+    (fold_folder / "checkpoint_final.pth").write_bytes(b"weights")
+    model = benchmark_rows.Model("Joint", "nnUNetTrainerJoint", None, str(fold_folder), str(tmp_path / "train.log"),
+                                 str(tmp_path / "predictions"), 0)
+    for name in ("p1_C0_0000.nii.gz", "p1_C0_0001.nii.gz", "p10_C0_0000.nii.gz"):  # p10: another case
+        (tmp_path / name).write_bytes(b"")
+    test_set = scoring.TestSet({"p1_C0": "C0"}, {"p1_C0": "p1"}, {}, {"p1_C0": str(tmp_path / "p1_C0_0000.nii.gz")})
+    inputs = []
+    monkeypatch.setattr(runner, "predict_folder", lambda model_folder, fold, input_folder, *rest:
+                        inputs.append(sorted(os.listdir(input_folder))))
+    (tmp_path / "logs").mkdir()
+    runner.predict_other_modality(benchmark_rows.RowResult("Joint", [model]), test_set, "1", "2d", "nnUNetPlans", 0,
+                                  "cpu", {}, str(tmp_path), ".nii.gz")
+    assert inputs == [["p1_C0_0000.nii.gz", "p1_C0_0001.nii.gz"]]
+
+
 def test_data_source_names_a_phantom_and_a_real_conversion():
     phantom = {"description": "SYNTHETIC ...", "csa_conversion": {
         "converter": "MyoPS 2020", "source": "/x",
