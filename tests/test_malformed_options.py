@@ -26,7 +26,8 @@ TAGGED = str(TAGGED_ID)
 
 # {tmp}: a fresh folder; {file}: a plain file in it; {missing}: a path that does not exist; {raw}:
 # nnUNet_raw, holding Dataset901 (dataset.json, no imagesTr) and Dataset902 (dataset.json holding null),
-# neither preprocessed, and Dataset903 (two tagged cases, preprocessed: dataset.json, plans, split);
+# neither preprocessed, and Dataset903 (two tagged cases, empty stand-ins for their image and label files,
+# preprocessed: dataset.json, plans, split);
 # {model}: a model folder with plans.json and an empty fold_0; {users_report}: a folder of the user's
 # report.md, results.csv and notes.txt. A case is its arguments, or (arguments,
 # what its error line must say) where an earlier check could otherwise answer first
@@ -78,7 +79,8 @@ MALFORMED = {
     "nnUNetv2_csa_heldout": [
         ["-d", str(UNKNOWN_ID), "-o", "{tmp}/h"], ["-d", "../x", "-o", "{tmp}/h"],
         ["-d", str(NO_IMAGES_ID), "-o", "{tmp}/h", "-f", "-1"], ["-d", str(NULL_JSON_ID), "-o", "{tmp}/h"],
-        ["-d", str(NO_IMAGES_ID), "-o", "{file}"], ["-d", str(NO_IMAGES_ID), "-o", "{tmp}/h", "-f", "x"]],
+        ["-d", str(NO_IMAGES_ID), "-o", "{file}"], ["-d", str(NO_IMAGES_ID), "-o", "{tmp}/h", "-f", "x"],
+        (["-d", TAGGED, "-o", "/proc/heldout"], "cannot write into /proc")],
     "nnUNetv2_csa_export_modality": [
         ["-m", "{missing}", "--modality", "LGE", "-o", "{tmp}/e"], ["-m", "{tmp}", "--modality", "LGE", "-o", "{tmp}/e"],
         ["-m", "{model}", "--modality", "LGE", "-o", "{tmp}/e", "-f", "0", "0"],
@@ -163,8 +165,10 @@ def hostile_setup(tmp_path, monkeypatch):
         (root / f"Dataset{TAGGED_ID}_Tagged").mkdir()
         (root / f"Dataset{TAGGED_ID}_Tagged" / "dataset.json").write_text(json.dumps(tagged))
     (raw / f"Dataset{TAGGED_ID}_Tagged" / "imagesTr").mkdir()
+    (raw / f"Dataset{TAGGED_ID}_Tagged" / "labelsTr").mkdir()
     for case in tagged["csa_case_modality"]:
         (raw / f"Dataset{TAGGED_ID}_Tagged" / "imagesTr" / f"{case}_0000.nii.gz").write_bytes(b"")
+        (raw / f"Dataset{TAGGED_ID}_Tagged" / "labelsTr" / f"{case}.nii.gz").write_bytes(b"")
     (preprocessed / f"Dataset{TAGGED_ID}_Tagged" / "nnUNetPlans.json").write_text(
         json.dumps({"configurations": {"2d": {}}}))
     (preprocessed / f"Dataset{TAGGED_ID}_Tagged" / "splits_final.json").write_text(

@@ -21,7 +21,7 @@ from batchgenerators.utilities.file_and_folder_operations import join, save_json
 from nnunetv2_csa.errors import UserInputError, one_line_errors
 from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, is_plain_name, modalities_from_plans
 from nnunetv2_csa.tools.commands import sigterm_unwinds
-from nnunetv2_csa.tools.inputs import read_json_file
+from nnunetv2_csa.tools.inputs import check_output_folder, read_json_file
 
 # torch, nnU-Net and the modules that need them are imported where they are used, so that
 # `nnUNetv2_csa_export_modality --help` and argument errors answer at once
@@ -93,10 +93,8 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
     plans_manager = PlansManager(plans)
 
     fold_folders = _fold_folders(model_folder, folds)
-    try:
-        staging = tempfile.mkdtemp(prefix=".export_", dir=parent)
-    except OSError as e:
-        raise ExportError(f"cannot write into {parent} ({e.strerror}): choose a writable place for -o") from None
+    check_output_folder(output_folder, "-o")
+    staging = tempfile.mkdtemp(prefix=".export_", dir=parent)
     try:
         for fold in fold_folders:
             checkpoint_file = join(model_folder, fold, checkpoint_name)

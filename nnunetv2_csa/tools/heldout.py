@@ -23,7 +23,7 @@ from typing import Sequence
 from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
 from nnunetv2_csa.modality import modality_tags_from_dataset_json
 from nnunetv2_csa.tools.commands import sigterm_unwinds
-from nnunetv2_csa.tools.inputs import dataset_folder, integer_at_least, read_json_file
+from nnunetv2_csa.tools.inputs import check_output_folder, dataset_folder, integer_at_least, read_json_file
 
 
 class HeldOutError(UserInputError, ValueError):
@@ -60,6 +60,7 @@ def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, 
     parent = os.path.dirname(os.path.abspath(output_folder))
     if not os.path.isdir(parent):
         raise HeldOutError(f"the folder {parent} that -o {output_folder} would go into does not exist; create it first")
+    check_output_folder(output_folder, "-o")
     staging = tempfile.mkdtemp(prefix=".heldout_", dir=parent)
     try:
         for source, target in copies:
