@@ -56,3 +56,20 @@ def test_nan_in_an_input_is_an_error_naming_it(model_and_inputs):
     sitk.WriteImage(sitk.GetImageFromArray(array), str(inputs / "p1_LGE_0000.nii.gz"))
     with pytest.raises(NonFiniteVoxelsError, match=r"p1_LGE_0000\.nii\.gz holds 3 NaN/Inf voxel"):
         _predict(inputs, out)
+
+
+@pytest.mark.parametrize("occupied", ["the input folder", "a folder of other files"])
+def test_an_output_folder_it_did_not_write_is_refused_before_predicting(model_and_inputs, occupied):
+    from nnunetv2_csa.tools.mixed_prediction import MixedPredictionError
+
+    inputs, out = model_and_inputs
+    if occupied == "the input folder":
+        out, expected = inputs, "is the input folder -i"
+    else:
+        out.mkdir()
+        (out / "p1_LGE.nii.gz").write_bytes(b"another model's prediction")
+        expected = r"holds files this command did not write \(p1_LGE\.nii\.gz\).*--continue_prediction"
+    with pytest.raises(MixedPredictionError, match=expected):
+        predict_mixed_folder(str(inputs), str(out), ["-d", "907", "-c", "2d"], RULES)
+    if occupied != "the input folder":
+        assert (out / "p1_LGE.nii.gz").read_bytes() == b"another model's prediction"

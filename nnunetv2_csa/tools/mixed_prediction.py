@@ -38,7 +38,7 @@ from nnunetv2_csa.modality import (CONVERSION_KEY, TAGGING_KEY, ModalityTagError
                                    modalities_from_plans)
 from nnunetv2_csa.modality_rules import (Rules, compile_rules, converter_naming_rules, modalities_from_rules,
                                          read_tag_csv, some)
-from nnunetv2_csa.tools.inputs import read_json_file
+from nnunetv2_csa.tools.inputs import check_output_folder, read_json_file
 from nnunetv2_csa.training.inference_modality import INFERENCE_MODALITY_ENV
 
 #: what the output folder records about the routing
@@ -161,8 +161,7 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
     if dry_run:
         print("dry run: nothing predicted")
         return assignment
-    if os.path.isfile(output_folder):
-        raise MixedPredictionError(f"-o {output_folder} is a file; give a folder")
+    _check_output_folder(output_folder, input_folder, "--continue_prediction" in predict_options)
     os.makedirs(output_folder, exist_ok=True)
     for done, (modality, cases) in enumerate(by_modality.items()):
         with tempfile.TemporaryDirectory(prefix=f"csa_predict_{modality}_") as sorted_input:
@@ -184,6 +183,23 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
         json.dump(record, f, indent=1)
     os.replace(f.name, os.path.join(output_folder, RECORD_FILE))
     return assignment
+
+
+def _check_output_folder(output_folder: str, input_folder: str, continuing: bool) -> None:
+    """-o can be written, is not the input folder, and is new, empty, written by this command
+    before (its record is there) or named for --continue_prediction: nnUNetv2_predict replaces
+    files of the cases' names without a word."""
+    check_output_folder(output_folder, "-o")
+    if os.path.realpath(output_folder) == os.path.realpath(input_folder):
+        raise MixedPredictionError(f"-o {output_folder} is the input folder -i: the predictions would mix with the "
+                                   f"images; give another folder")
+    if continuing or not os.path.isdir(output_folder) or os.path.isfile(os.path.join(output_folder, RECORD_FILE)):
+        return
+    present = sorted(os.listdir(output_folder))
+    if present:
+        raise MixedPredictionError(f"-o {output_folder} holds files this command did not write "
+                                   f"({first_few(present, 5)}); give a new or empty folder, or add "
+                                   f"--continue_prediction to keep them and predict the rest")
 
 
 @one_line_errors()
