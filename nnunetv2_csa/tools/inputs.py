@@ -101,3 +101,12 @@ def check_output_folder(folder: str, option: str) -> None:
         tempfile.TemporaryDirectory(dir=nearest, prefix=".write_test_").cleanup()
     except OSError as e:
         raise InputFileError(f"cannot write into {nearest} ({e.strerror}); choose a writable {option}") from None
+
+
+def entries_of_a_folder_not_ours(folder: str, marker: str) -> list[str]:
+    """The entries of ``folder`` when it exists without ``marker`` (the file or folder a command
+    leaves to know the folder as its own): what the command must not replace or mix with. Empty
+    for a new or empty folder and for one with the marker."""
+    if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, marker)):
+        return []
+    return sorted(os.listdir(folder))

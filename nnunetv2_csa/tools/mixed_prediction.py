@@ -38,7 +38,7 @@ from nnunetv2_csa.modality import (CONVERSION_KEY, TAGGING_KEY, ModalityTagError
                                    modalities_from_plans)
 from nnunetv2_csa.modality_rules import (Rules, compile_rules, converter_naming_rules, modalities_from_rules,
                                          read_tag_csv, some)
-from nnunetv2_csa.tools.inputs import check_output_folder, read_json_file
+from nnunetv2_csa.tools.inputs import check_output_folder, entries_of_a_folder_not_ours, read_json_file
 from nnunetv2_csa.training.inference_modality import INFERENCE_MODALITY_ENV
 
 #: what the output folder records about the routing
@@ -193,9 +193,7 @@ def _check_output_folder(output_folder: str, input_folder: str, continuing: bool
     if os.path.realpath(output_folder) == os.path.realpath(input_folder):
         raise MixedPredictionError(f"-o {output_folder} is the input folder -i: the predictions would mix with the "
                                    f"images; give another folder")
-    if continuing or not os.path.isdir(output_folder) or os.path.isfile(os.path.join(output_folder, RECORD_FILE)):
-        return
-    present = sorted(os.listdir(output_folder))
+    present = [] if continuing else entries_of_a_folder_not_ours(output_folder, RECORD_FILE)
     if present:
         raise MixedPredictionError(f"-o {output_folder} holds files this command did not write "
                                    f"({first_few(present, 5)}); give a new or empty folder, or add "

@@ -65,7 +65,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
 from nnunetv2_csa.errors import first_few
-from nnunetv2_csa.tools.inputs import check_output_folder, integer_at_least
+from nnunetv2_csa.tools.inputs import check_output_folder, entries_of_a_folder_not_ours, integer_at_least
 
 # ----------------------------------------------------------------------------- label codes
 MSCMRSEG_LABELS = {"myocardium": 200, "lv_blood": 500, "rv_blood": 600}
@@ -136,9 +136,7 @@ def _check_output_folder(out_dir: str, overwrite: bool) -> None:
     there): it never replaces a user's files with synthetic ones, nor labels them synthetic with
     its marker, unless ``overwrite``."""
     check_output_folder(out_dir, "-o")
-    if overwrite or not os.path.isdir(out_dir) or os.path.isfile(os.path.join(out_dir, PHANTOM_MARKER)):
-        return
-    present = sorted(os.listdir(out_dir))
+    present = [] if overwrite else entries_of_a_folder_not_ours(out_dir, PHANTOM_MARKER)
     if present:
         raise ValueError(f"{out_dir} holds files the phantom did not write ({first_few(present, 5)}); they could be "
                          f"replaced by synthetic ones and its marker would label them synthetic: choose a new or "

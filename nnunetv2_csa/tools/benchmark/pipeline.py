@@ -27,7 +27,7 @@ from nnunetv2_csa.tools.benchmark.runner import (TIMING_FILE, kept_or_new_timing
 from nnunetv2_csa.tools.benchmark.scoring import (OTHER_MODALITY_SOURCE, VALIDATION_SOURCE, FoldRun, TestSet,
                                                   evaluate_rows, fold_test_set, merge_test_sets)
 from nnunetv2_csa.tools.benchmark.tables import budget_table, wilcoxon_table
-from nnunetv2_csa.tools.inputs import check_output_folder, dataset_folder, read_json_file
+from nnunetv2_csa.tools.inputs import check_output_folder, dataset_folder, entries_of_a_folder_not_ours, read_json_file
 
 
 def _fold_rows(rows: Sequence[str], fold: int, modalities: Sequence[str], norm: str, budget, single_budget: str,
@@ -87,9 +87,7 @@ def _check_report_folder(folder: str) -> None:
     earlier run): the report's files never replace a user's results.csv or report.md. A folder
     seeded with only ``predictions/`` to reuse is fine: nothing in it is replaced."""
     check_output_folder(folder, "-o")
-    if not os.path.isdir(folder) or os.path.isdir(os.path.join(folder, "logs")):
-        return
-    replaced = [name for name in sorted(os.listdir(folder))
+    replaced = [name for name in entries_of_a_folder_not_ours(folder, "logs")
                 if name in ("report.md", "results.csv", "results.json", TIMING_FILE) or name.endswith(".png")]
     if replaced:
         raise BenchmarkError(f"-o {folder} holds {first_few(replaced, 5)}, which the benchmark did not write and its "
