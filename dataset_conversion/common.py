@@ -171,11 +171,15 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
     return staged.final_folder
 
 
+#: the largest --crop side: a larger box is padded in memory (gigabytes per image), far beyond any scanner's matrix
+MAX_CROP = 2048
+
+
 def _checked_crop(crop: Sequence[int] | None) -> tuple[int, int] | None:
     if crop is None:
         return None
-    if len(crop) != 2 or any(int(v) < 1 for v in crop):
-        raise ConversionError(f"--crop takes two positive sizes H W in pixels, got {list(crop)}")
+    if len(crop) != 2 or any(not 1 <= int(v) <= MAX_CROP for v in crop):
+        raise ConversionError(f"--crop takes two sizes H W from 1 to {MAX_CROP} pixels, got {list(crop)}")
     return int(crop[0]), int(crop[1])
 
 

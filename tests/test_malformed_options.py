@@ -42,6 +42,7 @@ MALFORMED = {
         (["-i", "{tmp}", "-d", "501", "--name", ""], NAME_LIMIT),
         (["-i", "{tmp}", "-d", "501", "--name", "a" * 300], NAME_LIMIT),
         ["-i", "{tmp}", "-d", "501", "--crop", "0", "5"], ["-i", "{tmp}", "-d", "501", "-np", "0"],
+        (["-i", "{tmp}", "-d", "501", "--crop", "224", "100000"], "from 1 to 2048 pixels"),
         ["-i", "{tmp}", "-d", "501", "-o", "{file}"], ["-i", "{file}", "-d", "501"]],
     "nnUNetv2_csa_convert_mmwhs": [CONVERTER, ["-i", "{tmp}", "-d", "502", "--seed", "x"],
                                    ["-i", "{tmp}", "-d", "502", "-np", "-2"]],
@@ -66,6 +67,8 @@ MALFORMED = {
     "nnUNetv2_csa_phantom": [
         ["--layout", "mscmrseg", "-o", "{tmp}/p", "-n", "-1"], ["--layout", "myops", "-o", "{tmp}/p", "-n", "x"],
         ["--layout", "mmwhs", "-o", "{tmp}/p", "--seed", "-1"], ["--layout", "mmwhs", "-o", "{tmp}/p", "--size", "2"],
+        (["--layout", "mmwhs", "-o", "{tmp}/p", "--size", "100000"], "from 32"),
+        (["--layout", "myops", "-o", "{tmp}/p", "--size", "100000"], "from 48"),
         ["--layout", "mscmrseg", "-o", "{file}", "-n", "1", "--size", "16"]],
     "nnUNetv2_csa_evaluate": [
         ["-pred", "{missing}", "-ref", "{tmp}", "-l", "1"], ["-pred", "{tmp}", "-ref", "{missing}", "-l", "1"],
@@ -112,7 +115,9 @@ MALFORMED = {
     "nnUNetv2_csa_demo": [
         ["--output", "{file}"], ["--dataset-id", "-1", "--output", "{tmp}/d"],
         ["--budget", "0", "0", "--output", "{tmp}/d"], ["--phantom-patients", "-1", "--output", "{tmp}/d"],
-        ["--phantom-size", "x", "--output", "{tmp}/d"], ["--rows", "Bogus", "--output", "{tmp}/d"],
+        ["--phantom-size", "x", "--output", "{tmp}/d"],
+        (["--phantom-size", "100000", "--output", "{tmp}/d"], "from 48"),
+        ["--rows", "Bogus", "--output", "{tmp}/d"],
         ["--timing-iterations", "-1", "--output", "{tmp}/d"], ["--data", "{missing}", "--output", "{tmp}/d"]],
     "nnUNetv2_csa_predict": [
         ["-i", "{missing}", "-o", "{tmp}/o", "-d", str(UNKNOWN_ID), "-c", "2d"],

@@ -153,6 +153,12 @@ def run_demo(output: str = "demo_output", data: str | None = None, layout: str |
         raise DemoError(f"unknown rows {unknown}; choose from {list(ALL_ROWS)}")
     if data is not None and not os.path.isdir(data):
         raise DemoError(f"--data {data} is not a folder")
+    if data is None:
+        from nnunetv2_csa.tools.phantom import check_mscmrseg_request
+        try:
+            check_mscmrseg_request(phantom_patients, phantom_size)
+        except ValueError as e:
+            raise DemoError(f"--phantom-patients/--phantom-size: {e}") from None
     if os.path.exists(output) and not os.path.isdir(output):
         raise DemoError(f"--output {output} is a file; give a folder for the demo's data and report")
     output = os.path.abspath(output)

@@ -110,6 +110,9 @@ _MYOPS_SLICES = (4, 7)
 
 _MIN_IN_PLANE_SIZE = 48  # below this the myocardial ring gets thinner than a pixel
 _MIN_VOLUME_SIZE = 32
+# above these a phantom needs gigabytes while drawn (and is larger than the real matrices)
+_MAX_IN_PLANE_SIZE = 512
+_MAX_VOLUME_SIZE = 256
 
 _LAYOUT_CODES = {"mscmrseg": 1, "mmwhs": 2, "myops": 3}
 
@@ -413,9 +416,9 @@ def _short_axis_label(tissue: np.ndarray, scar: np.ndarray | None = None,
 
 # ================================================================================ MS-CMRSeg
 def _check_in_plane_size(in_plane_size: int) -> None:
-    if int(in_plane_size) != in_plane_size or in_plane_size < _MIN_IN_PLANE_SIZE:
-        raise ValueError(f"in_plane_size must be an integer >= {_MIN_IN_PLANE_SIZE} (thinner grids "
-                         f"cannot hold a myocardial ring), got {in_plane_size!r}")
+    if int(in_plane_size) != in_plane_size or not _MIN_IN_PLANE_SIZE <= in_plane_size <= _MAX_IN_PLANE_SIZE:
+        raise ValueError(f"in_plane_size must be an integer from {_MIN_IN_PLANE_SIZE} (thinner grids cannot hold a "
+                         f"myocardial ring) to {_MAX_IN_PLANE_SIZE}, got {in_plane_size!r}")
 
 
 def mscmrseg_patient_volumes(patient: int, modalities: Sequence[str] = MSCMRSEG_SEQUENCES,
@@ -472,6 +475,13 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_mscmrseg_request(n_patients: int, in_plane_size: int) -> None:
+    """What :func:`write_mscmrseg_phantom` checks of its patient count and matrix (a ValueError),
+    for a caller that checks all its inputs before it writes anything (the demo)."""
+    _check_count("n_patients", n_patients)
+    _check_in_plane_size(in_plane_size)
+
+
 def write_mscmrseg_phantom(out_dir: str, n_patients: int = 10, modalities=("C0", "LGE", "T2"),
                            seed: int = 0, unlabelled: dict[str, list[int]] | None = None,
                            in_plane_size: int = 96, overwrite: bool = False) -> list[str]:
@@ -481,9 +491,8 @@ def write_mscmrseg_phantom(out_dir: str, n_patients: int = 10, modalities=("C0",
     (no zero padding); codes 0, 200 myocardium, 500 LV, 600 RV. ``unlabelled`` maps a sequence to
     patient numbers whose ``_manual`` file is not written (the real release lacks some labels).
     """
-    _check_count("n_patients", n_patients)
+    check_mscmrseg_request(n_patients, in_plane_size)
     _check_seed(seed)
-    _check_in_plane_size(in_plane_size)
     modalities = tuple(modalities)
     if isinstance(modalities, str) or not modalities:
         raise ValueError(f"modalities must be a non-empty sequence of names, got {modalities!r}")
@@ -643,9 +652,9 @@ def _render_whole_heart(rng: np.random.Generator, size: int, spacing: np.ndarray
 
 
 def _check_volume_size(size: int) -> None:
-    if int(size) != size or size < _MIN_VOLUME_SIZE:
-        raise ValueError(f"size must be an integer >= {_MIN_VOLUME_SIZE} (smaller cubes lose the thin "
-                         f"structures), got {size!r}")
+    if int(size) != size or not _MIN_VOLUME_SIZE <= size <= _MAX_VOLUME_SIZE:
+        raise ValueError(f"size must be an integer from {_MIN_VOLUME_SIZE} (smaller cubes lose the thin structures) "
+                         f"to {_MAX_VOLUME_SIZE}, got {size!r}")
 
 
 _MMWHS_CODES = {LV: 500, MYO: 205, AORTA: 820, PULMONARY: 850, LA: 420, RA: 550, RV: 600}
