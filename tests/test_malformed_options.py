@@ -27,7 +27,7 @@ TAGGED = str(TAGGED_ID)
 # {tmp}: a fresh folder; {file}: a plain file in it; {missing}: a path that does not exist; {raw}:
 # nnUNet_raw, holding Dataset901 (dataset.json, no imagesTr) and Dataset902 (dataset.json holding null),
 # neither preprocessed, and Dataset903 (two tagged cases, empty stand-ins for their image and label files,
-# preprocessed: dataset.json, plans, split);
+# preprocessed: dataset.json, a split, nnUNetPlans and nnUNetPlansUnprocessed, whose 2d data are missing);
 # {model}: a model folder with plans.json and an empty fold_0; {users_report}: a folder of the user's
 # report.md, results.csv and notes.txt. A case is its arguments, or (arguments,
 # what its error line must say) where an earlier check could otherwise answer first
@@ -110,6 +110,8 @@ MALFORMED = {
         (["-d", TAGGED, "--budget", "1", "5", "-o", "/proc/report"], "cannot write into /proc"),
         (["-d", TAGGED, "--budget", "1", "5", "-p", "nnUNetPlansTypo"], "nnUNetPlansTypo.json does not exist"),
         (["-d", TAGGED, "--budget", "1", "5", "-c", "3d_typo"], "'3d_typo' is not in"),
+        (["-d", TAGGED, "--budget", "1", "5", "-p", "nnUNetPlansUnprocessed"],
+         "configuration is not preprocessed yet"),
         (["-d", TAGGED, "--budget", "1", "5", "-f", "7"], "fold(s) [7]"),
         (["-d", TAGGED, "--budget", "1", "5", "--rows", "Bogus"], "invalid choice")],
     "nnUNetv2_csa_demo": [
@@ -176,6 +178,8 @@ def hostile_setup(tmp_path, monkeypatch):
         (raw / f"Dataset{TAGGED_ID}_Tagged" / "labelsTr" / f"{case}.nii.gz").write_bytes(b"")
     (preprocessed / f"Dataset{TAGGED_ID}_Tagged" / "nnUNetPlans.json").write_text(
         json.dumps({"configurations": {"2d": {}}}))
+    (preprocessed / f"Dataset{TAGGED_ID}_Tagged" / "nnUNetPlansUnprocessed.json").write_text(
+        json.dumps({"configurations": {"2d": {"data_identifier": "nnUNetPlansUnprocessed_2d"}}}))
     (preprocessed / f"Dataset{TAGGED_ID}_Tagged" / "splits_final.json").write_text(
         json.dumps([{"train": ["p1_LGE"], "val": ["p1_C0"]}]))
     (raw / f"Dataset{NULL_JSON_ID}_Null").mkdir()

@@ -163,12 +163,18 @@ def prepare(dataset_id, configuration: str, plans: str, folds, budget: tuple[int
     plans_file = os.path.join(preprocessed_folder, plans + ".json")
     if not os.path.isfile(plans_file):
         raise BenchmarkError(f"{plans_file} does not exist: check -p (the plans of this dataset: "
-                             f"{sorted(f[:-5] for f in os.listdir(preprocessed_folder) if 'Plans' in f)})")
+                             f"{sorted(f[:-5] for f in os.listdir(preprocessed_folder) if f.endswith('Plans.json'))})")
     configurations = read_json_file(plans_file, f"run nnUNetv2_plan_and_preprocess -d {dataset_id} again"
                                     ).get("configurations", {})
     if configuration not in configurations:
         raise BenchmarkError(f"configuration {configuration!r} is not in {plans_file}; choose one of "
                              f"{sorted(configurations)} with -c")
+    data_identifier = configurations[configuration].get("data_identifier")  # absent where a configuration inherits
+    data_folder = os.path.join(preprocessed_folder, data_identifier or "")
+    if data_identifier and not os.path.isdir(data_folder):
+        raise BenchmarkError(f"{data_folder} does not exist: the {configuration} configuration is not preprocessed "
+                             f"yet; run nnUNetv2_preprocess -d {dataset_id} -c {configuration} -plans_name {plans} "
+                             f"first")
     splits_file = os.path.join(preprocessed_folder, "splits_final.json")
     if not os.path.isfile(splits_file):
         raise BenchmarkError(f"{splits_file} does not exist: convert the dataset with nnUNetv2_csa_convert_* "
