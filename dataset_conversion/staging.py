@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 try:
     import fcntl
@@ -121,6 +121,21 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def replace_file(target: str, write: Callable[[str], None]) -> None:
+    """``write(path)`` fills a temporary file beside ``target``, which is then renamed over
+    ``target``: no reader, and no run interrupted half-way, ever finds half a file there."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".incomplete",
+                                         dir=os.path.dirname(target))
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes it private (0600)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def write_json(obj, path: str) -> None:

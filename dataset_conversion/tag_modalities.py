@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import re
 import shutil
-import tempfile
 import warnings
 from typing import Mapping, Sequence
 
 from dataset_conversion.common import run_main
 from dataset_conversion.errors import ConversionError, ConversionWarning
 from dataset_conversion.splits import DEFAULT_SEED, SPLIT_CHOICES, check_splits_cover_modalities, make_patient_splits
-from dataset_conversion.staging import current_umask, stale_preprocessed_message, write_json
+from dataset_conversion.staging import replace_file, stale_preprocessed_message, write_json
 from nnunetv2_csa.errors import first_few
 from nnunetv2_csa.image_files import images_not_read
 from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, TAGGING_KEY, ModalityTags,
@@ -194,22 +194,11 @@ def _print_assignment(folder: str, tags: ModalityTags, case_patient: Mapping[str
 
 
 def _replace_file(content, target: str) -> None:
-    """Writes ``content`` (bytes as they are, anything else as JSON) next to ``target`` and renames
-    it over ``target`` (atomic)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".incomplete",
-                                         dir=os.path.dirname(target))
-    os.close(handle)
-    try:
-        if isinstance(content, bytes):
-            with open(temporary, "wb") as f:
-                f.write(content)
-        else:
-            write_json(content, temporary)
-        os.chmod(temporary, 0o666 & ~current_umask())
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    """``content`` (bytes as they are, anything else as JSON) into ``target``, atomically."""
+    if isinstance(content, bytes):
+        replace_file(target, lambda path: pathlib.Path(path).write_bytes(content))
+    else:
+        replace_file(target, lambda path: write_json(content, path))
 
 
 def _content_or_none(path: str) -> bytes | None:

@@ -581,6 +581,22 @@ def test_an_output_folder_the_evaluation_wrote_is_written_again(tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["metrics.csv", "summary.json"]
 
 
+def test_an_evaluation_stopped_while_writing_leaves_no_half_file_and_runs_again(tmp_path, monkeypatch):
+    pred, ref = make_folders(tmp_path, ["c1"], ["c1"])
+    out = tmp_path / "out"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM as the command turns it into SystemExit
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pd.DataFrame, "to_csv", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_folder(pred, ref, LABELS, output_folder=str(out))
+    assert os.listdir(out) == ["summary.json"]  # whole, and no temporary file beside it
+    evaluate_folder(pred, ref, LABELS, output_folder=str(out))  # its own folder: written again
+    assert sorted(os.listdir(out)) == ["metrics.csv", "summary.json"]
+
+
 def test_cli_dataset_json_without_tags_evaluates_without_modality(tmp_path, capsys):
     pred, ref = make_folders(tmp_path, ["c1", "c2"], ["c1", "c2"])
     dataset_json = tmp_path / "dataset.json"

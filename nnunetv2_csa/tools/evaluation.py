@@ -74,8 +74,10 @@ import SimpleITK as sitk
 from scipy import stats
 from tqdm import tqdm
 
+from dataset_conversion.staging import replace_file
 from nnunetv2_csa.errors import first_few, one_line_errors
 from nnunetv2_csa.image_files import check_file_complete, grid_differences, images_not_read
+from nnunetv2_csa.tools.commands import sigterm_unwinds
 from nnunetv2_csa.tools.inputs import check_output_folder, integer_at_least, read_json_file
 from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
 
@@ -268,10 +270,9 @@ def _check_output_folder(folder: str) -> None:
     """``folder`` can be written, and holds no metrics.csv or summary.json but the evaluation's own
     (nnU-Net writes a summary.json of its own into a prediction folder)."""
     check_output_folder(folder, "-o")
-    summary = os.path.join(folder, "summary.json")
     try:
-        with open(summary) as f:
-            ours = "definitions" in json.load(f) and os.path.isfile(os.path.join(folder, "metrics.csv"))
+        with open(os.path.join(folder, "summary.json")) as f:
+            ours = "definitions" in json.load(f)
     except (OSError, ValueError, TypeError):
         ours = False
     present = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(folder, name))]
@@ -370,10 +371,15 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
 
     if output_folder is not None:
         os.makedirs(output_folder, exist_ok=True)
-        df.to_csv(os.path.join(output_folder, "metrics.csv"), index=False)
-        files = {c: (predictions[c], references[c]) for c in cases}
-        with open(os.path.join(output_folder, "summary.json"), "w") as f:
-            json.dump(_summary_json(df, files, hd95), f, indent=2, sort_keys=False)
+        summary = _summary_json(df, {c: (predictions[c], references[c]) for c in cases}, hd95)
+
+        def write_summary(path):
+            with open(path, "w") as f:
+                json.dump(summary, f, indent=2, sort_keys=False)
+        # each file whole or not at all; summary.json first, since it marks the folder as this
+        # command's (_check_output_folder): a run stopped between the two can be run again
+        replace_file(os.path.join(output_folder, "summary.json"), write_summary)
+        replace_file(os.path.join(output_folder, "metrics.csv"), lambda path: df.to_csv(path, index=False))
     return df
 
 
@@ -617,7 +623,8 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
 @one_line_errors(ValueError, OSError)  # bad input: files, labels, geometry; the message names the file
 def main(argv: Sequence[str] | None = None) -> None:
     # a console script's return value becomes its exit status: return nothing on success
-    run_cli(argv)
+    with sigterm_unwinds():  # a terminated run leaves no temporary file behind
+        run_cli(argv)
 
 
 if __name__ == "__main__":
