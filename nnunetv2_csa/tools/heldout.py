@@ -23,7 +23,8 @@ from typing import Sequence
 from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
 from nnunetv2_csa.modality import modality_tags_from_dataset_json
 from nnunetv2_csa.tools.commands import sigterm_unwinds
-from nnunetv2_csa.tools.inputs import check_output_folder, dataset_folder, integer_at_least, read_json_file
+from nnunetv2_csa.tools.inputs import (check_output_folder, dataset_folder, integer_at_least, read_json_file,
+                                      read_splits)
 
 
 class HeldOutError(UserInputError, ValueError):
@@ -48,8 +49,7 @@ def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, 
         splits_file = os.path.join(raw, "splits_final.json")
     if not os.path.isfile(splits_file):
         raise HeldOutError(f"no splits_final.json in {preprocessed} or {raw}: convert with nnUNetv2_csa_convert_*")
-    splits = read_json_file(splits_file, "convert the dataset again, or tag it with nnUNetv2_csa_tag_modalities",
-                            holds=list)
+    splits = read_splits(splits_file, "convert the dataset again, or tag it with nnUNetv2_csa_tag_modalities")
     if not 0 <= fold < len(splits):
         raise HeldOutError(f"fold {fold} is not in {splits_file} ({len(splits)} folds)")
     ending = dataset_json.get("file_ending", ".nii.gz")

@@ -54,6 +54,19 @@ def read_json_file(path: str, fix: str, holds: type = dict):
     return content
 
 
+def read_splits(path: str, fix: str) -> list[dict]:
+    """nnU-Net's splits_final.json: a list of folds, each {"train": [cases], "val": [cases]}; any
+    other content is an :class:`InputFileError` naming the file and ``fix``."""
+    splits = read_json_file(path, fix, holds=list)
+    for fold in splits:
+        if not (isinstance(fold, dict) and all(isinstance(fold.get(part), list) and
+                                               all(isinstance(case, str) for case in fold[part])
+                                               for part in ("train", "val"))):
+            raise InputFileError(f"{path} is not a split: each fold must be {{\"train\": [cases], \"val\": [cases]}}; "
+                                 f"{fix}")
+    return splits
+
+
 def dataset_name(dataset_id) -> str:
     """nnU-Net's folder name (DatasetXXX_Name) of a dataset id or name, looked up as nnU-Net does."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name

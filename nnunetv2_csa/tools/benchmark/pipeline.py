@@ -27,7 +27,8 @@ from nnunetv2_csa.tools.benchmark.runner import (TIMING_FILE, kept_or_new_timing
 from nnunetv2_csa.tools.benchmark.scoring import (OTHER_MODALITY_SOURCE, VALIDATION_SOURCE, FoldRun, TestSet,
                                                   evaluate_rows, fold_test_set, merge_test_sets)
 from nnunetv2_csa.tools.benchmark.tables import budget_table, wilcoxon_table
-from nnunetv2_csa.tools.inputs import check_output_folder, dataset_folder, entries_of_a_folder_not_ours, read_json_file
+from nnunetv2_csa.tools.inputs import (check_output_folder, dataset_folder, entries_of_a_folder_not_ours,
+                                      read_json_file, read_splits)
 
 
 def _fold_rows(rows: Sequence[str], fold: int, modalities: Sequence[str], norm: str, budget, single_budget: str,
@@ -179,7 +180,7 @@ def prepare(dataset_id, configuration: str, plans: str, folds, budget: tuple[int
     if not os.path.isfile(splits_file):
         raise BenchmarkError(f"{splits_file} does not exist: convert the dataset with nnUNetv2_csa_convert_* "
                              f"(it writes the patient-grouped splits), or run nnU-Net once to create them")
-    splits = read_json_file(splits_file, "convert or tag the dataset again", holds=list)
+    splits = read_splits(splits_file, "convert or tag the dataset again")
     folds = _parse_folds(folds, len(splits), splits_file)
     if budget is not None:
         budget = (int(budget[0]), int(budget[1]))
