@@ -134,8 +134,16 @@ def modality_tags_from_dataset_json(dataset_json: Mapping, source: str = "datase
             f"{source} has no {missing} entries: it was not written by an nnunetv2_csa converter. "
             f"Convert the data with nnUNetv2_csa_convert_* or add '{MODALITIES_KEY}' (list of "
             f"names) and '{CASE_MODALITY_KEY}' (case -> name) by hand")
+    names, case_modality = dataset_json[MODALITIES_KEY], dataset_json[CASE_MODALITY_KEY]
+    case_patient = dataset_json.get(CASE_PATIENT_KEY, {})
+    # the shapes first: a hand-edited file may hold null or a list where an object belongs
+    if not (isinstance(names, list) and isinstance(case_modality, dict) and isinstance(case_patient, dict)
+            and all(isinstance(v, str) for v in [*case_modality.values(), *case_patient.values()])):
+        raise ModalityTagError(f"{source}: '{MODALITIES_KEY}' must be a list of names, '{CASE_MODALITY_KEY}' an "
+                               f"object case -> modality name and '{CASE_PATIENT_KEY}' (if there) an object case -> "
+                               f"patient; convert or tag the dataset again")
     try:
-        return ModalityTags(tuple(dataset_json[MODALITIES_KEY]), dict(dataset_json[CASE_MODALITY_KEY]))
+        return ModalityTags(tuple(names), dict(case_modality))
     except ModalityTagError as e:
         raise ModalityTagError(f"{source}: {e}") from None
 
@@ -160,5 +168,11 @@ def read_modality_tags(folder_or_file: str) -> ModalityTags:
     if not os.path.isfile(path):
         raise ModalityTagError(f"{path} does not exist: expected an nnU-Net dataset.json "
                                f"(raw, preprocessed or model folder)")
-    with open(path) as f:
-        return modality_tags_from_dataset_json(json.load(f), source=path)
+    try:
+        with open(path) as f:
+            dataset_json = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModalityTagError(f"cannot read {path} ({e}); fix it or convert the dataset again") from None
+    if not isinstance(dataset_json, dict):
+        raise ModalityTagError(f"{path} does not hold a JSON object; fix it or convert the dataset again")
+    return modality_tags_from_dataset_json(dataset_json, source=path)

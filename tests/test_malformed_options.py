@@ -22,14 +22,14 @@ with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
     CONSOLE_SCRIPTS = {name: target for name, target in tomllib.load(_f)["project"]["scripts"].items()
                        if name.startswith("nnUNetv2_csa_")}
 
-NO_IMAGES_ID, NULL_JSON_ID, TAGGED_ID, MALFORMED_SPLIT_ID, UNKNOWN_ID = 901, 902, 903, 904, 977
+NO_IMAGES_ID, NULL_JSON_ID, TAGGED_ID, MALFORMED_SPLIT_ID, MALFORMED_TAGS_ID, UNKNOWN_ID = 901, 902, 903, 904, 905, 977
 TAGGED = str(TAGGED_ID)
 
 # {tmp}: a fresh folder; {file}: a plain file in it; {missing}: a path that does not exist; {raw}:
 # nnUNet_raw, holding Dataset901 (dataset.json, no imagesTr) and Dataset902 (dataset.json holding null),
 # neither preprocessed, and Dataset903 (two tagged cases, empty stand-ins for their image and label files,
 # preprocessed: dataset.json, a split, nnUNetPlans and nnUNetPlansUnprocessed, whose 2d data are missing), and
-# Dataset904, its copy with a malformed split;
+# Dataset904 and Dataset905, its copies with a malformed split and malformed tags;
 # {model}: a model folder with plans.json and an empty fold_0; {users_report}: a folder of the user's
 # report.md, results.csv and notes.txt. A case is its arguments, or (arguments,
 # what its error line must say) where an earlier check could otherwise answer first
@@ -80,13 +80,15 @@ MALFORMED = {
         (["-pred", "{tmp}", "-ref", "{raw}", "-l", "1", "--hd95", "medpy"], "invalid choice"),
         (["-pred", "{tmp}", "-ref", "{raw}", "-l", "1", "-o", "{file}"], "is a file"),
         ["-pred", "{tmp}", "-ref", "{tmp}", "-djfile", "{missing}"],
-        ["-pred", "{tmp}", "-ref", "{tmp}", "-djfile", "{raw}/Dataset902_Null/dataset.json"]],
+        ["-pred", "{tmp}", "-ref", "{tmp}", "-djfile", "{raw}/Dataset902_Null/dataset.json"],
+        (["-pred", "{tmp}", "-ref", "{raw}", "-djfile", "{raw}/Dataset905_MalformedTags"], "must be a list of names")],
     "nnUNetv2_csa_heldout": [
         ["-d", str(UNKNOWN_ID), "-o", "{tmp}/h"], ["-d", "../x", "-o", "{tmp}/h"],
         ["-d", str(NO_IMAGES_ID), "-o", "{tmp}/h", "-f", "-1"], ["-d", str(NULL_JSON_ID), "-o", "{tmp}/h"],
         ["-d", str(NO_IMAGES_ID), "-o", "{file}"], ["-d", str(NO_IMAGES_ID), "-o", "{tmp}/h", "-f", "x"],
         (["-d", TAGGED, "-o", "/proc/heldout"], "cannot write into /proc"),
-        (["-d", str(MALFORMED_SPLIT_ID), "-o", "{tmp}/h"], "is not a split")],
+        (["-d", str(MALFORMED_SPLIT_ID), "-o", "{tmp}/h"], "is not a split"),
+        (["-d", str(MALFORMED_TAGS_ID), "-o", "{tmp}/h"], "must be a list of names")],
     "nnUNetv2_csa_export_modality": [
         ["-m", "{missing}", "--modality", "LGE", "-o", "{tmp}/e"], ["-m", "{tmp}", "--modality", "LGE", "-o", "{tmp}/e"],
         ["-m", "{model}", "--modality", "LGE", "-o", "{tmp}/e", "-f", "0", "0"],
@@ -117,6 +119,7 @@ MALFORMED = {
          "configuration is not preprocessed yet"),
         (["-d", TAGGED, "--budget", "1", "5", "-f", "7"], "fold(s) [7]"),
         (["-d", str(MALFORMED_SPLIT_ID), "--budget", "1", "5"], "is not a split"),
+        (["-d", str(MALFORMED_TAGS_ID), "--budget", "1", "5"], "must be a list of names"),
         (["-d", TAGGED, "--budget", "1", "5", "--rows", "Bogus"], "invalid choice")],
     "nnUNetv2_csa_demo": [
         ["--output", "{file}"], ["--dataset-id", "-1", "--output", "{tmp}/d"],
@@ -186,10 +189,14 @@ def hostile_setup(tmp_path, monkeypatch):
         json.dumps({"configurations": {"2d": {"data_identifier": "nnUNetPlansUnprocessed_2d"}}}))
     (preprocessed / f"Dataset{TAGGED_ID}_Tagged" / "splits_final.json").write_text(
         json.dumps([{"train": ["p1_LGE"], "val": ["p1_C0"]}]))
-    # Dataset903 again as Dataset904, whose splits_final.json (raw and preprocessed) holds lists, not folds
+    # Dataset903 again as Dataset904, whose splits_final.json (raw and preprocessed) holds lists, not folds,
+    # and as Dataset905, whose tags are a list and null where objects belong
     for root in (raw, preprocessed):
         shutil.copytree(root / f"Dataset{TAGGED_ID}_Tagged", root / f"Dataset{MALFORMED_SPLIT_ID}_MalformedSplit")
         (root / f"Dataset{MALFORMED_SPLIT_ID}_MalformedSplit" / "splits_final.json").write_text("[[], []]")
+        shutil.copytree(root / f"Dataset{TAGGED_ID}_Tagged", root / f"Dataset{MALFORMED_TAGS_ID}_MalformedTags")
+        (root / f"Dataset{MALFORMED_TAGS_ID}_MalformedTags" / "dataset.json").write_text(json.dumps(
+            {**tagged, "csa_case_modality": ["p1_LGE", "LGE"], "csa_case_patient": None}))
     (raw / f"Dataset{NULL_JSON_ID}_Null").mkdir()
     (raw / f"Dataset{NULL_JSON_ID}_Null" / "dataset.json").write_text("null")
     model = tmp_path / "model"
