@@ -168,11 +168,5 @@ def read_modality_tags(folder_or_file: str) -> ModalityTags:
     if not os.path.isfile(path):
         raise ModalityTagError(f"{path} does not exist: expected an nnU-Net dataset.json "
                                f"(raw, preprocessed or model folder)")
-    try:
-        with open(path) as f:
-            dataset_json = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ModalityTagError(f"cannot read {path} ({e}); fix it or convert the dataset again") from None
-    if not isinstance(dataset_json, dict):
-        raise ModalityTagError(f"{path} does not hold a JSON object; fix it or convert the dataset again")
-    return modality_tags_from_dataset_json(dataset_json, source=path)
+    with open(path) as f:
+        return modality_tags_from_dataset_json(json.load(f), source=path)

@@ -550,7 +550,7 @@ def _read_dataset_json(path: str) -> dict:
 def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """The command line of ``nnUNetv2_csa_evaluate``; returns the per case/class table."""
     from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, OTHER_MODALITY_KEY,
-                                       check_case_name, read_modality_tags)
+                                       check_case_name, modality_tags_from_dataset_json)
 
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_csa_evaluate",
@@ -585,7 +585,7 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
         file_ending = dataset_json.get("file_ending", file_ending)
         has_tags = MODALITIES_KEY in dataset_json or CASE_MODALITY_KEY in dataset_json
         if has_tags and not args.no_modality:
-            case_modality = dict(read_modality_tags(args.djfile).case_modality)
+            case_modality = dict(modality_tags_from_dataset_json(dataset_json, args.djfile).case_modality)
             case_patient = dict(dataset_json.get(CASE_PATIENT_KEY, {}))
             # the images an --unpaired conversion left out (imagesOtherModality) are tagged too
             for case, tag in dataset_json.get(OTHER_MODALITY_KEY, {}).items():
