@@ -148,6 +148,19 @@ def modality_tags_from_dataset_json(dataset_json: Mapping, source: str = "datase
         raise ModalityTagError(f"{source}: {e}") from None
 
 
+def other_modality_cases(dataset_json: Mapping, source: str = "dataset.json") -> dict[str, dict]:
+    """The images an ``--unpaired`` conversion left out of training (``csa_other_modality_cases``:
+    case -> {"modality": name, "patient": id}), their shape and case names checked."""
+    other = dataset_json.get(OTHER_MODALITY_KEY, {})
+    if not (isinstance(other, dict) and all(isinstance(tag, dict) and isinstance(tag.get("modality"), str)
+                                            and isinstance(tag.get("patient"), str) for tag in other.values())):
+        raise ModalityTagError(f"{source}: '{OTHER_MODALITY_KEY}' must be an object case -> {{\"modality\": name, "
+                               f"\"patient\": id}}; convert the dataset again")
+    for case in other:
+        check_case_name(case, source)
+    return dict(other)
+
+
 def modalities_from_plans(plans: Mapping, source: str = "plans") -> list[str]:
     """The ordered modality names a trained model's plans record (``csa_modalities``: the
     trainer writes them into the model folder's plans.json when training starts)."""

@@ -549,8 +549,8 @@ def _read_dataset_json(path: str) -> dict:
 
 def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """The command line of ``nnUNetv2_csa_evaluate``; returns the per case/class table."""
-    from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, OTHER_MODALITY_KEY,
-                                       check_case_name, modality_tags_from_dataset_json)
+    from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY,
+                                       modality_tags_from_dataset_json, other_modality_cases)
 
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_csa_evaluate",
@@ -588,8 +588,8 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
             case_modality = dict(modality_tags_from_dataset_json(dataset_json, args.djfile).case_modality)
             case_patient = dict(dataset_json.get(CASE_PATIENT_KEY, {}))
             # the images an --unpaired conversion left out (imagesOtherModality) are tagged too
-            for case, tag in dataset_json.get(OTHER_MODALITY_KEY, {}).items():
-                case_modality[check_case_name(case, args.djfile)] = tag["modality"]
+            for case, tag in other_modality_cases(dataset_json, args.djfile).items():
+                case_modality[case] = tag["modality"]
                 case_patient[case] = tag["patient"]
             case_patient = case_patient or None
         elif not has_tags:
