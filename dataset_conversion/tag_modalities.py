@@ -36,7 +36,7 @@ from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITI
                                    check_case_name, is_plain_name)
 from nnunetv2_csa.modality_rules import compile_rules, modalities_from_rules, read_tag_csv
 from nnunetv2_csa.modality_rules import some as _some
-from nnunetv2_csa.tools.inputs import integer_at_least, read_json_file
+from nnunetv2_csa.tools.inputs import file_ending_of, integer_at_least, read_json_file
 
 
 BACKUP_SUFFIX = ".before_csa_tags"
@@ -96,21 +96,24 @@ def raw_dataset(dataset: str, raw_root: str | None) -> tuple[str, dict, list[str
     dataset_json = read_json_file(json_file, "fix it or restore it from a backup")
     # the case names only: nnU-Net's get_filenames_of_train_images_and_targets also lists every
     # channel's file, in a pool of 12 forked workers, which can hang a small command like this one
+    images = os.path.join(folder, "imagesTr")
     if "dataset" in dataset_json:
+        if not isinstance(dataset_json["dataset"], dict):
+            raise ConversionError(f"{json_file}: 'dataset' must be an object case -> its files; fix it")
         cases = sorted(dataset_json["dataset"])
     elif "file_ending" not in dataset_json:
         raise ConversionError(f"{json_file} has no file_ending: it is not an nnU-Net v2 dataset.json")
-    elif not os.path.isdir(os.path.join(folder, "imagesTr")):
+    elif not os.path.isdir(images):
         raise ConversionError(f"{folder} has no imagesTr folder: it is not an nnU-Net raw dataset (its training "
                               f"images belong in imagesTr/CASE_0000{dataset_json['file_ending']})")
     else:
-        skipped = images_not_read(os.listdir(os.path.join(folder, "imagesTr")), dataset_json["file_ending"])
+        ending = file_ending_of(dataset_json, json_file)
+        skipped = images_not_read(os.listdir(images), ending)
         if skipped:
-            warnings.warn(f"{len(skipped)} image file(s) in {folder}/imagesTr do not end in the dataset's file_ending "
-                          f"{dataset_json['file_ending']!r}, so neither this command nor nnU-Net sees them: "
-                          f"{first_few(skipped, 10)}; convert or rename them", ConversionWarning, stacklevel=2)
-        cases = sorted(get_identifiers_from_splitted_dataset_folder(os.path.join(folder, "imagesTr"),
-                                                                    dataset_json["file_ending"]))
+            warnings.warn(f"{len(skipped)} image file(s) in {images} do not end in the dataset's file_ending "
+                          f"{ending!r}, so neither this command nor nnU-Net sees them: {first_few(skipped, 10)}; "
+                          f"convert or rename them", ConversionWarning, stacklevel=2)
+        cases = sorted(get_identifiers_from_splitted_dataset_folder(images, ending))
     if not cases:
         raise ConversionError(f"{folder} has no training cases (imagesTr is empty): nothing to tag")
     for case in cases:

@@ -29,7 +29,7 @@ TAGGED = str(TAGGED_ID)
 # nnUNet_raw, holding Dataset901 (dataset.json, no imagesTr) and Dataset902 (dataset.json holding null),
 # neither preprocessed, and Dataset903 (two tagged cases, empty stand-ins for their image and label files,
 # preprocessed: dataset.json, a split, nnUNetPlans and nnUNetPlansUnprocessed, whose 2d data are missing), and
-# Dataset904, 905 and 906, its copies with a malformed split, malformed tags and malformed other-modality cases;
+# Dataset904 to 908, its copies with a malformed split, tags, other-modality cases, labels, file ending;
 # {model}: a model folder with plans.json and an empty fold_0; {users_report}: a folder of the user's
 # report.md, results.csv and notes.txt. A case is its arguments, or (arguments,
 # what its error line must say) where an earlier check could otherwise answer first
@@ -65,6 +65,8 @@ MALFORMED = {
         (["-d", TAGGED, "--modality", "LGE", ".*LGE", "--modality", "C0", ".*C0", "--patient", "(", *RETAG], "("),
         (["-d", TAGGED, "--modality", "LGE", ".*LGE", "--modality", "C0", ".*C0", "--split", "9-fold"],
          "invalid choice"),
+        (["-d", "908", "--modality", "LGE", ".*LGE", "--modality", "C0", ".*C0", *RETAG],
+         "file_ending 5 is not a file name ending"),
         (["-d", TAGGED, "--csv", "{missing}", *RETAG], "missing"), (["-d", TAGGED, "--csv", "{file}", *RETAG], "a_file.txt")],
     "nnUNetv2_csa_phantom": [
         ["--layout", "mscmrseg", "-o", "{tmp}/p", "-n", "-1"], ["--layout", "myops", "-o", "{tmp}/p", "-n", "x"],
@@ -83,7 +85,9 @@ MALFORMED = {
         ["-pred", "{tmp}", "-ref", "{tmp}", "-djfile", "{raw}/Dataset902_Null/dataset.json"],
         (["-pred", "{tmp}", "-ref", "{raw}", "-djfile", "{raw}/Dataset905_MalformedTags"], "must be a list of names"),
         (["-pred", "{tmp}", "-ref", "{raw}", "-djfile", "{raw}/Dataset906_MalformedOther"],
-         "'csa_other_modality_cases' must be an object case ->")],
+         "'csa_other_modality_cases' must be an object case ->"),
+        (["-pred", "{tmp}", "-ref", "{raw}", "-djfile", "{raw}/Dataset908_MalformedEnding"],
+         "file_ending 5 is not a file name ending")],
     "nnUNetv2_csa_heldout": [
         ["-d", str(UNKNOWN_ID), "-o", "{tmp}/h"], ["-d", "../x", "-o", "{tmp}/h"],
         ["-d", str(NO_IMAGES_ID), "-o", "{tmp}/h", "-f", "-1"], ["-d", str(NULL_JSON_ID), "-o", "{tmp}/h"],
@@ -91,7 +95,8 @@ MALFORMED = {
         (["-d", TAGGED, "-o", "/proc/heldout"], "cannot write into /proc"),
         (["-d", str(MALFORMED_SPLIT_ID), "-o", "{tmp}/h"], "is not a split"),
         (["-d", str(MALFORMED_TAGS_ID), "-o", "{tmp}/h"], "must be a list of names"),
-        (["-d", "906", "-o", "{tmp}/h"], "'csa_other_modality_cases' must be an object case ->")],
+        (["-d", "906", "-o", "{tmp}/h"], "'csa_other_modality_cases' must be an object case ->"),
+        (["-d", "908", "-o", "{tmp}/h"], "file_ending 5 is not a file name ending")],
     "nnUNetv2_csa_export_modality": [
         ["-m", "{missing}", "--modality", "LGE", "-o", "{tmp}/e"], ["-m", "{tmp}", "--modality", "LGE", "-o", "{tmp}/e"],
         ["-m", "{model}", "--modality", "LGE", "-o", "{tmp}/e", "-f", "0", "0"],
@@ -124,6 +129,8 @@ MALFORMED = {
         (["-d", str(MALFORMED_SPLIT_ID), "--budget", "1", "5"], "is not a split"),
         (["-d", str(MALFORMED_TAGS_ID), "--budget", "1", "5"], "must be a list of names"),
         (["-d", "906", "--budget", "1", "5"], "'csa_other_modality_cases' must be an object case ->"),
+        (["-d", "907", "--budget", "1", "5"], "give dataset.json 'labels' as an object name -> integer"),
+        (["-d", "908", "--budget", "1", "5"], "file_ending 5 is not a file name ending"),
         (["-d", TAGGED, "--budget", "1", "5", "--rows", "Bogus"], "invalid choice")],
     "nnUNetv2_csa_demo": [
         ["--output", "{file}"], ["--dataset-id", "-1", "--output", "{tmp}/d"],
@@ -201,11 +208,14 @@ def hostile_setup(tmp_path, monkeypatch):
         shutil.copytree(root / f"Dataset{TAGGED_ID}_Tagged", root / f"Dataset{MALFORMED_TAGS_ID}_MalformedTags")
         (root / f"Dataset{MALFORMED_TAGS_ID}_MalformedTags" / "dataset.json").write_text(json.dumps(
             {**tagged, "csa_case_modality": ["p1_LGE", "LGE"], "csa_case_patient": None}))
-    # and Dataset906, whose other-modality cases (of an --unpaired conversion) are malformed
-    for root in (raw, preprocessed):
-        shutil.copytree(root / f"Dataset{TAGGED_ID}_Tagged", root / "Dataset906_MalformedOther")
-        (root / "Dataset906_MalformedOther" / "dataset.json").write_text(json.dumps(
-            {**tagged, "csa_other_modality_cases": {"p1_C0": "C0"}}))
+    # and Dataset906 to 908, whose other-modality cases (of an --unpaired conversion), labels or file ending
+    # are malformed
+    for name, malformed in (("Dataset906_MalformedOther", {"csa_other_modality_cases": {"p1_C0": "C0"}}),
+                            ("Dataset907_MalformedLabels", {"labels": ["background", "myo"]}),
+                            ("Dataset908_MalformedEnding", {"file_ending": 5})):
+        for root in (raw, preprocessed):
+            shutil.copytree(root / f"Dataset{TAGGED_ID}_Tagged", root / name)
+            (root / name / "dataset.json").write_text(json.dumps({**tagged, **malformed}))
     (raw / f"Dataset{NULL_JSON_ID}_Null").mkdir()
     (raw / f"Dataset{NULL_JSON_ID}_Null" / "dataset.json").write_text("null")
     model = tmp_path / "model"

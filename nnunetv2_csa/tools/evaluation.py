@@ -78,7 +78,7 @@ from dataset_conversion.staging import replace_file
 from nnunetv2_csa.errors import first_few, one_line_errors
 from nnunetv2_csa.image_files import check_file_complete, grid_differences, images_not_read
 from nnunetv2_csa.tools.commands import sigterm_unwinds
-from nnunetv2_csa.tools.inputs import check_output_folder, integer_at_least, read_json_file
+from nnunetv2_csa.tools.inputs import check_output_folder, file_ending_of, integer_at_least, read_json_file
 from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
 
 METRICS = ("dice", "hd", "hd95", "assd")
@@ -200,9 +200,12 @@ def _class_row(prediction_mask: np.ndarray, reference_mask: np.ndarray, spacing_
                 n_ref_voxels=n_ref, n_pred_voxels=n_pred, flag=FLAG_NONE)
 
 
-def _foreground_classes(labels: Mapping[str, int]) -> list[tuple[str, int]]:
-    if not labels:
-        raise ValueError("no labels given: pass dataset.json 'labels', e.g. {'background': 0, 'myo': 1}")
+def foreground_classes(labels: Mapping[str, int]) -> list[tuple[str, int]]:
+    """(name, value) of each foreground class, sorted by value; a ValueError for labels this
+    evaluation cannot score (none, regions, an ignore label, repeated values, not an object)."""
+    if not isinstance(labels, Mapping) or not labels:
+        raise ValueError(f"labels {labels!r}: give dataset.json 'labels' as an object name -> integer, e.g. "
+                         f"{{'background': 0, 'myo': 1}}")
     for name, value in labels.items():
         if isinstance(value, (list, tuple)):
             raise ValueError(f"label {name!r} is a region {value}: region-based labels are not supported "
@@ -230,7 +233,7 @@ def evaluate_case(prediction_file: str, reference_file: str, labels: dict[str, i
     See the module docstring."""
     if hd95 not in HD95_DEFINITIONS:
         raise ValueError(f"hd95 must be one of {list(HD95_DEFINITIONS)}, not {hd95!r}")
-    classes = _foreground_classes(labels)
+    classes = foreground_classes(labels)
     prediction = _read_label_map(prediction_file, labels, "prediction")
     reference = _read_label_map(reference_file, labels, "reference")
     _check_same_geometry(prediction, reference, prediction_file, reference_file)
@@ -347,7 +350,7 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
                 raise ValueError(f"{len(untagged)} case(s) have no {name} in the given case -> {name} map "
                                  f"(dataset.json 'csa_case_{name}'): {untagged}; add them to the map, or "
                                  f"evaluate without {name}s (--no-modality)")
-    _foreground_classes(labels)  # fail before starting workers
+    foreground_classes(labels)  # fail before starting workers
 
     jobs = [(predictions[c], references[c], labels, file_ending, hd95) for c in cases]
     # the bar is closed (its line ended) also when a case fails, so that the error gets a line of its own
@@ -582,7 +585,7 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
         if "labels" not in dataset_json:
             raise ValueError(f"{args.djfile} has no 'labels' entry; give -djfile the dataset.json of the dataset")
         labels = dataset_json["labels"]
-        file_ending = dataset_json.get("file_ending", file_ending)
+        file_ending = file_ending_of(dataset_json, args.djfile)
         has_tags = MODALITIES_KEY in dataset_json or CASE_MODALITY_KEY in dataset_json
         if has_tags and not args.no_modality:
             case_modality = dict(modality_tags_from_dataset_json(dataset_json, args.djfile).case_modality)

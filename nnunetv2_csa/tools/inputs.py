@@ -67,6 +67,16 @@ def read_splits(path: str, fix: str) -> list[dict]:
     return splits
 
 
+def file_ending_of(dataset_json: dict, source: str) -> str:
+    """nnU-Net's ``file_ending`` of a dataset.json (.nii.gz where it has none): a name ending such as
+    ".nii.gz", or an :class:`InputFileError` naming ``source``."""
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    if not (isinstance(ending, str) and ending.startswith(".") and "/" not in ending and len(ending) <= 16):
+        raise InputFileError(f"{source}: file_ending {ending!r} is not a file name ending such as '.nii.gz'; fix it "
+                             f"or convert the dataset again")
+    return ending
+
+
 def dataset_name(dataset_id) -> str:
     """nnU-Net's folder name (DatasetXXX_Name) of a dataset id or name, looked up as nnU-Net does."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name

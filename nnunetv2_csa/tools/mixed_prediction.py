@@ -38,7 +38,7 @@ from nnunetv2_csa.modality import (CONVERSION_KEY, TAGGING_KEY, ModalityTagError
                                    modalities_from_plans)
 from nnunetv2_csa.modality_rules import (Rules, compile_rules, converter_naming_rules, modalities_from_rules,
                                          read_tag_csv, some)
-from nnunetv2_csa.tools.inputs import check_output_folder, entries_of_a_folder_not_ours, read_json_file
+from nnunetv2_csa.tools.inputs import check_output_folder, entries_of_a_folder_not_ours, file_ending_of, read_json_file
 from nnunetv2_csa.training.inference_modality import INFERENCE_MODALITY_ENV
 
 #: what the output folder records about the routing
@@ -145,7 +145,8 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
             raise MixedPredictionError(f"give {option} once")
     located = _nnunet_options(predict_options)
     model_folder = model_folder_of(located.d, located.tr, located.p, located.c)
-    file_ending = _load_json(os.path.join(model_folder, "dataset.json")).get("file_ending", ".nii.gz")
+    file_ending = file_ending_of(_load_json(os.path.join(model_folder, "dataset.json")),
+                                 os.path.join(model_folder, "dataset.json"))
     case_files = cases_of_folder(input_folder, file_ending)
     for files in case_files.values():  # nnU-Net's reader would predict on a truncated file's zeros, or on NaN
         for path in files:

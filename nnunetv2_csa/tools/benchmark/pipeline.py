@@ -27,8 +27,9 @@ from nnunetv2_csa.tools.benchmark.runner import (TIMING_FILE, kept_or_new_timing
 from nnunetv2_csa.tools.benchmark.scoring import (OTHER_MODALITY_SOURCE, VALIDATION_SOURCE, FoldRun, TestSet,
                                                   evaluate_rows, fold_test_set, merge_test_sets)
 from nnunetv2_csa.tools.benchmark.tables import budget_table, wilcoxon_table
+from nnunetv2_csa.tools.evaluation import foreground_classes
 from nnunetv2_csa.tools.inputs import (check_output_folder, dataset_folder, entries_of_a_folder_not_ours,
-                                      read_json_file, read_splits)
+                                      file_ending_of, read_json_file, read_splits)
 
 
 def _fold_rows(rows: Sequence[str], fold: int, modalities: Sequence[str], norm: str, budget, single_budget: str,
@@ -131,7 +132,7 @@ class Benchmark:
 
     @property
     def file_ending(self) -> str:
-        return self.dataset_json.get("file_ending", ".nii.gz")
+        return file_ending_of(self.dataset_json, os.path.join(self.preprocessed_folder, "dataset.json"))
 
     def log_folder(self, *parts: str) -> str:
         return os.path.join(self.report_folder, "logs", *parts)
@@ -161,6 +162,11 @@ def prepare(dataset_id, configuration: str, plans: str, folds, budget: tuple[int
     dataset_json = read_json_file(os.path.join(preprocessed_folder, "dataset.json"),
                                   f"run nnUNetv2_plan_and_preprocess -d {dataset_id} again")
     tags = modality_tags_from_dataset_json(dataset_json, os.path.join(preprocessed_folder, "dataset.json"))
+    file_ending_of(dataset_json, os.path.join(preprocessed_folder, "dataset.json"))  # checked before any write
+    try:
+        foreground_classes(dataset_json.get("labels"))
+    except ValueError as e:
+        raise BenchmarkError(f"{os.path.join(preprocessed_folder, 'dataset.json')}: {e}") from None
     plans_file = os.path.join(preprocessed_folder, plans + ".json")
     if not os.path.isfile(plans_file):
         raise BenchmarkError(f"{plans_file} does not exist: check -p (the plans of this dataset: "
