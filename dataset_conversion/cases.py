@@ -18,7 +18,8 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from dataset_conversion.errors import ConversionError
-from nnunetv2_csa.image_files import IncompleteFileError, check_file_complete, count_non_finite_voxels, grid_differences
+from nnunetv2_csa.image_files import (IncompleteFileError, NonFiniteVoxelsError, check_file_complete, check_finite,
+                                     grid_differences)
 
 
 FILE_ENDING = ".nii.gz"
@@ -182,10 +183,10 @@ def convert_case(job: CaseJob) -> CaseResult:
     """Check, remap, reorient, crop and write one case."""
     messages: list[str] = []
     image = read_image(job.image_path)
-    n_bad = count_non_finite_voxels(job.image_path)
-    if n_bad:
-        raise ConversionError(f"{job.image_path} holds {n_bad} NaN/Inf voxel(s): they would reach nnU-Net (its "
-                              f"normalisation then makes the whole image NaN); repair the file (or leave the case out)")
+    try:
+        check_finite(job.image_path)
+    except NonFiniteVoxelsError as e:
+        raise ConversionError(str(e)) from None
     label_classes = None
     label_is_empty = False
     if job.label_path is not None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -38,11 +37,14 @@ from dataset_conversion.cases import FILE_ENDING, CaseJob, CaseResult, LabelSche
 from dataset_conversion.errors import ConversionError, ConversionWarning
 from dataset_conversion.splits import (DEFAULT_SEED, SPLIT_CHOICES, check_splits_cover_modalities, make_patient_splits,
                                        select_unpaired)
-from dataset_conversion.staging import (StagedDataset, check_output_free, dataset_folder_name, resolve_output_root,
-                                        stale_preprocessed_message, write_json)
+from dataset_conversion.staging import (StagedDataset, check_output_free, claim_dataset_id, dataset_folder_name,
+                                        resolve_output_root, stale_preprocessed_message, write_json)
 from nnunetv2_csa.errors import UserInputError, first_few
+from nnunetv2_csa.image_files import LOOKS_LIKE_IMAGE
 from nnunetv2_csa.modality import (CASE_PATIENT_KEY, CONVERSION_KEY, OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY,
                                    OTHER_MODALITY_LABELS, ModalityTags)
+from nnunetv2_csa.tools.commands import sigterm_unwinds
+from nnunetv2_csa.tools.inputs import integer_at_least
 from nnunetv2_csa.tools.phantom import read_phantom_marker
 
 
@@ -51,9 +53,6 @@ from nnunetv2_csa.tools.phantom import read_phantom_marker
 # ---------------------------------------------------------------------------------------
 # Finding files
 # ---------------------------------------------------------------------------------------
-_LOOKS_LIKE_IMAGE = re.compile(r"\.nii(\.gz)?\s*$", re.IGNORECASE)
-
-
 def scan_input(input_folder: str, filename_pattern: re.Pattern) -> list[tuple[re.Match, str]]:
     """Every file under ``input_folder`` (recursively, sorted) whose name matches."""
     if not os.path.isdir(input_folder):
@@ -66,18 +65,20 @@ def scan_input(input_folder: str, filename_pattern: re.Pattern) -> list[tuple[re
         real = [os.path.realpath(os.path.join(root, d)) for d in dirs]
         dirs[:] = sorted(d for d, r in zip(dirs, real) if r not in visited)
         visited.update(real)
-        skipped += [f"{os.path.join(root, d)!r} (a folder)" for d in dirs if _LOOKS_LIKE_IMAGE.search(d)]
+        skipped += [f"{os.path.join(root, d)!r} (a folder)" for d in dirs if LOOKS_LIKE_IMAGE.search(d)]
         for name in sorted(files):
             match = filename_pattern.fullmatch(name)
             if match:
                 found.append((match, os.path.join(root, name)))
-            elif _LOOKS_LIKE_IMAGE.search(name):
+            elif LOOKS_LIKE_IMAGE.search(name):
                 skipped.append(repr(os.path.join(root, name)))
     if skipped:
         # a near miss ("Case3002_C0 (1).nii.gz", a trailing space) is data the user meant to convert
         shown = first_few(skipped, 10)
         warnings.warn(f"{len(skipped)} image-like name(s) under {input_folder} do not follow the dataset's file "
-                      f"naming and were skipped: {shown}; rename them if they belong to the dataset",
+                      f"naming (NIfTI, .nii or .nii.gz, named as the release names them) and were skipped: {shown}; "
+                      f"rename them, or convert other formats (.mha, .nrrd, ...) to NIfTI, if they belong to the "
+                      f"dataset",
                       ConversionWarning, stacklevel=2)
     return found
 
@@ -138,26 +139,29 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
     if split not in SPLIT_CHOICES:
         raise ConversionError(f"unknown split {split!r}; choose one of {list(SPLIT_CHOICES)}")
     crop_yx = _checked_crop(crop)
-    existing = check_output_free(output_root, dataset_id, folder_name, overwrite, preprocessed_root)
-    chosen = choose_cases(cases, modalities, source_folder, unpaired, unlabelled_to_imagesTs, seed)
-    case_patient = {c.case_id: c.patient for c in chosen.training}
-    case_modality = {c.case_id: c.modality for c in chosen.training}
-    splits = make_patient_splits(case_patient, split, seed, case_modality)
-    check_splits_cover_modalities(splits, case_modality, modalities, split)
+    # the id is claimed from the check that it is free until the dataset is in place
+    with claim_dataset_id(output_root, dataset_id):
+        existing = check_output_free(output_root, dataset_id, folder_name, overwrite, preprocessed_root)
+        chosen = choose_cases(cases, modalities, source_folder, unpaired, unlabelled_to_imagesTs, seed)
+        case_patient = {c.case_id: c.patient for c in chosen.training}
+        case_modality = {c.case_id: c.modality for c in chosen.training}
+        splits = make_patient_splits(case_patient, split, seed, case_modality)
+        check_splits_cover_modalities(splits, case_modality, modalities, split)
 
-    with StagedDataset(output_root, folder_name, preprocessed_root, dataset_id, existing) as staged:
-        results = run_case_jobs(_case_jobs(chosen, staged.folder, scheme, orientation, crop_yx), num_processes)
-        _warn_about_results(results, case_patient, scheme, folder_name, check_spacing)
-        conversion = {"converter": converter, "source": os.path.abspath(source_folder),
-                      "modalities": list(modalities), "split": split, "seed": seed, "unpaired": unpaired,
-                      "crop": list(crop_yx) if crop_yx else None, "orientation": orientation,
-                      "unlabelled_to_imagesTs": unlabelled_to_imagesTs, **dict(options or {}),
-                      "phantom": read_phantom_marker(source_folder)}
-        dataset_json = _dataset_json(chosen, modalities, scheme, name, description, reference, licence, conversion)
-        write_json(dataset_json, os.path.join(staged.folder, "dataset.json"))
-        write_json(splits, os.path.join(staged.folder, "splits_final.json"))
-        staged.stage_preprocessed_splits(splits)
-        staged.commit()
+        with StagedDataset(output_root, folder_name, preprocessed_root, dataset_id, existing) as staged:
+            results = run_case_jobs(_case_jobs(chosen, staged.folder, scheme, orientation, crop_yx), num_processes)
+            _warn_about_results(results, case_patient, scheme, folder_name, check_spacing)
+            conversion = {"converter": converter, "source": os.path.abspath(source_folder),
+                          "modalities": list(modalities), "split": split, "seed": seed, "unpaired": unpaired,
+                          "crop": list(crop_yx) if crop_yx else None, "orientation": orientation,
+                          "unlabelled_to_imagesTs": unlabelled_to_imagesTs, **dict(options or {}),
+                          "phantom": read_phantom_marker(source_folder)}
+            dataset_json = _dataset_json(chosen, modalities, scheme, name, description, reference, licence,
+                                         conversion)
+            write_json(dataset_json, os.path.join(staged.folder, "dataset.json"))
+            write_json(splits, os.path.join(staged.folder, "splits_final.json"))
+            staged.stage_preprocessed_splits(splits)
+            staged.commit()
 
     stale = stale_preprocessed_message(preprocessed_root, folder_name, dataset_json, dataset_id)
     if stale:
@@ -167,11 +171,15 @@ def run_conversion(cases: Sequence[SourceCase], *, converter: str, source_folder
     return staged.final_folder
 
 
+#: the largest --crop side: a larger box is padded in memory (gigabytes per image), far beyond any scanner's matrix
+MAX_CROP = 2048
+
+
 def _checked_crop(crop: Sequence[int] | None) -> tuple[int, int] | None:
     if crop is None:
         return None
-    if len(crop) != 2 or any(int(v) < 1 for v in crop):
-        raise ConversionError(f"--crop takes two positive sizes H W in pixels, got {list(crop)}")
+    if len(crop) != 2 or any(not 1 <= int(v) <= MAX_CROP for v in crop):
+        raise ConversionError(f"--crop takes two sizes H W from 1 to {MAX_CROP} pixels, got {list(crop)}")
     return int(crop[0]), int(crop[1])
 
 
@@ -308,7 +316,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, modality_choices: Sequ
                         metavar="MODALITY",
                         help=f"modalities to convert, from {list(modality_choices)}; their order is the modality "
                              f"index order (default: {' '.join(default_modalities)})")
-    parser.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), default=None,
+    parser.add_argument("--crop", nargs=2, type=integer_at_least(1), metavar=("H", "W"), default=None,
                         help="crop every image and label to H x W pixels in-plane, centred on the bounding box of "
                              "the labelled heart (all slices), padding with the image minimum where needed. It "
                              "uses the labels, so it is an evaluation protocol (the paper's 224 224), not "
@@ -316,7 +324,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, modality_choices: Sequ
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="5-fold",
                         help="splits_final.json: nnU-Net's 5 folds, or the paper's single 80/20 split; always "
                              "grouped by patient (default: 5-fold)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    parser.add_argument("--seed", type=integer_at_least(0), default=DEFAULT_SEED,
                         help=f"seed of the split and of --unpaired (default: {DEFAULT_SEED}, nnU-Net's)")
     parser.add_argument("--unpaired", action="store_true",
                         help="each patient contributes only one modality (patients shuffled with the seed and "
@@ -328,7 +336,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, modality_choices: Sequ
                         help="write images without a label to imagesTs (default: report and leave them out)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing dataset with this id, once the new one is complete")
-    parser.add_argument("-np", "--num-processes", type=int, default=default_num_processes,
+    parser.add_argument("-np", "--num-processes", type=integer_at_least(1), default=default_num_processes,
                         help=f"worker processes; more than 1 pays off only for large volumes such as CT, since "
                              f"each worker needs about a second to start (default: {default_num_processes})")
 
@@ -346,13 +354,8 @@ def run_main(convert: Callable[..., str], args: argparse.Namespace, **kwargs) ->
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
 
-    def stop(signum, frame):
-        # unwinds like Ctrl-C, so that the all-or-nothing cleanup runs: no hidden
-        # .Dataset*.incomplete-* folder is left behind by a terminated conversion
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    with warnings.catch_warnings():
+    # a terminated conversion unwinds, so that no hidden .Dataset*.incomplete-* folder is left behind
+    with warnings.catch_warnings(), sigterm_unwinds():
         warnings.simplefilter("always", ConversionWarning)
         warnings.showwarning = show
         try:
@@ -360,6 +363,4 @@ def run_main(convert: Callable[..., str], args: argparse.Namespace, **kwargs) ->
         except UserInputError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        finally:
-            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -4,6 +4,8 @@ place together, or not at all.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -11,10 +13,16 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from dataset_conversion.errors import ConversionError, ConversionWarning
 from nnunetv2_csa.modality import CASE_MODALITY_KEY, MODALITIES_KEY
+from nnunetv2_csa.tools.inputs import nearest_existing
 
 
 def resolve_output_root(output_root: str | None) -> str:
@@ -25,12 +33,39 @@ def resolve_output_root(output_root: str | None) -> str:
     return os.path.abspath(output_root)
 
 
+#: longest dataset name: with "DatasetXXX_" and nnU-Net's "<trainer>__<plans>__<configuration>" below it, the
+#: folder names stay far below file systems' 255 bytes
+MAX_DATASET_NAME = 100
+
+
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     if not 1 <= int(dataset_id) <= 999:
         raise ConversionError(f"dataset id {dataset_id} is outside 1..999 (nnU-Net names datasets DatasetXXX_Name)")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name):
-        raise ConversionError(f"dataset name {name!r} must be letters, digits, '_' or '-' (it becomes a folder name)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name) or len(name) > MAX_DATASET_NAME:
+        raise ConversionError(f"dataset name {name!r} must be 1 to {MAX_DATASET_NAME} letters, digits, '_' or '-', "
+                              f"starting with a letter or digit (it becomes a folder name); choose another --name")
     return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+@contextlib.contextmanager
+def claim_dataset_id(output_root: str, dataset_id: int):
+    """Holds dataset id ``dataset_id`` of ``output_root`` for one conversion at a time: two at once
+    with different names would each find the id free and leave two DatasetXXX_* folders, which
+    nnU-Net refuses. An exclusive lock on a file in the temporary folder, keyed by the output
+    folder; the system releases it when the process ends, however it ends (no stale claim). One
+    machine only: conversions on two machines sharing a network folder are not held apart."""
+    if fcntl is None:  # no flock (Windows): no claim, as before
+        yield
+        return
+    key = hashlib.sha1(os.path.realpath(output_root).encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"nnunetv2_csa_Dataset{int(dataset_id):03d}_{key}.lock")
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConversionError(f"another conversion of dataset id {dataset_id} into {output_root} is running (it "
+                                  f"holds {path}); wait for it to end, or choose another -d/--dataset-id") from None
+        yield  # closing the file releases the lock
 
 
 def _same_id_folders(root: str | None, dataset_id: int) -> list[str]:
@@ -46,7 +81,7 @@ def check_output_free(output_root: str, dataset_id: int, folder_name: str, overw
     """The existing raw folders for this id (to replace with --overwrite); errors when one
     exists without --overwrite, or when preprocessed/results folders carry another name
     for the id (nnU-Net then refuses the id as ambiguous)."""
-    nearest = _nearest_existing(output_root)  # where the new folders would be created
+    nearest = nearest_existing(output_root)  # where the new folders would be created
     if not os.path.isdir(nearest):
         raise ConversionError(f"{nearest} is a file, not a folder, so the output folder {output_root} cannot be "
                               f"there: choose a folder with -o/--output (or nnUNet_raw)")
@@ -71,12 +106,6 @@ def check_output_free(output_root: str, dataset_id: int, folder_name: str, overw
     return existing
 
 
-def _nearest_existing(path: str) -> str:
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
-
-
 def _missing_ancestors(path: str) -> list[str]:
     missing = []
     while not os.path.exists(path):
@@ -92,6 +121,21 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def replace_file(target: str, write: Callable[[str], None]) -> None:
+    """``write(path)`` fills a temporary file beside ``target``, which is then renamed over
+    ``target``: no reader, and no run interrupted half-way, ever finds half a file there."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".incomplete",
+                                         dir=os.path.dirname(target))
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes it private (0600)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def write_json(obj, path: str) -> None:
@@ -154,6 +198,11 @@ def _stage_preprocessed_splits(preprocessed_root: str, folder_name: str, splits:
             warnings.warn(f"replaced {target}: {reason}; preprocessed data in {preprocessed_folder} may be stale: "
                           f"rerun nnUNetv2_plan_and_preprocess -d {int(dataset_id)} --clean", ConversionWarning,
                           stacklevel=3)
+    if not os.path.isdir(preprocessed_root):
+        # made without a word, a typo'd tree would receive the split while nnU-Net reads another
+        warnings.warn(f"the preprocessed folder {preprocessed_root} (nnUNet_preprocessed) did not exist and is "
+                      f"created for the split; if the variable holds a typo, correct it and convert again",
+                      ConversionWarning, stacklevel=3)
     staged = _StagedSplits("", target, _missing_ancestors(preprocessed_folder))
     try:
         os.makedirs(preprocessed_folder, exist_ok=True)

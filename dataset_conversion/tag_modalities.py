@@ -20,20 +20,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import re
 import shutil
-import tempfile
 import warnings
 from typing import Mapping, Sequence
 
 from dataset_conversion.common import run_main
 from dataset_conversion.errors import ConversionError, ConversionWarning
 from dataset_conversion.splits import DEFAULT_SEED, SPLIT_CHOICES, check_splits_cover_modalities, make_patient_splits
-from dataset_conversion.staging import current_umask, stale_preprocessed_message, write_json
+from dataset_conversion.staging import replace_file, stale_preprocessed_message, write_json
+from nnunetv2_csa.errors import first_few
+from nnunetv2_csa.image_files import images_not_read
 from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, TAGGING_KEY, ModalityTags,
-                                   check_case_name)
+                                   check_case_name, is_plain_name)
 from nnunetv2_csa.modality_rules import compile_rules, modalities_from_rules, read_tag_csv
 from nnunetv2_csa.modality_rules import some as _some
+from nnunetv2_csa.tools.inputs import file_ending_of, integer_at_least, read_json_file
 
 
 BACKUP_SUFFIX = ".before_csa_tags"
@@ -81,7 +84,6 @@ def tags_from_csv(path: str, cases: Sequence[str]) -> tuple[dict[str, str], dict
 
 def raw_dataset(dataset: str, raw_root: str | None) -> tuple[str, dict, list[str]]:
     """(folder, dataset.json, training case identifiers) of a raw dataset given by id or name."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
 
     raw_root = raw_root or os.environ.get("nnUNet_raw")
@@ -91,19 +93,27 @@ def raw_dataset(dataset: str, raw_root: str | None) -> tuple[str, dict, list[str
     json_file = os.path.join(folder, "dataset.json")
     if not os.path.isfile(json_file):
         raise ConversionError(f"{json_file} does not exist: {folder} is not an nnU-Net raw dataset")
-    try:
-        dataset_json = load_json(json_file)
-    except ValueError as e:
-        raise ConversionError(f"{json_file} is not valid JSON ({e}); fix it or restore it from a backup") from None
+    dataset_json = read_json_file(json_file, "fix it or restore it from a backup")
     # the case names only: nnU-Net's get_filenames_of_train_images_and_targets also lists every
     # channel's file, in a pool of 12 forked workers, which can hang a small command like this one
+    images = os.path.join(folder, "imagesTr")
     if "dataset" in dataset_json:
+        if not isinstance(dataset_json["dataset"], dict):
+            raise ConversionError(f"{json_file}: 'dataset' must be an object case -> its files; fix it")
         cases = sorted(dataset_json["dataset"])
     elif "file_ending" not in dataset_json:
         raise ConversionError(f"{json_file} has no file_ending: it is not an nnU-Net v2 dataset.json")
+    elif not os.path.isdir(images):
+        raise ConversionError(f"{folder} has no imagesTr folder: it is not an nnU-Net raw dataset (its training "
+                              f"images belong in imagesTr/CASE_0000{dataset_json['file_ending']})")
     else:
-        cases = sorted(get_identifiers_from_splitted_dataset_folder(os.path.join(folder, "imagesTr"),
-                                                                    dataset_json["file_ending"]))
+        ending = file_ending_of(dataset_json, json_file)
+        skipped = images_not_read(os.listdir(images), ending)
+        if skipped:
+            warnings.warn(f"{len(skipped)} image file(s) in {images} do not end in the dataset's file_ending "
+                          f"{ending!r}, so neither this command nor nnU-Net sees them: {first_few(skipped, 10)}; "
+                          f"convert or rename them", ConversionWarning, stacklevel=2)
+        cases = sorted(get_identifiers_from_splitted_dataset_folder(images, ending))
     if not cases:
         raise ConversionError(f"{folder} has no training cases (imagesTr is empty): nothing to tag")
     for case in cases:
@@ -120,6 +130,9 @@ def _find_dataset_folder(raw_root: str, dataset: str) -> str:
             raise ConversionError(f"{'no' if not found else 'more than one'} folder {prefix}* in {raw_root} "
                                   f"({found}); give -d the dataset's id or full folder name")
         return os.path.join(raw_root, found[0])
+    if not is_plain_name(dataset, 255):
+        raise ConversionError(f"-d {dataset!r} is neither a dataset id nor a folder name (no '/', no '..'); give "
+                              f"the dataset's id or its folder name in {raw_root}")
     folder = os.path.join(raw_root, dataset)
     if not os.path.isdir(folder):
         raise ConversionError(f"{folder} does not exist; give -d the dataset's id or its folder name in {raw_root}")
@@ -184,17 +197,18 @@ def _print_assignment(folder: str, tags: ModalityTags, case_patient: Mapping[str
 
 
 def _replace_file(content, target: str) -> None:
-    """Writes JSON ``content`` next to ``target`` and renames it over ``target`` (atomic)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".incomplete",
-                                         dir=os.path.dirname(target))
-    os.close(handle)
-    try:
-        write_json(content, temporary)
-        os.chmod(temporary, 0o666 & ~current_umask())
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    """``content`` (bytes as they are, anything else as JSON) into ``target``, atomically."""
+    if isinstance(content, bytes):
+        replace_file(target, lambda path: pathlib.Path(path).write_bytes(content))
+    else:
+        replace_file(target, lambda path: write_json(content, path))
+
+
+def _content_or_none(path: str) -> bytes | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _commit(folder: str, dataset_json: dict, splits: list, preprocessed_root: str | None) -> None:
@@ -209,6 +223,7 @@ def _commit(folder: str, dataset_json: dict, splits: list, preprocessed_root: st
         if (os.path.exists(path) and not os.access(path, os.W_OK)) or not os.access(os.path.dirname(path), os.W_OK):
             raise ConversionError(f"cannot write {path}: make it writable; nothing was changed")
     backup = json_file + BACKUP_SUFFIX
+    old_splits = {target: _content_or_none(target) for target in targets}
     try:
         if not os.path.exists(backup):
             shutil.copy2(json_file, backup)
@@ -217,10 +232,20 @@ def _commit(folder: str, dataset_json: dict, splits: list, preprocessed_root: st
         for target in targets:
             _replace_file(splits, target)
         _replace_file(dataset_json, json_file)
-    except OSError as e:
-        raise ConversionError(f"could not write the tags into {folder} ({e}); dataset.json is unchanged (its "
-                              f"original is in {backup}), splits_final.json may be new: run the command again") \
-            from None
+    except BaseException as error:
+        # failed or interrupted (SIGTERM, Ctrl-C) before the tags were written: the old split comes
+        # back, so that a new split never stands beside the old tags
+        for target, content in old_splits.items():
+            if content is None:
+                if os.path.exists(target):
+                    os.remove(target)
+            else:
+                _replace_file(content, target)
+        if isinstance(error, OSError):
+            raise ConversionError(f"could not write the tags into {folder} ({error}); nothing was changed (the "
+                                  f"original dataset.json is in {backup}): fix the cause and run the command "
+                                  f"again") from None
+        raise
     print(f"tags written to {json_file} (original kept as {os.path.basename(backup)}); split: "
           f"{', '.join(targets)}")
     dataset_id = int(os.path.basename(folder)[len("Dataset"):].split("_")[0])
@@ -246,7 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument("--patient", help="regular expression whose first group, searched in a case name, is its "
                                           "patient (cases of a patient share a fold); default: each case its own")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="5-fold", help="default: %(default)s")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the split (default: %(default)s)")
+    parser.add_argument("--seed", type=integer_at_least(0), default=DEFAULT_SEED,
+                        help="seed of the split (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing modality tags and split")
     parser.add_argument("--dry-run", action="store_true", help="print the assignment and the split, write nothing")
     parser.add_argument("--raw", help="nnUNet_raw folder (default: the nnUNet_raw variable)")

@@ -3,12 +3,15 @@
 SimpleITK reads a truncated .nii.gz without complaint and fills the missing voxels with
 zeros (measured with SimpleITK 2.5): a truncated reference once moved a myocardium Dice
 from 0.18 to 0.03 with exit status 0. Every reader of this package (the converters, the
-evaluation, the benchmark) checks files here first.
+evaluation, the benchmark) checks files here first. What a file is (gzip-compressed, NIfTI)
+is decided by its bytes or by its name in any case, never by a case-sensitive ending: the
+converters find ``.NII.GZ`` files, and so must every check of them.
 """
 from __future__ import annotations
 
 import gzip
 import os
+import re
 import struct
 import zlib
 
@@ -44,11 +47,38 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
     return max(vox_offset, 348) + n_voxels * bitpix // 8
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _is_gzip(path: str) -> bool:
+    """Whether the file is gzip-compressed, by its first bytes: a name's ending (``.GZ``, none)
+    must not decide which check a file gets."""
+    with open(path, "rb") as f:
+        return f.read(2) == _GZIP_MAGIC
+
+
+def is_nifti_name(name: str) -> bool:
+    """Whether a file name says NIfTI (.nii, .nii.gz), in any case: ``.NII.GZ`` is read by
+    SimpleITK and nibabel alike, so it gets the same checks."""
+    return name.lower().endswith((".nii", ".nii.gz"))
+
+
+#: a file name of a common medical image format, a trailing space included: a command that reads
+#: only some of them names the others it skips instead of passing over them silently
+LOOKS_LIKE_IMAGE = re.compile(r"\.(nii|nii\.gz|mha|mhd|nrrd|nhdr|mgz|mnc|dcm|hdr|img)\s*$", re.IGNORECASE)
+
+
+def images_not_read(names, file_ending: str) -> list[str]:
+    """The names that look like image files (any format, any case) but do not end in ``file_ending``:
+    what a command reading ``*{file_ending}`` passes over, and so must name."""
+    return sorted(name for name in names if not name.endswith(file_ending) and LOOKS_LIKE_IMAGE.search(name))
+
+
 def check_file_complete(path: str) -> None:
     """Raise :class:`IncompleteFileError` if a NIfTI file is truncated or its gzip stream is
     corrupt, judged by the header's own promise of how many bytes follow."""
     try:
-        if path.endswith(".gz"):
+        if _is_gzip(path):
             total, header = 0, b""
             with gzip.open(path, "rb") as f:
                 while chunk := f.read(1 << 22):
@@ -73,7 +103,7 @@ def count_non_finite_voxels(path: str) -> int:
     Read with nibabel, because SimpleITK's NIfTI reader turns NaN and Inf into 0 (measured
     with SimpleITK 2.5): a file that looks clean through SimpleITK can still hand NaN to a
     nibabel-based reader, such as nnU-Net's NibabelIO."""
-    if not path.endswith((".nii", ".nii.gz")):
+    if not is_nifti_name(path):
         return 0
     import nibabel
 
@@ -81,6 +111,19 @@ def count_non_finite_voxels(path: str) -> int:
     if not np.issubdtype(image.get_data_dtype(), np.floating):
         return 0  # integer storage holds no NaN: the header says so without reading the voxels again
     return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))
+
+
+class NonFiniteVoxelsError(UserInputError, ValueError):
+    """An image holds NaN or Inf voxels; the message names the file and the count."""
+
+
+def check_finite(path: str) -> None:
+    """Raise :class:`NonFiniteVoxelsError` if a NIfTI image holds NaN or Inf voxels."""
+    n_bad = count_non_finite_voxels(path)
+    if n_bad:
+        raise NonFiniteVoxelsError(f"{path} holds {n_bad} NaN/Inf voxel(s): they would reach nnU-Net (its "
+                                   f"normalisation then makes the whole image NaN); repair the file (or leave the "
+                                   f"case out)")
 
 
 #: Headers written by different tools (image and label, prediction and reference) differ in

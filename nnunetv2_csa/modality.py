@@ -92,7 +92,9 @@ MAX_MODALITY_NAME = 64
 MAX_CASE_NAME = 200
 
 
-def _plain_name(name, longest: int) -> bool:
+def is_plain_name(name, longest: int) -> bool:
+    """Whether ``name`` can be one path component: not empty, no separator, not '.' or '..', at
+    most ``longest`` bytes."""
     return (isinstance(name, str) and name not in ("", ".", "..") and len(name.encode()) <= longest
             and not any(c in name for c in ("/", "\\", "\x00")))
 
@@ -100,7 +102,7 @@ def _plain_name(name, longest: int) -> bool:
 def check_case_name(case: str, source: str = "dataset.json") -> str:
     """A case name is joined into file paths: it must be a plain file name stem, never a path
     (``../x``, ``/abs``, ``a/b``) that would read or write outside the dataset."""
-    if not _plain_name(case, MAX_CASE_NAME):
+    if not is_plain_name(case, MAX_CASE_NAME):
         raise ModalityTagError(f"case name {case!r} in {source} is not a plain file name (no folders, no '..', "
                                f"not empty, at most {MAX_CASE_NAME} bytes); fix the entry or convert the dataset again")
     return case
@@ -112,7 +114,7 @@ def check_modality_names(names, source: str = "dataset.json") -> tuple[str, ...]
     ``LGE`` would be two modalities to the trainer and one folder on a case-insensitive disk)."""
     names = tuple(names)
     for name in names:
-        if not _plain_name(name, MAX_MODALITY_NAME):
+        if not is_plain_name(name, MAX_MODALITY_NAME):
             raise ModalityTagError(f"modality name {name!r} in {source} is not a plain name (no folders, no '..', "
                                    f"not empty, at most {MAX_MODALITY_NAME} bytes); rename it")
     folded = {}
@@ -132,10 +134,31 @@ def modality_tags_from_dataset_json(dataset_json: Mapping, source: str = "datase
             f"{source} has no {missing} entries: it was not written by an nnunetv2_csa converter. "
             f"Convert the data with nnUNetv2_csa_convert_* or add '{MODALITIES_KEY}' (list of "
             f"names) and '{CASE_MODALITY_KEY}' (case -> name) by hand")
+    names, case_modality = dataset_json[MODALITIES_KEY], dataset_json[CASE_MODALITY_KEY]
+    case_patient = dataset_json.get(CASE_PATIENT_KEY, {})
+    # the shapes first: a hand-edited file may hold null or a list where an object belongs
+    if not (isinstance(names, list) and isinstance(case_modality, dict) and isinstance(case_patient, dict)
+            and all(isinstance(v, str) for v in [*case_modality.values(), *case_patient.values()])):
+        raise ModalityTagError(f"{source}: '{MODALITIES_KEY}' must be a list of names, '{CASE_MODALITY_KEY}' an "
+                               f"object case -> modality name and '{CASE_PATIENT_KEY}' (if there) an object case -> "
+                               f"patient; convert or tag the dataset again")
     try:
-        return ModalityTags(tuple(dataset_json[MODALITIES_KEY]), dict(dataset_json[CASE_MODALITY_KEY]))
+        return ModalityTags(tuple(names), dict(case_modality))
     except ModalityTagError as e:
         raise ModalityTagError(f"{source}: {e}") from None
+
+
+def other_modality_cases(dataset_json: Mapping, source: str = "dataset.json") -> dict[str, dict]:
+    """The images an ``--unpaired`` conversion left out of training (``csa_other_modality_cases``:
+    case -> {"modality": name, "patient": id}), their shape and case names checked."""
+    other = dataset_json.get(OTHER_MODALITY_KEY, {})
+    if not (isinstance(other, dict) and all(isinstance(tag, dict) and isinstance(tag.get("modality"), str)
+                                            and isinstance(tag.get("patient"), str) for tag in other.values())):
+        raise ModalityTagError(f"{source}: '{OTHER_MODALITY_KEY}' must be an object case -> {{\"modality\": name, "
+                               f"\"patient\": id}}; convert the dataset again")
+    for case in other:
+        check_case_name(case, source)
+    return dict(other)
 
 
 def modalities_from_plans(plans: Mapping, source: str = "plans") -> list[str]:

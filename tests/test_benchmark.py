@@ -153,12 +153,17 @@ def test_a_rerun_keeps_each_trainers_first_timing_unless_retimed(tmp_path):
     assert measured[-1] == "a"
 
 
-def test_other_modality_predictions_are_kept_only_for_the_same_checkpoint_and_cases(tmp_path, monkeypatch):
+def _trained_model(tmp_path, row: str) -> tuple[benchmark_rows.Model, object]:
+    """A row's model of fold 0 (a stand-in checkpoint) and its fold folder."""
     fold_folder = tmp_path / "fold_0"
     fold_folder.mkdir()
     (fold_folder / "checkpoint_final.pth").write_bytes(b"weights 1")
-    model = benchmark_rows.Model("CSA", "nnUNetTrainerCSA", None, str(fold_folder), str(tmp_path / "train.log"),
-                                 str(tmp_path / "predictions"), 0)
+    return benchmark_rows.Model(row, f"nnUNetTrainer{row}", None, str(fold_folder), str(tmp_path / "train.log"),
+                                str(tmp_path / "predictions"), 0), fold_folder
+
+
+def test_other_modality_predictions_are_kept_only_for_the_same_checkpoint_and_cases(tmp_path, monkeypatch):
+    model, fold_folder = _trained_model(tmp_path, "CSA")
     images = {}
     for case in ("p1_C0", "p2_C0"):
         images[case] = str(tmp_path / f"{case}_0000.nii.gz")
@@ -205,6 +210,20 @@ def test_other_modality_predictions_are_kept_only_for_the_same_checkpoint_and_ca
     runner.predict_other_modality(result, test_set, "1", "2d", "nnUNetPlans", 0, "cpu", {}, str(tmp_path), ".nii.gz")
     assert result.failed and "RuntimeError: boom" in result.error
     assert not (tmp_path / "predictions" / "predicted_with_C0.json").exists()
+
+
+def test_other_modality_prediction_gets_every_channel_of_a_case(tmp_path, monkeypatch):
+    model, _ = _trained_model(tmp_path, "Joint")
+    for name in ("p1_C0_0000.nii.gz", "p1_C0_0001.nii.gz", "p10_C0_0000.nii.gz"):  # p10: another case
+        (tmp_path / name).write_bytes(b"")
+    test_set = scoring.TestSet({"p1_C0": "C0"}, {"p1_C0": "p1"}, {}, {"p1_C0": str(tmp_path / "p1_C0_0000.nii.gz")})
+    inputs = []
+    monkeypatch.setattr(runner, "predict_folder", lambda model_folder, fold, input_folder, *rest:
+                        inputs.append(sorted(os.listdir(input_folder))))
+    (tmp_path / "logs").mkdir()
+    runner.predict_other_modality(benchmark_rows.RowResult("Joint", [model]), test_set, "1", "2d", "nnUNetPlans", 0,
+                                  "cpu", {}, str(tmp_path), ".nii.gz")
+    assert inputs == [["p1_C0_0000.nii.gz", "p1_C0_0001.nii.gz"]]
 
 
 def test_data_source_names_a_phantom_and_a_real_conversion():

@@ -19,6 +19,7 @@ from dataset_conversion import ConversionError, ConversionWarning, convert_mmwhs
 from dataset_conversion import common, mmwhs, mscmrseg, myops
 from dataset_conversion.cases import SourceCase, crop_box
 from dataset_conversion.splits import make_patient_splits, select_unpaired
+from dataset_conversion.staging import claim_dataset_id, dataset_folder_name
 from nnunetv2_csa.modality import read_modality_tags
 from nnunetv2_csa.tools.phantom import write_mmwhs_phantom, write_mscmrseg_phantom, write_myops_phantom
 
@@ -692,6 +693,30 @@ def test_truncated_uncompressed_nifti(myops_copy, tmp_path):
     _expect_failure(convert_myops, myops_copy, str(tmp_path / "raw"), r"Case3002_gd\.nii is truncated")
 
 
+@pytest.mark.parametrize("ending", [".NII.GZ", ".Nii.Gz", ".NII"])
+def test_a_truncated_label_is_an_error_whatever_its_names_case(myops_copy, tmp_path, ending):
+    # the converters match names case-insensitively; the truncation check once tested
+    # endswith(".gz") and let a truncated .NII.GZ label through with half its voxels zero
+    path = os.path.join(myops_copy, "train", "Case3004", "Case3004_gd.nii.gz")
+    with (gzip.open if ending == ".NII" else open)(path, "rb") as f:
+        data = f.read()
+    os.remove(path)
+    with open(path[:-len(".nii.gz")] + ending, "wb") as f:
+        f.write(data[: len(data) * 2 // 3])
+    _expect_failure(convert_myops, myops_copy, str(tmp_path / "raw"),
+                    rf"Case3004_gd{re.escape(ending)} (is truncated|is corrupt or truncated)")
+
+
+def test_a_complete_upper_case_file_name_converts(myops_copy, tmp_path):
+    # the negative control of the test above: the name's case alone is no error
+    path = os.path.join(myops_copy, "train", "Case3004", "Case3004_gd.nii.gz")
+    os.rename(path, path[:-len(".nii.gz")] + ".NII.GZ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConversionWarning)
+        folder = convert_myops(myops_copy, 34, str(tmp_path / "raw"), split="80-20")
+    assert os.path.isfile(os.path.join(folder, "labelsTr", "Case3004_C0.nii.gz"))
+
+
 def test_corrupt_file(myops_copy, tmp_path):
     path = os.path.join(myops_copy, "train", "Case3001", "Case3001_gd.nii.gz")
     with open(path, "wb") as f:
@@ -882,6 +907,22 @@ def test_nan_intensities_are_an_error_naming_the_file(myops_copy, tmp_path):
     _expect_failure(convert_myops, myops_copy, str(tmp_path / "raw"), r"Case3002_C0\.nii\.gz holds 3 NaN/Inf voxel")
 
 
+@pytest.mark.parametrize("ending", [".nii.gz", ".NII.GZ"])
+def test_nan_intensities_are_an_error_whatever_the_names_case(myops_copy, tmp_path, ending):
+    import nibabel
+
+    path = os.path.join(myops_copy, "train", "Case3002", "Case3002_C0.nii.gz")
+    image = nibabel.load(path)
+    array = np.asarray(image.dataobj, dtype=np.float32)
+    array[0, 0, :2] = np.nan
+    header = image.header.copy()
+    header.set_data_dtype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(array, image.affine, header), path)
+    os.rename(path, path[:-len(".nii.gz")] + ending)
+    _expect_failure(convert_myops, myops_copy, str(tmp_path / "raw"),
+                    rf"Case3002_C0{re.escape(ending)} holds 2 NaN/Inf voxel")
+
+
 @pytest.mark.parametrize("crop", [None, (32, 32)])
 def test_an_empty_label_is_named_and_never_called_too_large(myops_copy, tmp_path, crop):
     _rewrite(os.path.join(myops_copy, "train", "Case3003", "Case3003_gd.nii.gz"), lambda im: im * 0)
@@ -905,6 +946,61 @@ def test_near_miss_file_names_are_listed_not_skipped_silently(myops_copy, tmp_pa
     assert len(skipped) == 1 and skipped[0].startswith("3 image-like name(s)")
     for name in ("Case3002_C0 (1).nii.gz", "Case3002_T2.nii.gz ", "Case3009_LGE.nii.gz' (a folder)"):
         assert name in skipped[0], name
+
+
+def test_files_of_formats_the_converter_does_not_read_are_named(myops_copy, tmp_path):
+    case = os.path.join(myops_copy, "train", "Case3002")
+    for name in ("Case3002_T2.mha", "Case3002_C0.nrrd", "Case3002_notes.txt"):
+        with open(os.path.join(case, name), "wb") as f:
+            f.write(b"not read")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert_myops(myops_copy, 35, str(tmp_path / "raw"), split="80-20")
+    skipped = [str(w.message) for w in caught if "were skipped" in str(w.message)]
+    assert len(skipped) == 1 and skipped[0].startswith("2 image-like name(s)"), skipped
+    assert "Case3002_T2.mha" in skipped[0] and "Case3002_C0.nrrd" in skipped[0]
+    assert "notes.txt" not in skipped[0]  # not an image: no noise about it
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "", ".hidden", "two words", "a" * 101, "é"])
+def test_a_dataset_name_that_is_no_plain_folder_name_is_refused_naming_the_limit(name):
+    with pytest.raises(ConversionError, match=r"must be 1 to 100 letters, digits, '_' or '-'.*choose another --name"):
+        dataset_folder_name(501, name)
+
+
+@pytest.mark.parametrize("name", ["a" * 100, "My-Data_2", "7T"])
+def test_plain_dataset_names_become_the_folder_name(name):
+    assert dataset_folder_name(501, name) == f"Dataset501_{name}"
+
+
+def test_a_dataset_id_being_converted_is_claimed(myops_copy, tmp_path):
+    # another conversion of the id holds its claim (here: this test, as a second process would): a
+    # conversion with another --name stops at once (_expect_failure converts id 30), instead of leaving a
+    # second Dataset030_* folder
+    raw = str(tmp_path / "raw")
+    with claim_dataset_id(os.path.abspath(raw), 30):
+        _expect_failure(convert_myops, myops_copy, raw, r"another conversion of dataset id 30 into .* is running",
+                        name="OtherName", split="80-20")
+        with warnings.catch_warnings():  # another id is not held
+            warnings.simplefilter("ignore", ConversionWarning)
+            convert_myops(myops_copy, 37, raw, split="80-20")
+    with warnings.catch_warnings():  # the claim ends with its holder
+        warnings.simplefilter("ignore", ConversionWarning)
+        convert_myops(myops_copy, 30, raw, name="OtherName", split="80-20")
+    assert sorted(os.listdir(raw)) == ["Dataset030_OtherName", "Dataset037_MyoPS2020"]
+
+
+def test_a_preprocessed_folder_that_does_not_exist_is_named_when_created(myops_copy, tmp_path):
+    (tmp_path / "nnUNet_preprocessed").mkdir()
+    for root in (tmp_path / "nnUNet_preprocesed", tmp_path / "nnUNet_preprocessed"):  # a typo, then the real one
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            convert_myops(myops_copy, 38, str(tmp_path / "raw"), split="80-20", preprocessed_root=str(root),
+                          overwrite=True)
+        named = [str(w.message) for w in caught if "did not exist and is created" in str(w.message)]
+        assert named == ([f"the preprocessed folder {root} (nnUNet_preprocessed) did not exist and is created for "
+                          f"the split; if the variable holds a typo, correct it and convert again"]
+                         if root.name == "nnUNet_preprocesed" else [])
 
 
 def test_sigterm_leaves_no_hidden_partial_dataset(tmp_path):

@@ -19,8 +19,8 @@ from scipy.spatial.distance import cdist
 
 from nnunetv2_csa.image_files import IncompleteFileError
 from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
-from nnunetv2_csa.tools.evaluation import (evaluate_case, evaluate_folder, main, run_cli, summarize,
-                                     symmetric_surface_distances, wilcoxon_between_methods)
+from nnunetv2_csa.tools.evaluation import (HD95_DEFINITIONS, evaluate_case, evaluate_folder, main, run_cli,
+                                           summarize, symmetric_surface_distances, wilcoxon_between_methods)
 
 # spacing in SimpleITK order (x, y, z); arrays below are in numpy order (z, y, x)
 SPACING_2D = (0.5, 2.0, 5.0)
@@ -300,6 +300,21 @@ def make_folders(tmp_path, reference_cases, prediction_cases):
     return str(prediction_folder), str(reference_folder)
 
 
+def test_image_files_the_evaluation_does_not_read_are_named(tmp_path):
+    pred, ref = make_folders(tmp_path, ["p1_LGE", "p2_LGE"], ["p1_LGE", "p2_LGE"])
+    for name in ("p3_LGE.mha", "p4_LGE.NII.GZ", "p5_LGE.nrrd"):
+        with open(os.path.join(pred, name), "wb") as f:
+            f.write(b"not read")
+    with pytest.warns(UserWarning) as caught:
+        df = evaluate_folder(pred, ref, LABELS, output_folder=str(tmp_path / "out"))
+    skipped = [str(w.message) for w in caught if "were not evaluated" in str(w.message)]
+    assert len(skipped) == 1 and skipped[0].startswith("3 image file(s) in the prediction folder"), skipped
+    for name in ("p3_LGE.mha", "p4_LGE.NII.GZ", "p5_LGE.nrrd"):
+        assert name in skipped[0]
+    assert "summary.json" not in skipped[0]  # nnU-Net's own files are no images
+    assert sorted(df["case"].unique()) == ["p1_LGE", "p2_LGE"]
+
+
 def test_missing_prediction_is_an_error_listing_cases(tmp_path):
     pred, ref = make_folders(tmp_path, ["p1_LGE", "p2_LGE", "p3_LGE"], ["p1_LGE", "p3_LGE"])
     with pytest.raises(FileNotFoundError, match=r"have no prediction.*\['p2_LGE'\].*allow_missing"):
@@ -363,7 +378,8 @@ def test_evaluate_folder_rows_and_summary_json(tmp_path):
     assert entry["reference_file"].endswith("p2_LGE.nii.gz")
     assert entry["metrics"]["lv"]["flag"] == "pred_empty"
     assert set(summary["mean"]) == {"myo", "lv"}
-    assert summary["hd95_definition"].startswith("max of the two directed 95th percentiles")
+    assert summary["definitions"]["hd95"].startswith("max of the two directed 95th percentiles")
+    assert summary["absent_classes"] == []
     assert summary["mean"]["myo"]["dice"] == pytest.approx(df.loc[df.class_name == "myo", "dice"].mean())
     assert set(summary["per_modality"]) == {"LGE", "C0"}
     lge_myo_dice = summary["per_modality"]["LGE"]["myo"]["dice"]
@@ -375,6 +391,37 @@ def test_evaluate_folder_rows_and_summary_json(tmp_path):
         lge_case_means.mean())
     assert summary["flags"]["LGE"]["lv"] == {"both_empty": 0, "pred_empty": 1, "ref_empty": 0}
     assert summary["flags"]["C0"]["lv"] == {"both_empty": 0, "pred_empty": 0, "ref_empty": 0}
+
+
+@pytest.mark.parametrize("hd95", ["directed", "pooled"])
+def test_summary_json_states_the_hd95_definition_its_values_were_computed_with(tmp_path, hd95):
+    # one table (HD95_DEFINITIONS) both chooses the computation and says what it is: summary.json once
+    # said "pooled (MedPy)" beside directed values
+    for folder in ("ref", "pred"):
+        (tmp_path / folder).mkdir()
+    ref = write_label_map(tmp_path / "ref" / "c1.nii.gz", square(2, 2, size=6))
+    pred = write_label_map(tmp_path / "pred" / "c1.nii.gz", square(3, 2, size=9))
+    evaluate_folder(str(tmp_path / "pred"), str(tmp_path / "ref"), LABELS, output_folder=str(tmp_path / "out"),
+                    hd95=hd95)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["definitions"]["hd95"] == f"{HD95_DEFINITIONS[hd95]} (--hd95 {hd95})"
+    assert "hd95_definition" not in summary  # no second statement that could disagree
+    other = next(d for d in HD95_DEFINITIONS if d != hd95)
+    assert HD95_DEFINITIONS[other] not in json.dumps(summary)
+    [row] = evaluate_case(pred, ref, LABELS, hd95=hd95)
+    [other_row] = evaluate_case(pred, ref, LABELS, hd95=other)
+    assert other_row["hd95"] != pytest.approx(row["hd95"])  # the two definitions differ on this case
+    assert summary["mean"]["myo"]["hd95"] == pytest.approx(row["hd95"])
+
+
+def test_a_class_present_in_no_file_is_named_as_absent(tmp_path, capsys):
+    pred, ref = make_folders(tmp_path, ["c1", "c2"], ["c1", "c2"])  # only label 1 is drawn
+    run_cli(["-pred", pred, "-ref", ref, "-l", "myo=1", "scar=2", "-o", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["absent_classes"] == ["scar"]
+    assert summary["mean"]["scar"]["dice"] == 1.0  # the convention, now stated beside it
+    assert "absent_classes" in summary["definitions"]
+    assert "class(es) ['scar'] appear in no prediction and no reference" in capsys.readouterr().err
 
 
 def test_parallel_workers_give_the_same_rows(tmp_path):
@@ -496,6 +543,58 @@ def test_cli_with_label_list_and_default_output(tmp_path, capsys):
     assert os.path.isfile(os.path.join(pred, "csa_evaluation", "summary.json"))
     assert json.loads(open(os.path.join(pred, "summary.json")).read()) == {}  # nnU-Net's file untouched
     assert "all" in capsys.readouterr().out
+
+
+def test_prediction_folder_equal_to_reference_folder_is_refused(tmp_path):
+    pred, ref = make_folders(tmp_path, ["c1"], ["c1"])
+    for same in (ref, ref + "/", os.path.join(ref, "..", "ref")):  # one folder, however spelled
+        with pytest.raises(ValueError, match="the prediction and the reference folder are both"):
+            run_cli(["-pred", same, "-ref", ref, "-l", "1"])
+    assert sorted(os.listdir(ref)) == ["c1.nii.gz"]  # nothing written among the references
+
+
+@pytest.mark.parametrize("foreign", ["summary.json", "metrics.csv"])
+def test_output_folder_with_files_the_evaluation_did_not_write_is_refused_before_scoring(tmp_path, foreign):
+    pred, ref = make_folders(tmp_path, ["c1", "c2"], ["c1", "c2"])
+    _truncate(os.path.join(ref, "c2.nii.gz"))  # scoring first would end in this file's error instead
+    os.remove(os.path.join(pred, "summary.json"))  # make_folders' stand-in for nnU-Net's own
+    (tmp_path / "pred" / foreign).write_text("{}")
+    with pytest.raises(ValueError, match=rf"holds {foreign} that nnUNetv2_csa_evaluate did not write"):
+        run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", pred])
+    assert (tmp_path / "pred" / foreign).read_text() == "{}"
+
+
+def test_unwritable_or_file_output_fails_before_scoring(tmp_path):
+    pred, ref = make_folders(tmp_path, ["c1", "c2"], ["c1", "c2"])
+    _truncate(os.path.join(ref, "c2.nii.gz"))
+    with pytest.raises(ValueError, match="cannot write into /proc"):  # no one may write there, root included
+        run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", "/proc/csa_evaluation"])
+    with pytest.raises(ValueError, match=r"-o .*summary.json is a file; give a folder"):
+        run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", os.path.join(pred, "summary.json")])
+
+
+def test_an_output_folder_the_evaluation_wrote_is_written_again(tmp_path):
+    # the negative control of the refusals above
+    pred, ref = make_folders(tmp_path, ["c1"], ["c1"])
+    run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", str(tmp_path / "out")])
+    run_cli(["-pred", pred, "-ref", ref, "-l", "1", "-o", str(tmp_path / "out")])
+    assert sorted(os.listdir(tmp_path / "out")) == ["metrics.csv", "summary.json"]
+
+
+def test_an_evaluation_stopped_while_writing_leaves_no_half_file_and_runs_again(tmp_path, monkeypatch):
+    pred, ref = make_folders(tmp_path, ["c1"], ["c1"])
+    out = tmp_path / "out"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM as the command turns it into SystemExit
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pd.DataFrame, "to_csv", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_folder(pred, ref, LABELS, output_folder=str(out))
+    assert os.listdir(out) == ["summary.json"]  # whole, and no temporary file beside it
+    evaluate_folder(pred, ref, LABELS, output_folder=str(out))  # its own folder: written again
+    assert sorted(os.listdir(out)) == ["metrics.csv", "summary.json"]
 
 
 def test_cli_dataset_json_without_tags_evaluates_without_modality(tmp_path, capsys):

@@ -95,3 +95,27 @@ def test_a_model_folder_without_modality_names_is_named(tmp_path):
                                                r"write it .* nnunetv2_csa trainer that has modality-specific norms"):
         export_modality(folder, "C0", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_terminated_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    # SIGTERM after the first fold is saved: the command unwinds as after Ctrl-C and removes its .export_* folder
+    import signal
+
+    from nnunetv2_csa.tools.export import main
+
+    model = _model_folder(tmp_path, folds=("0", "1"), finished=("0", "1"))
+    save = torch.save
+    saved = []
+
+    def save_then_terminate(obj, path, *args, **kwargs):
+        save(obj, path, *args, **kwargs)
+        saved.append(path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(torch, "save", save_then_terminate)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-m", model, "--modality", "LGE", "-o", str(tmp_path / "exported")])
+    assert exit_info.value.code == 128 + signal.SIGTERM and len(saved) == 1
+    assert sorted(os.listdir(tmp_path)) == before  # no exported folder, no .export_* staging folder
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the command's only

@@ -328,4 +328,43 @@ def test_cli_help_and_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad_exit:
         phantom.main(["--layout", "myops", "-o", str(tmp_path), "-n", "0"])
     assert bad_exit.value.code == 2
-    assert "n_patients" in capsys.readouterr().err
+    assert "argument -n: 0 is below the smallest allowed value, 1" in capsys.readouterr().err
+
+
+def _phantom_cli(tmp_path, capsys, *extra) -> tuple[int, str]:
+    """(exit status, stderr) of a one-patient MS-CMRSeg phantom written into tmp_path/out."""
+    try:
+        phantom.main(["--layout", "mscmrseg", "-o", str(tmp_path / "out"), "-n", "1", "--size", str(SMALL),
+                      "--modalities", "LGE", *extra])
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("users_file", ["patient1_LGE.nii.gz", "notes.txt"])
+def test_the_phantom_never_writes_into_a_folder_of_the_users_files(tmp_path, capsys, users_file):
+    # a file it would replace, and one it would only label synthetic with its marker
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / users_file).write_bytes(b"the user's data")
+    status, stderr = _phantom_cli(tmp_path, capsys)
+    assert status == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].endswith(f"holds files the phantom did not write ({users_file}); they "
+                                                    f"could be replaced by synthetic ones and its marker would label "
+                                                    f"them synthetic: choose a new or empty folder, or add --overwrite")
+    assert sorted(os.listdir(tmp_path / "out")) == [users_file]
+    assert (tmp_path / "out" / users_file).read_bytes() == b"the user's data"
+    # --overwrite is the user's explicit word
+    assert _phantom_cli(tmp_path, capsys, "--overwrite")[0] == 0
+    assert phantom.read_phantom_marker(str(tmp_path / "out"))["layout"] == "mscmrseg"
+
+
+def test_the_phantom_writes_again_into_its_own_folder_and_refuses_a_file_as_output(tmp_path, capsys):
+    assert _phantom_cli(tmp_path, capsys)[0] == 0
+    assert _phantom_cli(tmp_path, capsys)[0] == 0  # its marker is there: its own files, rewritten the same
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        phantom.main(["--layout", "mmwhs", "-o", str(tmp_path / "a_file")])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert stderr.strip().splitlines()[-1].endswith(f"-o {tmp_path / 'a_file'} is a file; give a folder")

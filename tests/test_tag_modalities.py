@@ -94,6 +94,52 @@ def _tree_digest(folder) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt(), SystemExit(143), OSError(28, "No space left")])
+def test_tagging_stopped_before_the_tags_are_written_puts_the_old_split_back(tmp_path, monkeypatch, interruption):
+    # the split is replaced first; stopped right after (SIGTERM unwinds as SystemExit), the new split
+    # would stand beside the old tags
+    from dataset_conversion import tag_modalities
+
+    folder, preprocessed = tmp_path / "raw" / "Dataset905_X", tmp_path / "preprocessed" / "Dataset905_X"
+    for place in (folder, preprocessed):
+        place.mkdir(parents=True)
+        (place / "splits_final.json").write_text('[{"train": ["old"], "val": ["old"]}]')
+    (folder / "dataset.json").write_text('{"old": "tags"}')
+    replace = tag_modalities._replace_file
+
+    def stop_at_the_tags(content, target):
+        if target.endswith("dataset.json"):
+            raise interruption
+        replace(content, target)
+
+    monkeypatch.setattr(tag_modalities, "_replace_file", stop_at_the_tags)
+    with pytest.raises(ConversionError if isinstance(interruption, OSError) else type(interruption)):
+        tag_modalities._commit(str(folder), {"new": "tags"}, [{"train": ["new"], "val": ["new"]}],
+                               str(tmp_path / "preprocessed"))
+    for place in (folder, preprocessed):
+        assert (place / "splits_final.json").read_text() == '[{"train": ["old"], "val": ["old"]}]'
+        assert [f for f in os.listdir(place) if f.endswith(".incomplete")] == []
+    assert (folder / "dataset.json").read_text() == '{"old": "tags"}'
+
+
+def test_images_of_another_ending_are_named_not_passed_over(tmp_path, capsys):
+    from dataset_conversion.errors import ConversionWarning
+    from dataset_conversion.tag_modalities import raw_dataset
+    from nnunetv2_csa.tools.mixed_prediction import cases_of_folder
+
+    folder = tmp_path / "Dataset906_X"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz", "labels": {"background": 0}}))
+    for name in ("a_0000.nii.gz", "b_0000.NII.GZ", "c_0000.mha", "notes.txt"):
+        (folder / "imagesTr" / name).write_bytes(b"")
+    with pytest.warns(ConversionWarning, match=r"2 image file\(s\) in .*imagesTr do not end in the dataset's "
+                                               r"file_ending '\.nii\.gz'.*: b_0000\.NII\.GZ, c_0000\.mha;"):
+        assert raw_dataset("Dataset906_X", str(tmp_path))[2] == ["a"]
+    # the mixed-modality predictor reads an input folder the same way
+    assert list(cases_of_folder(str(folder / "imagesTr"), ".nii.gz")) == ["a"]
+    assert "warning: 2 image file(s) in -i" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def plain_nnunet_dataset(tmp_path_factory):
     """A phantom converted by this package, then stripped to a plain nnU-Net raw dataset (no

@@ -18,6 +18,7 @@ import datetime
 import functools
 import importlib.metadata
 import os
+import signal
 import subprocess
 import sys
 import tomllib
@@ -94,3 +95,18 @@ def run_console(name: str, args: Sequence, log: IO[str], env: dict | None = None
     log.write(f"\n===== {datetime.datetime.now().isoformat(timespec='seconds')} $ {' '.join([name, *args])}\n")
     log.flush()
     return subprocess.run(console_command(name) + args, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """SIGTERM ends the command as Ctrl-C does, by an exception (``SystemExit(143)``) that unwinds
+    through every ``finally`` and ``except BaseException``: a command's all-or-nothing cleanup
+    (its staging folder removed) runs when it is terminated, not only when it is interrupted."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -21,6 +21,7 @@ import time
 
 from nnunetv2_csa.errors import UserInputError
 from nnunetv2_csa.tools.commands import run_console
+from nnunetv2_csa.tools.inputs import integer_at_least
 
 DEFAULT_ROWS = ("Joint", "CSA")
 DEFAULT_BUDGET = (10, 10)
@@ -142,8 +143,24 @@ def run_demo(output: str = "demo_output", data: str | None = None, layout: str |
              rows=DEFAULT_ROWS, budget=DEFAULT_BUDGET, device: str = "cpu", dataset_id: int = DEMO_DATASET_ID,
              phantom_patients: int = 10, phantom_size: int = 48, timing_iterations: int = 5,
              configuration: str = "2d") -> str:
+    from nnunetv2_csa.tools.benchmark.rows import ALL_ROWS
+
+    # every input checked before the first folder is made
     if configuration not in CONFIGURATIONS:
         raise DemoError(f"configuration {configuration!r}: choose one of {list(CONFIGURATIONS)}")
+    unknown = [r for r in rows if r not in ALL_ROWS]
+    if unknown:
+        raise DemoError(f"unknown rows {unknown}; choose from {list(ALL_ROWS)}")
+    if data is not None and not os.path.isdir(data):
+        raise DemoError(f"--data {data} is not a folder")
+    if data is None:
+        from nnunetv2_csa.tools.phantom import check_mscmrseg_request
+        try:
+            check_mscmrseg_request(phantom_patients, phantom_size)
+        except ValueError as e:
+            raise DemoError(f"--phantom-patients/--phantom-size: {e}") from None
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise DemoError(f"--output {output} is a file; give a folder for the demo's data and report")
     output = os.path.abspath(output)
     os.makedirs(output, exist_ok=True)
     stages = Stages(output)
@@ -166,8 +183,6 @@ def run_demo(output: str = "demo_output", data: str | None = None, layout: str |
             say("1/4 data: phantom present, reused")
     else:
         source = os.path.abspath(data)
-        if not os.path.isdir(source):
-            raise DemoError(f"--data {data} is not a folder")
         layout = layout or detect_layout(source)
         say(f"1/4 data: {source} ({layout} layout)")
 
@@ -218,19 +233,22 @@ def main(argv=None) -> None:
     parser.add_argument("--layout", choices=LAYOUTS, default=None, help="layout of --data (default: detected)")
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
                         help="rows of the paper's table to train (Single Joint MSBN Affinity UMMKD CSA)")
-    parser.add_argument("--budget", nargs=2, type=int, default=list(DEFAULT_BUDGET), metavar=("EPOCHS", "ITERATIONS"),
+    parser.add_argument("--budget", nargs=2, type=integer_at_least(1), default=list(DEFAULT_BUDGET),
+                        metavar=("EPOCHS", "ITERATIONS"),
                         help="short budget per row (default: 10 epochs x 10 iterations)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="device of training and prediction (default cpu)")
-    parser.add_argument("--dataset-id", type=int, default=DEMO_DATASET_ID,
+    parser.add_argument("--dataset-id", type=integer_at_least(1), default=DEMO_DATASET_ID,
                         help=f"nnU-Net dataset ID the demo converts into (default {DEMO_DATASET_ID})")
-    parser.add_argument("--timing-iterations", type=int, default=5,
+    parser.add_argument("--timing-iterations", type=integer_at_least(0), default=5,
                         help="timed training iterations per trainer (default 5; 0 skips the timing)")
     parser.add_argument("-c", "--configuration", default="2d", choices=CONFIGURATIONS,
                         help="nnU-Net configuration (default 2d, the paper's); 3d_fullres writes its report to "
                              "<output>/report_3d_fullres and reuses the data and conversion of a 2d run")
-    parser.add_argument("--phantom-patients", type=int, default=10, help="phantom patients (default 10)")
-    parser.add_argument("--phantom-size", type=int, default=48, help="phantom in-plane matrix (default 48)")
+    parser.add_argument("--phantom-patients", type=integer_at_least(1), default=10,
+                        help="phantom patients (default 10)")
+    parser.add_argument("--phantom-size", type=integer_at_least(1), default=48,
+                        help="phantom in-plane matrix (default 48)")
     args = parser.parse_args(argv)
     try:
         run_demo(args.output, args.data, args.layout, args.rows, args.budget, args.device, args.dataset_id,
@@ -239,11 +257,7 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         say("interrupted; run the same command again to continue from the last finished stage")
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - the known failures get one clear line, the rest a traceback
-        from dataset_conversion import ConversionError
-        from nnunetv2_csa.modality import ModalityTagError
-        if not isinstance(e, (DemoError, ConversionError, ModalityTagError)):
-            raise
+    except UserInputError as e:  # the known failures get one clear line, the rest a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -37,7 +37,9 @@ All metrics are **3D, per volume**, with the true 3D spacing, as nnU-Net reports
 Empty-mask conventions (column ``flag``; counted in ``summary.json`` under ``"flags"``)
 --------------------------------------------------------------------------------------
 * ``both_empty``: the class is absent from prediction and reference: Dice = 1,
-  HD = HD95 = ASSD = 0 (a correct "not there").
+  HD = HD95 = ASSD = 0 (a correct "not there"). A class that is both_empty in every case
+  is listed under ``"absent_classes"`` in ``summary.json`` (and named by the command): its
+  Dice 1 is this convention, not a result, and lifts the means.
 * ``pred_empty`` / ``ref_empty``: exactly one of the two is empty: Dice = 0, and
   HD = HD95 = ASSD = the physical diagonal of the image, ``sqrt(Σ (size_i * spacing_i)^2)``
   in mm, which is at least every distance two voxels of the image can have: the worst
@@ -72,8 +74,11 @@ import SimpleITK as sitk
 from scipy import stats
 from tqdm import tqdm
 
-from nnunetv2_csa.errors import one_line_errors
-from nnunetv2_csa.image_files import check_file_complete, grid_differences
+from dataset_conversion.staging import replace_file
+from nnunetv2_csa.errors import first_few, one_line_errors
+from nnunetv2_csa.image_files import check_file_complete, grid_differences, images_not_read
+from nnunetv2_csa.tools.commands import sigterm_unwinds
+from nnunetv2_csa.tools.inputs import check_output_folder, file_ending_of, integer_at_least, read_json_file
 from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
 
 METRICS = ("dice", "hd", "hd95", "assd")
@@ -195,9 +200,12 @@ def _class_row(prediction_mask: np.ndarray, reference_mask: np.ndarray, spacing_
                 n_ref_voxels=n_ref, n_pred_voxels=n_pred, flag=FLAG_NONE)
 
 
-def _foreground_classes(labels: Mapping[str, int]) -> list[tuple[str, int]]:
-    if not labels:
-        raise ValueError("no labels given: pass dataset.json 'labels', e.g. {'background': 0, 'myo': 1}")
+def foreground_classes(labels: Mapping[str, int]) -> list[tuple[str, int]]:
+    """(name, value) of each foreground class, sorted by value; a ValueError for labels this
+    evaluation cannot score (none, regions, an ignore label, repeated values, not an object)."""
+    if not isinstance(labels, Mapping) or not labels:
+        raise ValueError(f"labels {labels!r}: give dataset.json 'labels' as an object name -> integer, e.g. "
+                         f"{{'background': 0, 'myo': 1}}")
     for name, value in labels.items():
         if isinstance(value, (list, tuple)):
             raise ValueError(f"label {name!r} is a region {value}: region-based labels are not supported "
@@ -225,7 +233,7 @@ def evaluate_case(prediction_file: str, reference_file: str, labels: dict[str, i
     See the module docstring."""
     if hd95 not in HD95_DEFINITIONS:
         raise ValueError(f"hd95 must be one of {list(HD95_DEFINITIONS)}, not {hd95!r}")
-    classes = _foreground_classes(labels)
+    classes = foreground_classes(labels)
     prediction = _read_label_map(prediction_file, labels, "prediction")
     reference = _read_label_map(reference_file, labels, "reference")
     _check_same_geometry(prediction, reference, prediction_file, reference_file)
@@ -248,9 +256,32 @@ def evaluate_case(prediction_file: str, reference_file: str, labels: dict[str, i
 def _cases_in(folder: str, file_ending: str, role: str) -> dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{role} folder {folder} does not exist")
-    return {name[:-len(file_ending)]: os.path.join(folder, name)
-            for name in sorted(os.listdir(folder))
-            if name.endswith(file_ending) and os.path.isfile(os.path.join(folder, name))}
+    files = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
+    skipped = images_not_read(files, file_ending)
+    if skipped:
+        # another format (.mha, .nrrd) or another spelling (.NII.GZ) is a case the user meant to score
+        warnings.warn(f"{len(skipped)} image file(s) in the {role} folder {folder} do not end in {file_ending!r} "
+                      f"and were not evaluated: {first_few(skipped, 10)}; convert or rename them", stacklevel=3)
+    return {name[:-len(file_ending)]: os.path.join(folder, name) for name in files if name.endswith(file_ending)}
+
+
+#: the files the evaluation writes into its output folder
+OUTPUT_FILES = ("metrics.csv", "summary.json")
+
+
+def _check_output_folder(folder: str) -> None:
+    """``folder`` can be written, and holds no metrics.csv or summary.json but the evaluation's own
+    (nnU-Net writes a summary.json of its own into a prediction folder)."""
+    check_output_folder(folder, "-o")
+    try:
+        with open(os.path.join(folder, "summary.json")) as f:
+            ours = "definitions" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        ours = False
+    present = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(folder, name))]
+    if present and not ours:
+        raise ValueError(f"{folder} holds {' and '.join(present)} that nnUNetv2_csa_evaluate did not write (nnU-Net's "
+                         f"own summary.json?); give -o a new folder, or one this command wrote before")
 
 
 def _evaluate_case_star(args) -> list[dict]:
@@ -274,7 +305,13 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
     missing from a given map is an error. A reference case without prediction is an error
     unless ``allow_missing``, which evaluates the cases present in both folders and warns
     about (and records in ``summary.json`` and ``df.attrs["skipped"]``) the rest. With
-    ``output_folder`` writes ``metrics.csv`` and ``summary.json`` there."""
+    ``output_folder`` writes ``metrics.csv`` and ``summary.json`` there; it is checked before any
+    case is scored."""
+    if os.path.realpath(prediction_folder) == os.path.realpath(reference_folder):
+        raise ValueError(f"the prediction and the reference folder are both {prediction_folder}: every case would "
+                         f"be scored against itself (Dice 1); give -pred the predictions and -ref the references")
+    if output_folder is not None:
+        _check_output_folder(output_folder)
     predictions = _cases_in(prediction_folder, file_ending, "prediction")
     references = _cases_in(reference_folder, file_ending, "reference")
     if case_modality is not None:
@@ -313,7 +350,7 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
                 raise ValueError(f"{len(untagged)} case(s) have no {name} in the given case -> {name} map "
                                  f"(dataset.json 'csa_case_{name}'): {untagged}; add them to the map, or "
                                  f"evaluate without {name}s (--no-modality)")
-    _foreground_classes(labels)  # fail before starting workers
+    foreground_classes(labels)  # fail before starting workers
 
     jobs = [(predictions[c], references[c], labels, file_ending, hd95) for c in cases]
     # the bar is closed (its line ended) also when a case fails, so that the error gets a line of its own
@@ -337,15 +374,45 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
 
     if output_folder is not None:
         os.makedirs(output_folder, exist_ok=True)
-        df.to_csv(os.path.join(output_folder, "metrics.csv"), index=False)
-        files = {c: (predictions[c], references[c]) for c in cases}
-        with open(os.path.join(output_folder, "summary.json"), "w") as f:
-            json.dump(dict(_summary_json(df, files), hd95_definition=HD95_DEFINITIONS[hd95]), f, indent=2,
-                      sort_keys=False)
+        summary = _summary_json(df, {c: (predictions[c], references[c]) for c in cases}, hd95)
+
+        def write_summary(path):
+            with open(path, "w") as f:
+                json.dump(summary, f, indent=2, sort_keys=False)
+        # each file whole or not at all; summary.json first, since it marks the folder as this
+        # command's (_check_output_folder): a run stopped between the two can be run again
+        replace_file(os.path.join(output_folder, "summary.json"), write_summary)
+        replace_file(os.path.join(output_folder, "metrics.csv"), lambda path: df.to_csv(path, index=False))
     return df
 
 
-def _summary_json(df: pd.DataFrame, files: Mapping[str, tuple[str, str]]) -> dict:
+#: what summary.json says each of its numbers is; HD95's entry comes from HD95_DEFINITIONS, the
+#: table the computation itself chooses its definition from
+DEFINITIONS = {
+    "distances": "3D per volume, millimetres, surfaces = face-connected contour voxels (image border counts as "
+                 "outside)",
+    "hd": "max of the pooled symmetric surface distances",
+    "assd": "mean of the pooled symmetric surface distances",
+    "both_empty": "dice 1, distances 0; such rows count in every mean",
+    "pred_empty/ref_empty": "dice 0, distances = physical image diagonal in mm",
+    "absent_classes": "classes in no prediction and no reference of any case: their dice 1 and distances 0 are the "
+                      "both_empty convention, not a result, and lift mean and foreground_mean",
+    "std": "sample standard deviation over cases (ddof=1), null for a single case",
+    "mean_over_classes": "per case mean over classes, then statistics over cases",
+}
+
+
+def summary_definitions(hd95: str) -> dict[str, str]:
+    """The definitions summary.json states, for the HD95 definition ``hd95`` its values were computed with."""
+    return {**DEFINITIONS, "hd95": f"{HD95_DEFINITIONS[hd95]} (--hd95 {hd95})"}
+
+
+def absent_classes(df: pd.DataFrame) -> list[str]:
+    """The classes that no case holds in its prediction or its reference (all rows both_empty)."""
+    return [name for name, rows in df.groupby("class_name", sort=False) if (rows["flag"] == "both_empty").all()]
+
+
+def _summary_json(df: pd.DataFrame, files: Mapping[str, tuple[str, str]], hd95: str) -> dict:
     per_case = []
     for case, rows in df.groupby("case", sort=True):
         entry = {"case": case}
@@ -379,16 +446,7 @@ def _summary_json(df: pd.DataFrame, files: Mapping[str, tuple[str, str]]) -> dic
 
     return {"metric_per_case": per_case, "mean": mean, "foreground_mean": foreground_mean,
             "per_modality": per_modality, "flags": flags, "skipped": df.attrs.get("skipped", {}),
-            "definitions": {
-                "distances": "3D per volume, millimetres, surfaces = face-connected contour voxels "
-                             "(image border counts as outside)",
-                "hd": "max of the pooled symmetric surface distances",
-                "hd95": "95th percentile of the pooled symmetric surface distances (MedPy hd95)",
-                "assd": "mean of the pooled symmetric surface distances",
-                "both_empty": "dice 1, distances 0",
-                "pred_empty/ref_empty": "dice 0, distances = physical image diagonal in mm",
-                "std": "sample standard deviation over cases (ddof=1), null for a single case",
-                "mean_over_classes": "per case mean over classes, then statistics over cases"}}
+            "absent_classes": absent_classes(df), "definitions": summary_definitions(hd95)}
 
 
 # --------------------------------------------------------------------------- statistics
@@ -482,23 +540,20 @@ def _labels_from_arguments(values: Iterable[str]) -> dict[str, int]:
         try:
             labels[name] = int(number)
         except ValueError:
-            raise SystemExit(f"-l expects integers or name=integer, got {value!r}") from None
+            raise ValueError(f"-l expects integers or name=integer, got {value!r}") from None
     return labels
 
 
 def _read_dataset_json(path: str) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "dataset.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"-djfile {path} does not exist: give the dataset.json of the dataset")
-    with open(path) as f:
-        return json.load(f)
+    return read_json_file(path, "give -djfile the dataset.json of the dataset")
 
 
 def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """The command line of ``nnUNetv2_csa_evaluate``; returns the per case/class table."""
-    from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, OTHER_MODALITY_KEY,
-                                       check_case_name, read_modality_tags)
+    from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY,
+                                       modality_tags_from_dataset_json, other_modality_cases)
 
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_csa_evaluate",
@@ -513,7 +568,7 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("-o", default=None,
                         help="output folder for metrics.csv and summary.json (default: PRED/csa_evaluation; "
                              "nnU-Net's own PRED/summary.json is left alone)")
-    parser.add_argument("-np", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("-np", type=integer_at_least(1), default=1, help="worker processes (default 1)")
     parser.add_argument("--hd95", choices=list(HD95_DEFINITIONS), default=DEFAULT_HD95,
                         help="directed (default): max of the two directed 95th percentiles, as MONAI and DeepMind's "
                              "surface-distance; pooled: MedPy's 95th percentile of both directions together")
@@ -528,16 +583,16 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
     if args.djfile is not None:
         dataset_json = _read_dataset_json(args.djfile)
         if "labels" not in dataset_json:
-            raise SystemExit(f"{args.djfile} has no 'labels' entry")
+            raise ValueError(f"{args.djfile} has no 'labels' entry; give -djfile the dataset.json of the dataset")
         labels = dataset_json["labels"]
-        file_ending = dataset_json.get("file_ending", file_ending)
+        file_ending = file_ending_of(dataset_json, args.djfile)
         has_tags = MODALITIES_KEY in dataset_json or CASE_MODALITY_KEY in dataset_json
         if has_tags and not args.no_modality:
-            case_modality = dict(read_modality_tags(args.djfile).case_modality)
+            case_modality = dict(modality_tags_from_dataset_json(dataset_json, args.djfile).case_modality)
             case_patient = dict(dataset_json.get(CASE_PATIENT_KEY, {}))
             # the images an --unpaired conversion left out (imagesOtherModality) are tagged too
-            for case, tag in dataset_json.get(OTHER_MODALITY_KEY, {}).items():
-                case_modality[check_case_name(case, args.djfile)] = tag["modality"]
+            for case, tag in other_modality_cases(dataset_json, args.djfile).items():
+                case_modality[case] = tag["modality"]
                 case_patient[case] = tag["patient"]
             case_patient = case_patient or None
         elif not has_tags:
@@ -556,6 +611,10 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
     wide["n"] = table.groupby(["modality", "class_name"], sort=False)["n"].first()
     with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 120):
         print(wide.to_string())
+    absent = absent_classes(df)
+    if absent:
+        print(f"class(es) {absent} appear in no prediction and no reference: their Dice 1 is the both_empty "
+              f"convention, not a result, and lifts the means", file=sys.stderr)
     counts = df["flag"].value_counts()
     flagged = {f: int(counts.get(f, 0)) for f in FLAGS if counts.get(f, 0)}
     if flagged:
@@ -567,7 +626,8 @@ def run_cli(argv: Sequence[str] | None = None) -> pd.DataFrame:
 @one_line_errors(ValueError, OSError)  # bad input: files, labels, geometry; the message names the file
 def main(argv: Sequence[str] | None = None) -> None:
     # a console script's return value becomes its exit status: return nothing on success
-    run_cli(argv)
+    with sigterm_unwinds():  # a terminated run leaves no temporary file behind
+        run_cli(argv)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ import os
 import shutil
 import tempfile
 
-from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
+from batchgenerators.utilities.file_and_folder_operations import join, save_json
 
 from nnunetv2_csa.errors import UserInputError, one_line_errors
-from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, modalities_from_plans
+from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, is_plain_name, modalities_from_plans
+from nnunetv2_csa.tools.commands import sigterm_unwinds
+from nnunetv2_csa.tools.inputs import check_output_folder, read_json_file
 
 # torch, nnU-Net and the modules that need them are imported where they are used, so that
 # `nnUNetv2_csa_export_modality --help` and argument errors answer at once
@@ -35,6 +37,12 @@ def _fold_folders(model_folder: str, folds) -> list[str]:
                        if d.startswith("fold_") and os.path.isdir(join(model_folder, d)))
     if not folds:
         raise ExportError(f"{model_folder} has no fold_* folders: is it a trained nnU-Net model folder?")
+    repeated = sorted({f for f in folds if list(folds).count(f) > 1})
+    if repeated:
+        raise ExportError(f"-f names fold(s) {' '.join(repeated)} more than once; name each fold once")
+    missing = [f for f in folds if not os.path.isdir(join(model_folder, f"fold_{f}"))]
+    if missing:
+        raise ExportError(f"{model_folder} has no fold_{missing[0]} folder; -f takes the folds it holds")
     return [f"fold_{f}" for f in folds]
 
 
@@ -69,21 +77,25 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
     if not os.path.isfile(plans_file):
         raise ExportError(f"{plans_file} does not exist: -m must be a trained model folder "
                           f"(…/DatasetXXX/<trainer>__<plans>__<configuration>)")
+    if not is_plain_name(checkpoint_name, 255):
+        raise ExportError(f"-chk {checkpoint_name!r} is not a file name (no folders, no '..'): give the name of the "
+                          f"checkpoint file in each fold folder, e.g. checkpoint_best.pth")
     if os.path.exists(output_folder):
         raise ExportError(f"{output_folder} exists already; choose a new output folder")
     parent = os.path.dirname(os.path.abspath(output_folder))
     if not os.path.isdir(parent):
         raise ExportError(f"the folder {parent} that -o {output_folder} would go into does not exist; create it first")
-    plans = load_json(plans_file)
-    dataset_json = load_json(join(model_folder, "dataset.json"))
+    plans = read_json_file(plans_file, "is the model folder complete?")
+    dataset_json = read_json_file(join(model_folder, "dataset.json"), "is the model folder complete?")
     modalities = modalities_from_plans(plans, plans_file)
     if modality not in modalities:
         raise ModalityTagError(f"unknown modality {modality!r}; {model_folder} knows {modalities}")
     plans_manager = PlansManager(plans)
 
+    fold_folders = _fold_folders(model_folder, folds)
+    check_output_folder(output_folder, "-o")
     staging = tempfile.mkdtemp(prefix=".export_", dir=parent)
     try:
-        fold_folders = _fold_folders(model_folder, folds)
         for fold in fold_folders:
             checkpoint_file = join(model_folder, fold, checkpoint_name)
             if not os.path.isfile(checkpoint_file):
@@ -154,8 +166,9 @@ def main(argv=None) -> None:
                         help="load checkpoints with full pickle (can run code from the file): only for files from "
                              "a source you trust that hold more than an nnU-Net checkpoint does")
     args = parser.parse_args(argv)
-    out = export_modality(args.model_folder, args.modality, args.output, args.folds, args.checkpoint,
-                          trust_checkpoint=args.trust_checkpoint)
+    with sigterm_unwinds():  # a terminated run removes its staging folder too
+        out = export_modality(args.model_folder, args.modality, args.output, args.folds, args.checkpoint,
+                              trust_checkpoint=args.trust_checkpoint)
     folds = sorted(d.removeprefix("fold_") for d in os.listdir(out) if d.startswith("fold_"))
     print(f"exported modality {args.modality} (fold(s) {', '.join(folds)}) to {out}; predict it with "
           f"nnUNetv2_predict_from_modelfolder -m {out} -f {' '.join(folds)} -i INPUT -o OUTPUT")

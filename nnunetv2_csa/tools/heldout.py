@@ -15,31 +15,20 @@ them). Files are copied from the raw dataset; the output folder is written all o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
 from typing import Sequence
 
-from nnunetv2_csa.errors import UserInputError, one_line_errors
+from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
 from nnunetv2_csa.modality import modality_tags_from_dataset_json
+from nnunetv2_csa.tools.commands import sigterm_unwinds
+from nnunetv2_csa.tools.inputs import (check_output_folder, dataset_folder, file_ending_of, integer_at_least,
+                                      read_json_file, read_splits)
 
 
 class HeldOutError(UserInputError, ValueError):
     """Bad request; the message names the file or folder and the fix."""
-
-
-def _dataset_folder(root_variable: str, dataset_id: str) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    root = os.environ.get(root_variable)
-    if not root:
-        raise HeldOutError(f"{root_variable} is not set: export it as for nnUNetv2_train")
-    try:
-        name = maybe_convert_to_dataset_name(str(dataset_id))
-    except RuntimeError as e:
-        raise HeldOutError(str(e).splitlines()[0]) from None
-    return os.path.join(root, name)
 
 
 def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, list[str]]:
@@ -47,46 +36,74 @@ def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, 
     returns the cases per modality."""
     from nnunetv2_csa.tools.benchmark.scoring import fold_test_set
 
-    raw = _dataset_folder("nnUNet_raw", dataset_id)
-    preprocessed = _dataset_folder("nnUNet_preprocessed", dataset_id)
+    raw = dataset_folder("nnUNet_raw", dataset_id, "convert the dataset with nnUNetv2_csa_convert_*")
+    if not os.environ.get("nnUNet_preprocessed"):
+        raise HeldOutError("nnUNet_preprocessed is not set: export it as for nnUNetv2_train")
+    preprocessed = os.path.join(os.environ["nnUNet_preprocessed"], os.path.basename(raw))
     if os.path.exists(output_folder):
         raise HeldOutError(f"{output_folder} exists already; choose a new output folder")
-    with open(os.path.join(raw, "dataset.json")) as f:
-        dataset_json = json.load(f)
+    dataset_json = read_json_file(os.path.join(raw, "dataset.json"), "convert the dataset again")
     tags = modality_tags_from_dataset_json(dataset_json, os.path.join(raw, "dataset.json"))
     splits_file = os.path.join(preprocessed, "splits_final.json")
     if not os.path.isfile(splits_file):
         splits_file = os.path.join(raw, "splits_final.json")
     if not os.path.isfile(splits_file):
         raise HeldOutError(f"no splits_final.json in {preprocessed} or {raw}: convert with nnUNetv2_csa_convert_*")
-    with open(splits_file) as f:
-        splits = json.load(f)
+    splits = read_splits(splits_file, "convert the dataset again, or tag it with nnUNetv2_csa_tag_modalities")
     if not 0 <= fold < len(splits):
         raise HeldOutError(f"fold {fold} is not in {splits_file} ({len(splits)} folds)")
-    ending = dataset_json.get("file_ending", ".nii.gz")
+    ending = file_ending_of(dataset_json, os.path.join(raw, "dataset.json"))
     validation = sorted(splits[fold]["val"])
     test_set = fold_test_set(validation, {c: tags.modality_of_case(c) for c in validation},
                              dataset_json.get("csa_case_patient", {}), os.path.join(raw, "labelsTr"), raw, ending)
+    copies = _files_to_copy(test_set, raw, ending, _channel_count(dataset_json, os.path.join(raw, "dataset.json")))
     parent = os.path.dirname(os.path.abspath(output_folder))
     if not os.path.isdir(parent):
         raise HeldOutError(f"the folder {parent} that -o {output_folder} would go into does not exist; create it first")
+    check_output_folder(output_folder, "-o")
     staging = tempfile.mkdtemp(prefix=".heldout_", dir=parent)
-    by_modality: dict[str, list[str]] = {}
     try:
-        for case in test_set.cases:
-            modality = test_set.case_modality[case]
-            image = test_set.other_modality_images.get(case, os.path.join(raw, "imagesTr", f"{case}_0000{ending}"))
-            for source, sub, name in ((image, "images", f"{case}_0000{ending}"),
-                                      (test_set.references[case], "labels", f"{case}{ending}")):
-                os.makedirs(os.path.join(staging, modality, sub), exist_ok=True)
-                shutil.copyfile(source, os.path.join(staging, modality, sub, name))
-            by_modality.setdefault(modality, []).append(case)
+        for source, target in copies:
+            os.makedirs(os.path.dirname(os.path.join(staging, target)), exist_ok=True)
+            shutil.copyfile(source, os.path.join(staging, target))
         os.chmod(staging, 0o755)
         os.replace(staging, output_folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    by_modality: dict[str, list[str]] = {}
+    for case in test_set.cases:
+        by_modality.setdefault(test_set.case_modality[case], []).append(case)
     return by_modality
+
+
+def _channel_count(dataset_json: dict, source: str) -> int:
+    """The image files per case: one per entry of nnU-Net's channel_names ("modality" in older files)."""
+    channels = dataset_json.get("channel_names", dataset_json.get("modality", {"0": "single"}))
+    if not (isinstance(channels, dict) and channels):
+        raise HeldOutError(f"{source}: channel_names must be an object channel -> name, e.g. {{\"0\": \"MRI\"}}; "
+                           f"fix it or convert the dataset again")
+    return len(channels)
+
+
+def _files_to_copy(test_set, raw: str, ending: str, n_channels: int) -> list[tuple[str, str]]:
+    """(source, path in the output folder) of every file to copy: each held-out case's image of every
+    channel (_0000, _0001, ...: nnUNetv2_predict needs them all) and its label; a missing one is an
+    error before anything is written."""
+    copies = []
+    for case in test_set.cases:
+        modality = test_set.case_modality[case]
+        first = test_set.other_modality_images.get(case, os.path.join(raw, "imagesTr", f"{case}_0000{ending}"))
+        for channel in range(n_channels):
+            name = f"{case}_{channel:04d}{ending}"
+            copies.append((os.path.join(os.path.dirname(first), name), os.path.join(modality, "images", name)))
+        copies.append((test_set.references[case], os.path.join(modality, "labels", f"{case}{ending}")))
+    missing = [source for source, _ in copies if not os.path.isfile(source)]
+    if missing:
+        raise HeldOutError(f"{len(missing)} file(s) of the held-out cases are missing ({first_few(missing, 3)}); the "
+                           f"dataset has {n_channels} channel(s) (channel_names of dataset.json), each case one image "
+                           f"file per channel and a label: restore them, or convert the dataset again")
+    return copies
 
 
 @one_line_errors(ValueError, OSError)
@@ -97,10 +114,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "modality of the same patients) into one folder per modality: <out>/<modality>/images (inputs "
                     "for nnUNetv2_predict) and <out>/<modality>/labels (references for nnUNetv2_csa_evaluate).")
     parser.add_argument("-d", required=True, help="dataset ID or name")
-    parser.add_argument("-f", type=int, default=0, help="fold of splits_final.json (default 0)")
+    parser.add_argument("-f", type=integer_at_least(0), default=0, help="fold of splits_final.json (default 0)")
     parser.add_argument("-o", required=True, help="new output folder")
     args = parser.parse_args(argv)
-    by_modality = write_held_out(args.d, args.f, args.o)
+    with sigterm_unwinds():  # a terminated run removes its staging folder too
+        by_modality = write_held_out(args.d, args.f, args.o)
     for modality, cases in sorted(by_modality.items()):
         print(f"{modality}: {len(cases)} case(s) in {os.path.join(args.o, modality)}/images and /labels; predict with "
               f"nnUNet_csa_modality={modality} nnUNetv2_predict -i {os.path.join(args.o, modality, 'images')} ...")

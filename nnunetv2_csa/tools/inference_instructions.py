@@ -27,6 +27,7 @@ import pandas as pd
 
 from nnunetv2_csa.errors import UserInputError, one_line_errors
 from nnunetv2_csa.modality import MODALITIES_KEY, read_modality_tags
+from nnunetv2_csa.tools.inputs import dataset_folder, integer_at_least
 
 INSTRUCTIONS_FILE = "inference_instructions_csa.txt"
 PER_MODALITY_FILE = "crossval_per_modality.csv"
@@ -37,17 +38,8 @@ class InstructionsError(UserInputError, RuntimeError):
 
 
 def _results_folder(dataset: str) -> str:
-    from nnunetv2.paths import nnUNet_results
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    if not nnUNet_results:
-        raise InstructionsError("nnUNet_results is not set: set it to the folder nnUNetv2_train wrote into")
-    try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError:
-        raise InstructionsError(f"no dataset {dataset} in nnUNet_raw, nnUNet_preprocessed or {nnUNet_results}; "
-                                f"check -d") from None
-    return os.path.join(nnUNet_results, name)
+    return dataset_folder("nnUNet_results", dataset, "train the model and run nnUNetv2_find_best_configuration "
+                                                     "first")
 
 
 def _needs_modality(model: dict) -> bool:
@@ -81,12 +73,10 @@ def rewritten_instructions(information: dict) -> str:
 def per_modality_crossval(results_folder: str, information: dict, num_processes: int) -> pd.DataFrame:
     """Mean Dice over cases and foreground classes, per modality and pooled, of every model and
     ensemble find_best_configuration scored, from the same cross-validation predictions."""
-    from nnunetv2.paths import nnUNet_preprocessed
-
     from nnunetv2_csa.tools.evaluation import evaluate_folder
 
-    dataset_name = os.path.basename(results_folder)
-    reference = os.path.join(nnUNet_preprocessed or "", dataset_name, "gt_segmentations")
+    reference = os.path.join(dataset_folder("nnUNet_preprocessed", os.path.basename(results_folder),
+                                            "set nnUNet_preprocessed as during training"), "gt_segmentations")
     if not os.path.isdir(reference):
         raise InstructionsError(f"{reference} does not exist: nnU-Net's cross-validation references are needed "
                                 f"(set nnUNet_preprocessed as during training)")
@@ -136,10 +126,8 @@ def main(argv=None) -> int:
                     "it considered, and its inference instructions with the commands a model of this package "
                     "needs (nnUNetv2_csa_predict, which sorts a mixed folder by modality).")
     parser.add_argument("-d", required=True, help="dataset id or name, as given to nnUNetv2_find_best_configuration")
-    parser.add_argument("-np", type=int, default=1, help="processes for the evaluation (default 1)")
+    parser.add_argument("-np", type=integer_at_least(1), default=1, help="processes for the evaluation (default 1)")
     args = parser.parse_args(argv)
-    if args.np < 1:
-        parser.error("-np must be 1 or more")
     table, instructions = inference_instructions(args.d, args.np)
     with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 160):
         print("Cross-validation Dice (mean over cases and foreground classes), per modality:")

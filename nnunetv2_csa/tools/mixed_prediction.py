@@ -32,11 +32,13 @@ import subprocess
 import sys
 import tempfile
 
-from nnunetv2_csa.errors import UserInputError, one_line_errors
+from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
+from nnunetv2_csa.image_files import check_file_complete, check_finite, images_not_read
 from nnunetv2_csa.modality import (CONVERSION_KEY, TAGGING_KEY, ModalityTagError, check_case_name,
                                    modalities_from_plans)
 from nnunetv2_csa.modality_rules import (Rules, compile_rules, converter_naming_rules, modalities_from_rules,
                                          read_tag_csv, some)
+from nnunetv2_csa.tools.inputs import check_output_folder, entries_of_a_folder_not_ours, file_ending_of, read_json_file
 from nnunetv2_csa.training.inference_modality import INFERENCE_MODALITY_ENV
 
 #: what the output folder records about the routing
@@ -64,14 +66,7 @@ def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) 
 
 
 def _load_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            content = json.load(f)
-    except (OSError, ValueError) as e:
-        raise MixedPredictionError(f"cannot read {path} ({e}); is the model folder complete?") from None
-    if not isinstance(content, dict):
-        raise MixedPredictionError(f"{path} does not hold a JSON object; is the model folder complete?")
-    return content
+    return read_json_file(path, "is the model folder complete?")
 
 
 def rules_for(model_folder: str, modality_rules, csv_file: str | None,
@@ -115,7 +110,12 @@ def cases_of_folder(folder: str, file_ending: str) -> dict[str, list[str]]:
 
     if not os.path.isdir(folder):
         raise MixedPredictionError(f"-i {folder} is not a folder; give the folder of images to segment")
-    files = sorted(f for f in os.listdir(folder) if f.endswith(file_ending) and os.path.isfile(os.path.join(folder, f)))
+    files = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
+    skipped = images_not_read(files, file_ending)
+    if skipped:
+        print(f"warning: {len(skipped)} image file(s) in -i {folder} do not end in {file_ending!r} and are not "
+              f"predicted: {first_few(skipped, 10)}; convert or rename them", file=sys.stderr)
+    files = [f for f in files if f.endswith(file_ending)]
     cases = {check_case_name(str(case), folder): create_paths_fn(folder, files, file_ending, str(case))
              for case in get_identifiers_from_splitted_dataset_folder(folder, file_ending)}
     if not cases:
@@ -153,8 +153,13 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
             raise MixedPredictionError(f"give {option} once")
     located = _nnunet_options(predict_options)
     model_folder = model_folder_of(located.d, located.tr, located.p, located.c)
-    file_ending = _load_json(os.path.join(model_folder, "dataset.json")).get("file_ending", ".nii.gz")
+    file_ending = file_ending_of(_load_json(os.path.join(model_folder, "dataset.json")),
+                                 os.path.join(model_folder, "dataset.json"))
     case_files = cases_of_folder(input_folder, file_ending)
+    for files in case_files.values():  # nnU-Net's reader would predict on a truncated file's zeros, or on NaN
+        for path in files:
+            check_file_complete(path)
+            check_finite(path)
     assignment, source = rules_for(model_folder, modality_rules, csv_file, sorted(case_files))
     by_modality: dict[str, list[str]] = {}
     for case, modality in sorted(assignment.items()):
@@ -165,8 +170,7 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
     if dry_run:
         print("dry run: nothing predicted")
         return assignment
-    if os.path.isfile(output_folder):
-        raise MixedPredictionError(f"-o {output_folder} is a file; give a folder")
+    _check_output_folder(output_folder, input_folder, "--continue_prediction" in predict_options)
     os.makedirs(output_folder, exist_ok=True)
     for done, (modality, cases) in enumerate(by_modality.items()):
         with tempfile.TemporaryDirectory(prefix=f"csa_predict_{modality}_") as sorted_input:
@@ -188,6 +192,21 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
         json.dump(record, f, indent=1)
     os.replace(f.name, os.path.join(output_folder, RECORD_FILE))
     return assignment
+
+
+def _check_output_folder(output_folder: str, input_folder: str, continuing: bool) -> None:
+    """-o can be written, is not the input folder, and is new, empty, written by this command
+    before (its record is there) or named for --continue_prediction: nnUNetv2_predict replaces
+    files of the cases' names without a word."""
+    check_output_folder(output_folder, "-o")
+    if os.path.realpath(output_folder) == os.path.realpath(input_folder):
+        raise MixedPredictionError(f"-o {output_folder} is the input folder -i: the predictions would mix with the "
+                                   f"images; give another folder")
+    present = [] if continuing else entries_of_a_folder_not_ours(output_folder, RECORD_FILE)
+    if present:
+        raise MixedPredictionError(f"-o {output_folder} holds files this command did not write "
+                                   f"({first_few(present, 5)}); give a new or empty folder, or add "
+                                   f"--continue_prediction to keep them and predict the rest")
 
 
 @one_line_errors()

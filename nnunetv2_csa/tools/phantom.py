@@ -64,6 +64,9 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
+from nnunetv2_csa.errors import first_few
+from nnunetv2_csa.tools.inputs import check_output_folder, entries_of_a_folder_not_ours, integer_at_least
+
 # ----------------------------------------------------------------------------- label codes
 MSCMRSEG_LABELS = {"myocardium": 200, "lv_blood": 500, "rv_blood": 600}
 MYOPS_LABELS = {"myocardium": 200, "lv_blood": 500, "rv_blood": 600, "edema": 1220, "scar": 2221}
@@ -107,6 +110,9 @@ _MYOPS_SLICES = (4, 7)
 
 _MIN_IN_PLANE_SIZE = 48  # below this the myocardial ring gets thinner than a pixel
 _MIN_VOLUME_SIZE = 32
+# above these a phantom needs gigabytes while drawn (and is larger than the real matrices)
+_MAX_IN_PLANE_SIZE = 512
+_MAX_VOLUME_SIZE = 256
 
 _LAYOUT_CODES = {"mscmrseg": 1, "mmwhs": 2, "myops": 3}
 
@@ -128,7 +134,21 @@ class PhantomVolume:
 PHANTOM_MARKER = "nnunetv2_csa_phantom.json"
 
 
-def _write_marker(out_dir: str, layout: str, **parameters) -> None:
+def _check_output_folder(out_dir: str, overwrite: bool) -> None:
+    """The phantom writes into a new or empty folder, or into one it wrote before (its marker is
+    there): it never replaces a user's files with synthetic ones, nor labels them synthetic with
+    its marker, unless ``overwrite``."""
+    check_output_folder(out_dir, "-o")
+    present = [] if overwrite else entries_of_a_folder_not_ours(out_dir, PHANTOM_MARKER)
+    if present:
+        raise ValueError(f"{out_dir} holds files the phantom did not write ({first_few(present, 5)}); they could be "
+                         f"replaced by synthetic ones and its marker would label them synthetic: choose a new or "
+                         f"empty folder, or add --overwrite")
+
+
+def _write_marker(out_dir: str, layout: str, overwrite: bool, **parameters) -> None:
+    """Checks the folder (see :func:`_check_output_folder`) and marks it, before any image is written."""
+    _check_output_folder(out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, PHANTOM_MARKER), "w") as f:
         json.dump({"generator": "nnunetv2_csa.tools.phantom", "layout": layout, **parameters}, f, indent=1)
@@ -396,9 +416,9 @@ def _short_axis_label(tissue: np.ndarray, scar: np.ndarray | None = None,
 
 # ================================================================================ MS-CMRSeg
 def _check_in_plane_size(in_plane_size: int) -> None:
-    if int(in_plane_size) != in_plane_size or in_plane_size < _MIN_IN_PLANE_SIZE:
-        raise ValueError(f"in_plane_size must be an integer >= {_MIN_IN_PLANE_SIZE} (thinner grids "
-                         f"cannot hold a myocardial ring), got {in_plane_size!r}")
+    if int(in_plane_size) != in_plane_size or not _MIN_IN_PLANE_SIZE <= in_plane_size <= _MAX_IN_PLANE_SIZE:
+        raise ValueError(f"in_plane_size must be an integer from {_MIN_IN_PLANE_SIZE} (thinner grids cannot hold a "
+                         f"myocardial ring) to {_MAX_IN_PLANE_SIZE}, got {in_plane_size!r}")
 
 
 def mscmrseg_patient_volumes(patient: int, modalities: Sequence[str] = MSCMRSEG_SEQUENCES,
@@ -455,18 +475,24 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_mscmrseg_request(n_patients: int, in_plane_size: int) -> None:
+    """What :func:`write_mscmrseg_phantom` checks of its patient count and matrix (a ValueError),
+    for a caller that checks all its inputs before it writes anything (the demo)."""
+    _check_count("n_patients", n_patients)
+    _check_in_plane_size(in_plane_size)
+
+
 def write_mscmrseg_phantom(out_dir: str, n_patients: int = 10, modalities=("C0", "LGE", "T2"),
                            seed: int = 0, unlabelled: dict[str, list[int]] | None = None,
-                           in_plane_size: int = 96) -> list[str]:
+                           in_plane_size: int = 96, overwrite: bool = False) -> list[str]:
     """Write an MS-CMRSeg 2019-like dataset; returns the written paths.
 
     ``out_dir/patient{N}_{SEQ}.nii.gz`` and ``patient{N}_{SEQ}_manual.nii.gz`` for N = 1..n_patients
     (no zero padding); codes 0, 200 myocardium, 500 LV, 600 RV. ``unlabelled`` maps a sequence to
     patient numbers whose ``_manual`` file is not written (the real release lacks some labels).
     """
-    _check_count("n_patients", n_patients)
+    check_mscmrseg_request(n_patients, in_plane_size)
     _check_seed(seed)
-    _check_in_plane_size(in_plane_size)
     modalities = tuple(modalities)
     if isinstance(modalities, str) or not modalities:
         raise ValueError(f"modalities must be a non-empty sequence of names, got {modalities!r}")
@@ -478,7 +504,7 @@ def write_mscmrseg_phantom(out_dir: str, n_patients: int = 10, modalities=("C0",
         outside = sorted(p for p in patients if not 1 <= p <= n_patients)
         if outside:
             raise ValueError(f"unlabelled[{sequence!r}] names patients {outside} outside 1..{n_patients}")
-    _write_marker(out_dir, "mscmrseg", n_patients=n_patients, modalities=list(modalities), seed=seed,
+    _write_marker(out_dir, "mscmrseg", overwrite, n_patients=n_patients, modalities=list(modalities), seed=seed,
                   in_plane_size=in_plane_size)
     written = []
     for patient in range(1, n_patients + 1):
@@ -526,7 +552,7 @@ def myops_patient_volumes(case_id: int, seed: int = 0,
 
 
 def write_myops_phantom(out_dir: str, n_patients: int = 5, seed: int = 0, first_id: int = 3001,
-                        in_plane_size: int = 96) -> list[str]:
+                        in_plane_size: int = 96, overwrite: bool = False) -> list[str]:
     """Write a MyoPS 2020-like dataset; returns the written paths.
 
     ``out_dir/Case{ID}/Case{ID}_{C0,LGE,T2}.nii.gz`` on one shared grid and one
@@ -536,7 +562,8 @@ def write_myops_phantom(out_dir: str, n_patients: int = 5, seed: int = 0, first_
     _check_count("first_id", first_id)
     _check_seed(seed)
     _check_in_plane_size(in_plane_size)
-    _write_marker(out_dir, "myops", n_patients=n_patients, seed=seed, first_id=first_id, in_plane_size=in_plane_size)
+    _write_marker(out_dir, "myops", overwrite, n_patients=n_patients, seed=seed, first_id=first_id,
+                  in_plane_size=in_plane_size)
     written = []
     for case_id in range(first_id, first_id + n_patients):
         case_dir = os.path.join(out_dir, f"Case{case_id}")
@@ -625,9 +652,9 @@ def _render_whole_heart(rng: np.random.Generator, size: int, spacing: np.ndarray
 
 
 def _check_volume_size(size: int) -> None:
-    if int(size) != size or size < _MIN_VOLUME_SIZE:
-        raise ValueError(f"size must be an integer >= {_MIN_VOLUME_SIZE} (smaller cubes lose the thin "
-                         f"structures), got {size!r}")
+    if int(size) != size or not _MIN_VOLUME_SIZE <= size <= _MAX_VOLUME_SIZE:
+        raise ValueError(f"size must be an integer from {_MIN_VOLUME_SIZE} (smaller cubes lose the thin structures) "
+                         f"to {_MAX_VOLUME_SIZE}, got {size!r}")
 
 
 _MMWHS_CODES = {LV: 500, MYO: 205, AORTA: 820, PULMONARY: 850, LA: 420, RA: 550, RV: 600}
@@ -654,7 +681,7 @@ def mmwhs_case_volume(modality: str, case_id: int, seed: int = 0, size: int = 64
 
 
 def write_mmwhs_phantom(out_dir: str, n_per_modality: int = 5, seed: int = 0, first_id: int = 1001,
-                        size: int = 64) -> list[str]:
+                        size: int = 64, overwrite: bool = False) -> list[str]:
     """Write an MM-WHS 2017-like dataset; returns the written paths.
 
     ``out_dir/{ct,mr}_train_{ID}_image.nii.gz`` and ``_label.nii.gz`` for IDs first_id..; codes 205,
@@ -664,7 +691,8 @@ def write_mmwhs_phantom(out_dir: str, n_per_modality: int = 5, seed: int = 0, fi
     _check_count("first_id", first_id)
     _check_seed(seed)
     _check_volume_size(size)
-    _write_marker(out_dir, "mmwhs", n_per_modality=n_per_modality, seed=seed, first_id=first_id, size=size)
+    _write_marker(out_dir, "mmwhs", overwrite, n_per_modality=n_per_modality, seed=seed, first_id=first_id,
+                  size=size)
     written = []
     for modality in MMWHS_MODALITIES:
         for case_id in range(first_id, first_id + n_per_modality):
@@ -686,13 +714,19 @@ def main(argv=None) -> None:
                     "MM-WHS 2017 or MyoPS 2020 (names, label codes, dtypes, geometry), for tests and demos.")
     parser.add_argument("--layout", required=True, choices=sorted(_DEFAULT_COUNTS),
                         help="which public dataset's layout to imitate")
-    parser.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
-    parser.add_argument("-n", type=int, default=None,
+    parser.add_argument("-o", "--output", required=True,
+                        help="output folder (created if missing); a folder that holds other files is refused "
+                             "unless --overwrite")
+    parser.add_argument("-n", type=integer_at_least(1), default=None,
                         help="number of patients (mscmrseg, myops) or of cases per modality (mmwhs); "
                              f"default {_DEFAULT_COUNTS}")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files); default 0")
+    parser.add_argument("--seed", type=integer_at_least(0), default=0,
+                        help="random seed (same seed, same files); default 0")
     parser.add_argument("--size", type=int, default=None,
                         help="in-plane matrix (mscmrseg, myops; default 96) or cube edge (mmwhs; default 64)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a folder that holds files the phantom did not write (they may be replaced, "
+                             "and the folder is marked synthetic)")
     parser.add_argument("--modalities", nargs="+", default=list(MSCMRSEG_SEQUENCES),
                         choices=list(MSCMRSEG_SEQUENCES), help="mscmrseg only: sequences to write")
     args = parser.parse_args(argv)
@@ -700,11 +734,12 @@ def main(argv=None) -> None:
     try:
         if args.layout == "mscmrseg":
             paths = write_mscmrseg_phantom(args.output, count, tuple(args.modalities), args.seed,
-                                           in_plane_size=args.size or 96)
+                                           in_plane_size=args.size or 96, overwrite=args.overwrite)
         elif args.layout == "mmwhs":
-            paths = write_mmwhs_phantom(args.output, count, args.seed, size=args.size or 64)
+            paths = write_mmwhs_phantom(args.output, count, args.seed, size=args.size or 64, overwrite=args.overwrite)
         else:
-            paths = write_myops_phantom(args.output, count, args.seed, in_plane_size=args.size or 96)
+            paths = write_myops_phantom(args.output, count, args.seed, in_plane_size=args.size or 96,
+                                        overwrite=args.overwrite)
     except ValueError as error:
         parser.error(str(error))
     print(f"wrote {len(paths)} files ({args.layout} layout) to {os.path.abspath(args.output)}")

@@ -8,6 +8,7 @@ from typing import Sequence
 from nnunetv2_csa.errors import one_line_errors
 from nnunetv2_csa.tools.benchmark.common import BenchmarkError
 from nnunetv2_csa.tools.benchmark.pipeline import run_benchmark
+from nnunetv2_csa.tools.inputs import integer_at_least
 from nnunetv2_csa.tools.benchmark.rows import ALL_ROWS, LAMBDA_ROWS, ROWS, SINGLE_BUDGETS
 
 
@@ -32,13 +33,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("-c", default="2d", help="configuration (default 2d)")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     folds = parser.add_mutually_exclusive_group()
-    folds.add_argument("-f", type=int, default=None, help="one fold; with a converter's --split 80-20, fold 0 is "
-                                                          "the paper's 80/20 split (default 0)")
+    folds.add_argument("-f", type=integer_at_least(0), default=None,
+                       help="one fold; with a converter's --split 80-20, fold 0 is the paper's 80/20 split (default 0)")
     folds.add_argument("--folds", nargs="+", default=None, metavar="FOLD",
                        help="several folds (e.g. 0 1 2 3 4, or 'all'): every held-out patient is scored once and "
                             "the report pools them (means, per-fold table, Wilcoxon, bootstrap intervals, Holm)")
     budget = parser.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget", nargs=2, type=int, metavar=("EPOCHS", "ITERATIONS"),
+    budget.add_argument("--budget", nargs=2, type=integer_at_least(1), metavar=("EPOCHS", "ITERATIONS"),
                         help="short budget: the trainers' _<EPOCHS>epochs_<ITERATIONS>its variants")
     budget.add_argument("--full-budget", action="store_true", help="nnU-Net's 1000 epochs x 250 iterations")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ALL_ROWS,
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="Single's budget: the joint rows' iterations (default), or equal-data: as many slices "
                              "of its modality as the joint rows see (1/n of the iterations)")
     parser.add_argument("--rerun", action="store_true", help="train finished rows again")
-    parser.add_argument("--timing-iterations", type=int, default=10,
+    parser.add_argument("--timing-iterations", type=integer_at_least(0), default=10,
                         help="timed training iterations per trainer (default 10; 0 skips the timing)")
     parser.add_argument("--retime", action="store_true",
                         help="time every trainer again; by default a rerun keeps the first timing (and its date) "

@@ -12,7 +12,9 @@ from typing import Sequence
 import pandas as pd
 from tqdm import tqdm
 
-from nnunetv2_csa.modality import CASE_PATIENT_KEY, ModalityTags, modality_tags_from_dataset_json
+from nnunetv2_csa.errors import first_few
+from nnunetv2_csa.modality import (CASE_PATIENT_KEY, MAX_CASE_NAME, ModalityTags, is_plain_name,
+                                   modality_tags_from_dataset_json)
 from nnunetv2_csa.tools.benchmark.common import BenchmarkError, json_safe, log_stage
 from nnunetv2_csa.tools.benchmark.plots import (plot_dice_boxplots, plot_overlay, plot_paired_differences,
                                                 plot_training_curves)
@@ -25,6 +27,9 @@ from nnunetv2_csa.tools.benchmark.runner import (TIMING_FILE, kept_or_new_timing
 from nnunetv2_csa.tools.benchmark.scoring import (OTHER_MODALITY_SOURCE, VALIDATION_SOURCE, FoldRun, TestSet,
                                                   evaluate_rows, fold_test_set, merge_test_sets)
 from nnunetv2_csa.tools.benchmark.tables import budget_table, wilcoxon_table
+from nnunetv2_csa.tools.evaluation import foreground_classes
+from nnunetv2_csa.tools.inputs import (check_output_folder, dataset_folder, entries_of_a_folder_not_ours,
+                                      file_ending_of, read_json_file, read_splits)
 
 
 def _fold_rows(rows: Sequence[str], fold: int, modalities: Sequence[str], norm: str, budget, single_budget: str,
@@ -79,6 +84,18 @@ def _parse_folds(folds, n_splits: int, splits_file: str) -> list[int]:
     return list(dict.fromkeys(folds))
 
 
+def _check_report_folder(folder: str) -> None:
+    """The report folder can be written, and is new or a report folder (its ``logs`` made by an
+    earlier run): the report's files never replace a user's results.csv or report.md. A folder
+    seeded with only ``predictions/`` to reuse is fine: nothing in it is replaced."""
+    check_output_folder(folder, "-o")
+    replaced = [name for name in entries_of_a_folder_not_ours(folder, "logs")
+                if name in ("report.md", "results.csv", "results.json", TIMING_FILE) or name.endswith(".png")]
+    if replaced:
+        raise BenchmarkError(f"-o {folder} holds {first_few(replaced, 5)}, which the benchmark did not write and its "
+                             f"report would replace; give -o a new folder, or one an earlier benchmark run wrote")
+
+
 @dataclass
 class Benchmark:
     """What a run was asked for, checked before anything runs, and its folds."""
@@ -115,7 +132,7 @@ class Benchmark:
 
     @property
     def file_ending(self) -> str:
-        return self.dataset_json.get("file_ending", ".nii.gz")
+        return file_ending_of(self.dataset_json, os.path.join(self.preprocessed_folder, "dataset.json"))
 
     def log_folder(self, *parts: str) -> str:
         return os.path.join(self.report_folder, "logs", *parts)
@@ -126,28 +143,50 @@ def prepare(dataset_id, configuration: str, plans: str, folds, budget: tuple[int
             single_budget: str) -> Benchmark:
     """Check every input (rows, budget, trainer names, folders, tags, splits) and lay out the
     folds' test sets and models; nothing is trained or written but the report's log folder."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     rows = list(dict.fromkeys(rows))
     unknown = [r for r in rows if r not in ALL_ROWS]
     if not rows or unknown:
         raise BenchmarkError(f"unknown rows {unknown}; choose from {list(ALL_ROWS)}" if unknown else "no rows chosen")
     if device not in ("cpu", "cuda"):
         raise BenchmarkError(f"device must be 'cpu' or 'cuda', not {device!r}")
-    preprocessed_root = required_folder("nnUNet_preprocessed")
+    for option, value in (("-c", configuration), ("-p", plans)):
+        if not is_plain_name(value, MAX_CASE_NAME):
+            raise BenchmarkError(f"{option} {value!r} is not a plain name (no folders, no '..', not empty, at most "
+                                 f"{MAX_CASE_NAME} bytes): it becomes part of the model's folder name")
     results_root = required_folder("nnUNet_results")
     raw_root = os.environ.get("nnUNet_raw", "")
-    dataset_name = maybe_convert_to_dataset_name(str(dataset_id))
-    preprocessed_folder = os.path.join(preprocessed_root, dataset_name)
-    with open(os.path.join(preprocessed_folder, "dataset.json")) as f:
-        dataset_json = json.load(f)
+    preprocessed_folder = dataset_folder("nnUNet_preprocessed", dataset_id,
+                                         f"the dataset is not preprocessed yet: run nnUNetv2_plan_and_preprocess -d "
+                                         f"{dataset_id} -c {configuration} first")
+    dataset_name = os.path.basename(preprocessed_folder)
+    dataset_json = read_json_file(os.path.join(preprocessed_folder, "dataset.json"),
+                                  f"run nnUNetv2_plan_and_preprocess -d {dataset_id} again")
     tags = modality_tags_from_dataset_json(dataset_json, os.path.join(preprocessed_folder, "dataset.json"))
+    file_ending_of(dataset_json, os.path.join(preprocessed_folder, "dataset.json"))  # checked before any write
+    try:
+        foreground_classes(dataset_json.get("labels"))
+    except ValueError as e:
+        raise BenchmarkError(f"{os.path.join(preprocessed_folder, 'dataset.json')}: {e}") from None
+    plans_file = os.path.join(preprocessed_folder, plans + ".json")
+    if not os.path.isfile(plans_file):
+        raise BenchmarkError(f"{plans_file} does not exist: check -p (the plans of this dataset: "
+                             f"{sorted(f[:-5] for f in os.listdir(preprocessed_folder) if f.endswith('Plans.json'))})")
+    configurations = read_json_file(plans_file, f"run nnUNetv2_plan_and_preprocess -d {dataset_id} again"
+                                    ).get("configurations", {})
+    if configuration not in configurations:
+        raise BenchmarkError(f"configuration {configuration!r} is not in {plans_file}; choose one of "
+                             f"{sorted(configurations)} with -c")
+    data_identifier = configurations[configuration].get("data_identifier")  # absent where a configuration inherits
+    data_folder = os.path.join(preprocessed_folder, data_identifier or "")
+    if data_identifier and not os.path.isdir(data_folder):
+        raise BenchmarkError(f"{data_folder} does not exist: the {configuration} configuration is not preprocessed "
+                             f"yet; run nnUNetv2_preprocess -d {dataset_id} -c {configuration} -plans_name {plans} "
+                             f"first")
     splits_file = os.path.join(preprocessed_folder, "splits_final.json")
     if not os.path.isfile(splits_file):
         raise BenchmarkError(f"{splits_file} does not exist: convert the dataset with nnUNetv2_csa_convert_* "
                              f"(it writes the patient-grouped splits), or run nnU-Net once to create them")
-    with open(splits_file) as f:
-        splits = json.load(f)
+    splits = read_splits(splits_file, "convert or tag the dataset again")
     folds = _parse_folds(folds, len(splits), splits_file)
     if budget is not None:
         budget = (int(budget[0]), int(budget[1]))
@@ -161,6 +200,7 @@ def prepare(dataset_id, configuration: str, plans: str, folds, budget: tuple[int
                           folds, rows, dataset_json, tags, preprocessed_folder,
                           os.path.join(raw_root, dataset_name) if raw_root else None, report_folder,
                           subprocess_environment(device))
+    _check_report_folder(report_folder)
     os.makedirs(benchmark.log_folder(), exist_ok=True)
     for fold in folds:
         validation_cases = sorted(splits[fold]["val"])

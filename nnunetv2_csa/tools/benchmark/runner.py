@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import glob
 import os
 import re
 import shutil
@@ -138,6 +139,13 @@ def _kept_predictions(model: Model, modality: str, made_by: dict) -> bool:
         for case in made_by["cases"])
 
 
+def _channel_files(first_channel: str, file_ending: str) -> list[str]:
+    """Every channel's file of the case whose ``_0000`` file is ``first_channel`` (``_0001``, ...):
+    nnU-Net's predictor needs them all."""
+    stem = first_channel[:-len(f"0000{file_ending}")]
+    return sorted(glob.glob(glob.escape(stem) + f"[0-9][0-9][0-9][0-9]{glob.escape(file_ending)}"))
+
+
 def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str, configuration: str, plans: str,
                            fold: int, device: str, env: dict, report_folder: str, file_ending: str) -> None:
     """Predict the other-modality test cases with nnU-Net's predictor, once per model and
@@ -171,8 +179,8 @@ def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str
         shutil.rmtree(input_folder, ignore_errors=True)
         os.makedirs(input_folder)
         for case in cases:
-            os.symlink(os.path.abspath(test_set.other_modality_images[case]),
-                       os.path.join(input_folder, os.path.basename(test_set.other_modality_images[case])))
+            for channel in _channel_files(test_set.other_modality_images[case], file_ending):
+                os.symlink(os.path.abspath(channel), os.path.join(input_folder, os.path.basename(channel)))
         overrides = {"nnUNet_extTrainer": env.get("nnUNet_extTrainer"),
                      "nnUNet_csa_modality": modality if result.row in CSA_FAMILY else None}
         log_file = os.path.join(report_folder, "logs", f"predict_{model.trainer}_{modality}_fold{model.fold}.log")

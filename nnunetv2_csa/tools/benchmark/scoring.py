@@ -3,7 +3,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -12,10 +11,11 @@ from typing import Collection, Mapping, Sequence
 import pandas as pd
 from tqdm import tqdm
 
-from nnunetv2_csa.modality import OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY, OTHER_MODALITY_LABELS, check_case_name
+from nnunetv2_csa.modality import OTHER_MODALITY_IMAGES, OTHER_MODALITY_KEY, OTHER_MODALITY_LABELS, other_modality_cases
 from nnunetv2_csa.tools.benchmark.common import BenchmarkError, log_stage
 from nnunetv2_csa.tools.benchmark.rows import Model, RowResult
 from nnunetv2_csa.tools.evaluation import evaluate_case
+from nnunetv2_csa.tools.inputs import read_json_file
 
 
 RESULT_COLUMNS = ("row", "trainer", "fold", "modality", "patient", "case", "source", "class_name", "label", "dice",
@@ -71,11 +71,9 @@ def fold_test_set(validation_cases: Sequence[str], case_modality: Mapping[str, s
     images = {}
     raw_json = os.path.join(raw_dataset_folder, "dataset.json") if raw_dataset_folder else ""
     if os.path.isfile(raw_json):
-        with open(raw_json) as f:
-            other = json.load(f).get(OTHER_MODALITY_KEY, {})
+        other = other_modality_cases(read_json_file(raw_json, "convert the dataset again"), raw_json)
         held_out = set(patient.values())
         for case, tag in sorted(other.items()):
-            check_case_name(case, raw_json)
             if tag["patient"] not in held_out or case in modality:
                 continue
             modality[case], patient[case] = tag["modality"], tag["patient"]
