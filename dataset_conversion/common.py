@@ -45,7 +45,7 @@ from nnunetv2_csa.modality import (CASE_PATIENT_KEY, CONVERSION_KEY, OTHER_MODAL
                                    OTHER_MODALITY_LABELS, ModalityTags)
 from nnunetv2_csa.tools.commands import sigterm_unwinds
 from nnunetv2_csa.tools.inputs import integer_at_least
-from nnunetv2_csa.tools.phantom import read_phantom_marker
+from dataset_conversion.phantom_marker import read_phantom_marker
 
 
 

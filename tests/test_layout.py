@@ -36,6 +36,21 @@ def test_no_library_module_imports_a_tool_not_even_inside_a_function():
     assert {path: tools for path, tools in offenders.items() if tools} == {}
 
 
+#: what the converters may use of the other tools: the checks of inputs and the running of commands
+CONVERTERS_MAY_IMPORT = ("nnunetv2_csa.tools.inputs", "nnunetv2_csa.tools.commands")
+
+
+def test_the_converters_import_no_other_tool_than_the_shared_input_and_command_helpers():
+    # the converters sit below the tools that use them (the demo, the phantom generator whose marker they
+    # read, the benchmark), never above them
+    folder = os.path.join(os.path.dirname(PACKAGE), "dataset_conversion")
+    offenders = {name: sorted(m for m in _imported_modules(os.path.join(folder, name))
+                              if (m == "nnunetv2_csa.tools" or m.startswith("nnunetv2_csa.tools."))
+                              and not any(m == a or m.startswith(a + ".") for a in CONVERTERS_MAY_IMPORT))
+                 for name in os.listdir(folder) if name.endswith(".py")}
+    assert len(offenders) > 5 and {name: tools for name, tools in offenders.items() if tools} == {}
+
+
 def test_the_import_scan_sees_an_import_inside_a_function(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from nnunetv2_csa.tools import benchmark\n")

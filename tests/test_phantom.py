@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from hypothesis import given, settings, strategies as st
 from scipy import ndimage
 
+from dataset_conversion.phantom_marker import PHANTOM_MARKER, read_phantom_marker
 from nnunetv2_csa.tools import phantom
 
 SMALL = 48  # smallest allowed in-plane matrix: keeps the tests fast
@@ -54,7 +55,7 @@ def test_mscmrseg_file_names_follow_the_release(mscmrseg_dir):
     expected = {f"patient{n}_{s}.nii.gz" for n in (1, 2, 3) for s in ("C0", "LGE", "T2")}
     expected |= {f"patient{n}_{s}_manual.nii.gz" for n, s in
                  [(1, "C0"), (2, "C0"), (3, "C0"), (1, "LGE"), (3, "LGE"), (2, "T2")]}
-    assert set(os.listdir(out)) == expected | {phantom.PHANTOM_MARKER}
+    assert set(os.listdir(out)) == expected | {PHANTOM_MARKER}
     assert sorted(os.path.basename(p) for p in paths) == sorted(expected)
     assert all(os.path.dirname(p) == str(out) for p in paths)
 
@@ -169,7 +170,7 @@ def myops_dir(tmp_path_factory):
 
 def test_myops_layout_codes_and_shared_grid(myops_dir):
     out, paths = myops_dir
-    assert set(os.listdir(out)) == {"Case3001", "Case3002", "Case3003", phantom.PHANTOM_MARKER}
+    assert set(os.listdir(out)) == {"Case3001", "Case3002", "Case3003", PHANTOM_MARKER}
     for case in ("Case3001", "Case3002", "Case3003"):
         names = {f"{case}_{s}.nii.gz" for s in ("C0", "LGE", "T2", "gd")}
         assert set(os.listdir(out / case)) == names
@@ -257,7 +258,7 @@ def test_mmwhs_layout_codes_geometry(mmwhs_dir):
     out, paths = mmwhs_dir
     expected = {f"{m}_train_{i}_{kind}.nii.gz" for m in ("ct", "mr") for i in (1001, 1002)
                 for kind in ("image", "label")}
-    assert set(os.listdir(out)) == expected | {phantom.PHANTOM_MARKER}
+    assert set(os.listdir(out)) == expected | {PHANTOM_MARKER}
     assert sorted(os.path.basename(p) for p in paths) == sorted(expected)
     for modality in ("ct", "mr"):
         for case_id in (1001, 1002):
@@ -308,11 +309,11 @@ def test_cli_writes_each_layout(tmp_path, capsys, layout, expected):
     phantom.main(["--layout", layout, "-o", str(tmp_path), "-n", "2", "--seed", "1", "--size",
                   "32" if layout == "mmwhs" else str(SMALL)])
     files = set(os.listdir(tmp_path))
-    assert expected | {phantom.PHANTOM_MARKER} <= files
+    assert expected | {PHANTOM_MARKER} <= files
     counts = {"mscmrseg": 12, "myops": 2, "mmwhs": 8}
     assert len(files) == counts[layout] + 1
     # the record that lets a converter, and every report, name the data synthetic
-    assert phantom.read_phantom_marker(str(tmp_path)) == {
+    assert read_phantom_marker(str(tmp_path)) == {
         "generator": "nnunetv2_csa.tools.phantom", "layout": layout, "seed": 1,
         **({"n_per_modality": 2, "first_id": 1001, "size": 32} if layout == "mmwhs" else
            {"n_patients": 2, "first_id": 3001, "in_plane_size": SMALL} if layout == "myops" else
@@ -356,7 +357,7 @@ def test_the_phantom_never_writes_into_a_folder_of_the_users_files(tmp_path, cap
     assert (tmp_path / "out" / users_file).read_bytes() == b"the user's data"
     # --overwrite is the user's explicit word
     assert _phantom_cli(tmp_path, capsys, "--overwrite")[0] == 0
-    assert phantom.read_phantom_marker(str(tmp_path / "out"))["layout"] == "mscmrseg"
+    assert read_phantom_marker(str(tmp_path / "out"))["layout"] == "mscmrseg"
 
 
 def test_the_phantom_writes_again_into_its_own_folder_and_refuses_a_file_as_output(tmp_path, capsys):
