@@ -156,14 +156,16 @@ def tiny_preprocessed_dataset(tmp_path_factory):
 
 
 def plans_variant(env: dict, dataset_name: str, name: str, batch_size: int | None = None,
-                  features_per_stage: list | None = None, source: str = "nnUNetPlans") -> str:
-    """A copy of a dataset's plans ``source`` under the plans name ``name``, with another 2d batch
-    size or network width (the preprocessed data are shared: same data identifier); returns ``name``."""
+                  features_per_stage: list | None = None, source: str = "nnUNetPlans",
+                  configuration_name: str = "2d") -> str:
+    """A copy of a dataset's plans ``source`` under the plans name ``name``, with another batch size
+    or network width of one configuration (the preprocessed data are shared: same data identifier);
+    returns ``name``."""
     folder = os.path.join(env["nnUNet_preprocessed"], dataset_name)
     with open(os.path.join(folder, f"{source}.json")) as f:
         plans = json.load(f)
     plans["plans_name"] = name
-    configuration = plans["configurations"]["2d"]
+    configuration = plans["configurations"][configuration_name]
     if batch_size is not None:
         configuration["batch_size"] = batch_size
     if features_per_stage is not None:

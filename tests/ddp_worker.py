@@ -10,7 +10,8 @@ validation and checkpoints), then ``perform_actual_validation``. Changed for CPU
 - SyncBatchNorm runs on CUDA only, so nnU-Net's conversion to it is skipped: the ``_BN`` rows
   train with per-rank batch statistics here, which leaves SyncBatchNorm itself unproven.
 
-Run by tests/test_ddp.py as ``python tests/ddp_worker.py RANK WORLD_SIZE PORT TRAINER DATASET PLANS OUT MODE``;
+Run by tests/test_ddp.py as ``python tests/ddp_worker.py RANK WORLD_SIZE PORT TRAINER DATASET PLANS OUT MODE
+CONFIGURATION``;
 MODE ``train`` (``nnUNetv2_train``) writes OUT/rank{RANK}.pt (the network's state_dict after training) and
 OUT/rank{RANK}.json (the modalities of every training batch of this rank, as the unpaired
 sampler gives them; none for nnU-Net's own loader); MODE ``val``
@@ -25,7 +26,7 @@ COLLECTIVE_TIMEOUT_S = int(os.environ.get("NNUNETV2_CSA_DDP_TIMEOUT", "60"))
 
 
 def main(rank: int, world_size: int, port: int, trainer_name: str, dataset: str, plans: str, out: str,
-         mode: str) -> None:
+         mode: str, configuration: str) -> None:
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -43,7 +44,7 @@ def main(rank: int, world_size: int, port: int, trainer_name: str, dataset: str,
     nnunet_trainer_module.DDP = ddp_on_cpu
     torch.nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(lambda cls, module, process_group=None: module)
 
-    trainer = get_trainer_from_args(dataset, "2d", 0, trainer_name, plans, device=torch.device("cpu"))
+    trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, plans, device=torch.device("cpu"))
     assert trainer.is_ddp and trainer.device.type == "cuda", "nnU-Net no longer forces cuda:rank under DDP"
     trainer.device, trainer.grad_scaler = torch.device("cpu"), None
     if mode == "val":
@@ -73,4 +74,4 @@ def main(rank: int, world_size: int, port: int, trainer_name: str, dataset: str,
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:9])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:10])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (TINY_DATASET_ID, plans_variant, predict_in_process, read_labels, run_command,
-                      with_test_trainers)
+from conftest import (TINY_DATASET_ID, VOLUME_DATASET_ID, plans_variant, predict_in_process, read_labels,
+                      run_command, with_test_trainers)
 
 pytestmark = pytest.mark.integration
 
@@ -28,15 +28,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def plans_with_global_batch(env: dict, dataset_name: str, batch_size: int, source: str = "nnUNetPlans") -> str:
+def plans_with_global_batch(env: dict, dataset_name: str, batch_size: int, source: str = "nnUNetPlans",
+                            configuration: str = "2d") -> str:
     """A copy of the tiny dataset's plans ``source`` with another global batch size; returns its name.
     nnU-Net's batch Dice all-gathers per-sample sums, which fails (gloo: "Received data size doesn't
     match") when the ranks' batches differ in size: the global batch must be a multiple of the number
     of GPUs."""
-    return plans_variant(env, dataset_name, f"{source}GlobalBatch{batch_size}", batch_size=batch_size, source=source)
+    return plans_variant(env, dataset_name, f"{source}GlobalBatch{batch_size}", batch_size=batch_size, source=source,
+                         configuration_name=configuration)
 
 
 RESENC_PLANS = "nnUNetResEncUNetMPlans"
+#: the base plans of the 3d_fullres run: nnU-Net's default plans of the session's 3D dataset
+THREE_D = "nnUNetPlans 3d_fullres"
 
 
 def _residual_encoder_plans(env: dict, dataset_name: str) -> None:
@@ -48,13 +52,14 @@ def _residual_encoder_plans(env: dict, dataset_name: str) -> None:
 
 
 def run_ddp_on_cpu(env: dict, trainer: str, plans: str, world_size: int, out, mode: str = "train",
-                   check: bool = True) -> list[subprocess.Popen]:
+                   check: bool = True, dataset_id: int = TINY_DATASET_ID,
+                   configuration: str = "2d") -> list[subprocess.Popen]:
     """The trainer in ``world_size`` processes; returns them, finished (a hang kills them all and fails)."""
     port = _free_port()
     env = dict(env, nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
     logs = [open(out / f"rank{rank}_{mode}.log", "w") for rank in range(world_size)]
     processes = [subprocess.Popen([sys.executable, WORKER, str(rank), str(world_size), str(port), trainer,
-                                   str(TINY_DATASET_ID), plans, str(out), mode], env=env, stdout=logs[rank],
+                                   str(dataset_id), plans, str(out), mode, configuration], env=env, stdout=logs[rank],
                                   stderr=subprocess.STDOUT) for rank in range(world_size)]
     try:
         for process in processes:
@@ -72,13 +77,17 @@ def run_ddp_on_cpu(env: dict, trainer: str, plans: str, world_size: int, out, mo
     return processes
 
 
-@pytest.fixture
-def ddp_results(tiny_preprocessed_dataset, tmp_path):
-    env, dataset_name = tiny_preprocessed_dataset
+def _ddp_environment(dataset, tmp_path):
+    env, dataset_name = dataset[:2]
     results = tmp_path / "nnUNet_results"
     out = tmp_path / "ranks"
     out.mkdir()
     return dict(with_test_trainers(env), nnUNet_results=str(results)), dataset_name, results, out
+
+
+@pytest.fixture
+def ddp_results(tiny_preprocessed_dataset, tmp_path):
+    return _ddp_environment(tiny_preprocessed_dataset, tmp_path)
 
 
 def _single_process_predictions_equal_the_final_validation(env, dataset_name, model, cases, validation, out):
@@ -99,18 +108,23 @@ def _single_process_predictions_equal_the_final_validation(env, dataset_name, mo
 
 
 #: in the suite (10 minutes for all of it); NNUNETV2_CSA_DDP_ALL=1 adds every other row in 2 and 3
-#: processes and CSA on nnU-Net's residual-encoder preset
+#: processes, and CSA on nnU-Net's residual-encoder preset and in 3d_fullres (the MM-WHS phantom)
 IN_THE_SUITE = [("Joint", 2, "nnUNetPlans"), ("CSA", 3, "nnUNetPlans")]
 ON_REQUEST = [(row, world_size, "nnUNetPlans") for world_size in (2, 3)
               for row in ("Single", "Joint", "MSBN", "Affinity", "UMMKD", "CSA", "CSA_BN")
-              if (row, world_size, "nnUNetPlans") not in IN_THE_SUITE] + [("CSA", 2, RESENC_PLANS)]
+              if (row, world_size, "nnUNetPlans") not in IN_THE_SUITE] + [("CSA", 2, RESENC_PLANS),
+                                                                          ("CSA", 2, THREE_D)]
 ROWS = IN_THE_SUITE + (ON_REQUEST if os.environ.get("NNUNETV2_CSA_DDP_ALL") == "1" else [])
 UNPAIRED_ROWS = ("MSBN", "Affinity", "UMMKD", "CSA", "CSA_BN")
 
 
 @pytest.mark.parametrize("row, world_size, base_plans", ROWS)
-def test_ddp_trains_validates_and_agrees_on_every_rank(ddp_results, row, world_size, base_plans):
-    env, dataset_name, results, out = ddp_results
+def test_ddp_trains_validates_and_agrees_on_every_rank(request, tmp_path, row, world_size, base_plans):
+    configuration, dataset_id = ("3d_fullres", VOLUME_DATASET_ID) if base_plans == THREE_D else ("2d", TINY_DATASET_ID)
+    dataset = request.getfixturevalue("coronal_volume_dataset" if configuration == "3d_fullres"
+                                      else "tiny_preprocessed_dataset")
+    env, dataset_name, results, out = _ddp_environment(dataset, tmp_path)
+    base_plans = base_plans.split()[0]
     # CSA: the variant whose modalities' norms start apart (tests/ext_trainers), so that a case the final
     # validation gave the other modality's norms would differ from the single-process prediction below
     trainer = {"CSA": "nnUNetTrainerCSA_2epochs_5its_DistinctNorms",
@@ -118,8 +132,8 @@ def test_ddp_trains_validates_and_agrees_on_every_rank(ddp_results, row, world_s
     global_batch = 4 * world_size
     if base_plans == RESENC_PLANS:
         _residual_encoder_plans(env, dataset_name)
-    plans = plans_with_global_batch(env, dataset_name, global_batch, base_plans)
-    run_ddp_on_cpu(env, trainer, plans, world_size, out)
+    plans = plans_with_global_batch(env, dataset_name, global_batch, base_plans, configuration)
+    run_ddp_on_cpu(env, trainer, plans, world_size, out, dataset_id=dataset_id, configuration=configuration)
 
     states = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     for key, value in states[0].items():
@@ -131,7 +145,7 @@ def test_ddp_trains_validates_and_agrees_on_every_rank(ddp_results, row, world_s
         assert all(sorted(set(b)) == [0, 1] for r in ranks for b in r["batch_modalities"])
         assert all(len(r["batch_modalities"]) == 10 for r in ranks)
 
-    model = results / dataset_name / f"{trainer}__{plans}__2d" / "fold_0"
+    model = results / dataset_name / f"{trainer}__{plans}__{configuration}" / "fold_0"
     splits = json.loads((Path(env["nnUNet_preprocessed"]) / dataset_name / "splits_final.json").read_text())
     validation = read_labels(str(model / "validation"))
     cases = splits[0]["val"]
@@ -148,7 +162,8 @@ def test_ddp_trains_validates_and_agrees_on_every_rank(ddp_results, row, world_s
         # validation case never calls the network (a buffer of the network would be broadcast to it: a hang)
         for case in validation:
             os.remove(model / "validation" / case)
-        run_ddp_on_cpu(env, trainer, plans, world_size, out, mode="val")
+        run_ddp_on_cpu(env, trainer, plans, world_size, out, mode="val", dataset_id=dataset_id,
+                       configuration=configuration)
         assert read_labels(str(model / "validation")).keys() == validation.keys()
 
 
