@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import re
 import sys
@@ -26,8 +25,8 @@ import sys
 import pandas as pd
 
 from nnunetv2_csa.errors import UserInputError, one_line_errors
-from nnunetv2_csa.modality import MODALITIES_KEY, read_modality_tags
-from nnunetv2_csa.tools.inputs import dataset_folder, integer_at_least
+from nnunetv2_csa.modality import MODALITIES_KEY, modality_tags_from_dataset_json
+from nnunetv2_csa.tools.inputs import dataset_folder, file_ending_of, integer_at_least, read_json_file
 
 INSTRUCTIONS_FILE = "inference_instructions_csa.txt"
 PER_MODALITY_FILE = "crossval_per_modality.csv"
@@ -46,8 +45,7 @@ def _needs_modality(model: dict) -> bool:
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     folder = get_output_folder(model["dataset"], model["trainer"], model["plans_identifier"], model["configuration"])
-    with open(os.path.join(folder, "plans.json")) as f:
-        return MODALITIES_KEY in json.load(f)
+    return MODALITIES_KEY in read_json_file(os.path.join(folder, "plans.json"), "is the model folder complete?")
 
 
 def rewritten_instructions(information: dict) -> str:
@@ -80,18 +78,20 @@ def per_modality_crossval(results_folder: str, information: dict, num_processes:
     if not os.path.isdir(reference):
         raise InstructionsError(f"{reference} does not exist: nnU-Net's cross-validation references are needed "
                                 f"(set nnUNet_preprocessed as during training)")
+    from nnunetv2.utilities.file_path_utilities import folds_tuple_to_string
+
     rows = []
     for identifier, pooled in information["all_results"].items():
         if identifier.startswith("ensemble___"):
             predictions = os.path.join(results_folder, "ensembles", identifier)
-        else:
-            fold_string = "_".join(str(f) for f in information["folds"])
-            predictions = os.path.join(results_folder, identifier, f"crossval_results_folds_{fold_string}")
-        with open(os.path.join(predictions, "dataset.json")) as f:
-            dataset_json = json.load(f)
-        tags = read_modality_tags(os.path.join(predictions, "dataset.json"))
+        else:  # where find_best_configuration gathered the folds' validation predictions
+            predictions = os.path.join(results_folder, identifier,
+                                       f"crossval_results_folds_{folds_tuple_to_string(information['folds'])}")
+        dataset_json_file = os.path.join(predictions, "dataset.json")
+        dataset_json = read_json_file(dataset_json_file, "run nnUNetv2_find_best_configuration again")
+        tags = modality_tags_from_dataset_json(dataset_json, dataset_json_file)
         df = evaluate_folder(predictions, reference, dataset_json["labels"], case_modality=dict(tags.case_modality),
-                             num_processes=num_processes, file_ending=dataset_json.get("file_ending", ".nii.gz"))
+                             num_processes=num_processes, file_ending=file_ending_of(dataset_json, dataset_json_file))
         # nnU-Net's number: the mean over classes of each class's mean over cases; with every class in
         # every case, the mean over all rows here
         row = {"model": identifier, "nnU-Net Dice (pooled)": pooled, "Dice (pooled)": df["dice"].mean()}
@@ -102,20 +102,20 @@ def per_modality_crossval(results_folder: str, information: dict, num_processes:
     return pd.DataFrame(rows)
 
 
-def inference_instructions(dataset: str, num_processes: int = 1) -> tuple[pd.DataFrame, str]:
+def inference_instructions(dataset: str, num_processes: int = 1) -> tuple[pd.DataFrame, str, str]:
+    """(the per-modality table, the instructions, the dataset's results folder they are written to)."""
     results_folder = _results_folder(dataset)
     information_file = os.path.join(results_folder, "inference_information.json")
     if not os.path.isfile(information_file):
         raise InstructionsError(f"{information_file} does not exist: run nnUNetv2_find_best_configuration "
                                 f"{dataset} first (with the trainers and configurations you trained)")
-    with open(information_file) as f:
-        information = json.load(f)
+    information = read_json_file(information_file, f"run nnUNetv2_find_best_configuration {dataset} again")
     table = per_modality_crossval(results_folder, information, num_processes)
     instructions = rewritten_instructions(information)
     table.to_csv(os.path.join(results_folder, PER_MODALITY_FILE), index=False)
     with open(os.path.join(results_folder, INSTRUCTIONS_FILE), "w") as f:
         f.write(instructions)
-    return table, instructions
+    return table, instructions, results_folder
 
 
 @one_line_errors()
@@ -128,13 +128,12 @@ def main(argv=None) -> int:
     parser.add_argument("-d", required=True, help="dataset id or name, as given to nnUNetv2_find_best_configuration")
     parser.add_argument("-np", type=integer_at_least(1), default=1, help="processes for the evaluation (default 1)")
     args = parser.parse_args(argv)
-    table, instructions = inference_instructions(args.d, args.np)
+    table, instructions, folder = inference_instructions(args.d, args.np)
     with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 160):
         print("Cross-validation Dice (mean over cases and foreground classes), per modality:")
         print(table.to_string(index=False))
     print()
     print(instructions)
-    folder = _results_folder(args.d)
     print(f"wrote {os.path.join(folder, PER_MODALITY_FILE)} and {os.path.join(folder, INSTRUCTIONS_FILE)}")
     return 0
 

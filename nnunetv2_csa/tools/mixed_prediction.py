@@ -38,7 +38,8 @@ from nnunetv2_csa.modality import (CONVERSION_KEY, TAGGING_KEY, ModalityTagError
                                    modalities_from_plans)
 from nnunetv2_csa.modality_rules import (Rules, compile_rules, converter_naming_rules, modalities_from_rules,
                                          read_tag_csv, some)
-from nnunetv2_csa.tools.inputs import check_output_folder, entries_of_a_folder_not_ours, file_ending_of, read_json_file
+from nnunetv2_csa.tools.inputs import (check_output_folder, dataset_name, entries_of_a_folder_not_ours, file_ending_of,
+                                       read_json_file)
 from nnunetv2_csa.training.inference_modality import INFERENCE_MODALITY_ENV
 
 #: what the output folder records about the routing
@@ -53,12 +54,8 @@ def model_folder_of(dataset: str, trainer: str, plans: str, configuration: str) 
     """The model folder ``nnUNetv2_predict`` reads for these options (nnU-Net's own lookup)."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    try:
-        folder = get_output_folder(dataset, trainer, plans, configuration)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise MixedPredictionError(f"no trained model for -d {dataset} -tr {trainer} -p {plans} -c {configuration} "
-                                   f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
-                                   f"check nnUNet_results and the options") from None
+    # dataset_name refuses an unknown id in one line; with a dataset's name nnU-Net's lookup only joins paths
+    folder = get_output_folder(dataset_name(dataset), trainer, plans, configuration)
     if not os.path.isfile(os.path.join(folder, "plans.json")):
         raise MixedPredictionError(f"{folder} holds no trained model (no plans.json): train it, or check -d, -tr, "
                                    f"-p and -c")
