@@ -120,17 +120,29 @@ def read_labels(folder) -> dict:
             for f in sorted(os.listdir(folder)) if f.endswith(".nii.gz")}
 
 
-def predict_in_process(env, model_folder, input_folder, output_folder, modality=None, folds=0) -> dict:
+def predict_in_process(env, model_folder, input_folder, output_folder, modality=None, folds=0,
+                       probabilities=False) -> dict:
     """nnU-Net's predictor in the test's process (nnUNetv2_predict's code and defaults,
-    tools/prediction.py), told ``modality``; returns the segmentations. The commands
+    tools/prediction.py), told ``modality``; returns the segmentations, or with
+    ``probabilities`` the class probabilities (case -> array; a comparison that must tell two
+    predictions apart even where an undertrained model segments only background). The commands
     themselves run in tests/test_trainer_integration.py and the README's workflow test."""
     from nnunetv2_csa.tools.prediction import predict_folder
 
     overrides = {"nnUNet_extTrainer": env.get("nnUNet_extTrainer"), "nnUNet_csa_modality": modality}
     with open(f"{output_folder}.log", "w") as log:
-        error = predict_folder(str(model_folder), folds, str(input_folder), str(output_folder), "cpu", overrides, log)
+        error = predict_folder(str(model_folder), folds, str(input_folder), str(output_folder), "cpu", overrides, log,
+                               save_probabilities=probabilities)
     assert error is None, f"{error}\n{open(f'{output_folder}.log').read()[-3000:]}"
-    return read_labels(output_folder)
+    return read_probabilities(output_folder) if probabilities else read_labels(output_folder)
+
+
+def read_probabilities(folder) -> dict:
+    """The class probabilities nnU-Net saved (``--save_probabilities``), file name -> float64 array."""
+    import numpy as np
+
+    return {f: np.load(os.path.join(folder, f))["probabilities"].astype(np.float64) for f in sorted(os.listdir(folder))
+            if f.endswith(".npz")}
 
 
 @pytest.fixture(scope="session")

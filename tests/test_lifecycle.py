@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import (TINY_DATASET_ID, plans_variant, predict_in_process, read_labels, run_command,
-                      with_test_trainers)
+from conftest import (TINY_DATASET_ID, plans_variant, predict_in_process, read_labels, read_probabilities,
+                      run_command, with_test_trainers)
 
 pytestmark = pytest.mark.integration
 
@@ -181,11 +181,6 @@ def test_inference_instructions_work_as_printed_on_a_mixed_folder(cross_validate
         assert any(not np.array_equal(final[name], misrouted[name]) for name in told)
 
 
-def _probabilities(folder) -> dict:
-    return {f: np.load(os.path.join(folder, f))["probabilities"].astype(np.float64) for f in sorted(os.listdir(folder))
-            if f.endswith(".npz")}
-
-
 def _softmax_of_mean_log(per_fold: list[dict]) -> dict:
     """What the fold ensemble must give: nnU-Net averages the folds' logits, and the mean of the
     folds' log-probabilities differs from that mean only by a constant per voxel."""
@@ -199,21 +194,16 @@ def _softmax_of_mean_log(per_fold: list[dict]) -> dict:
 
 def test_fold_ensemble_gives_every_fold_the_requested_modality_and_feeds_ensemble_and_postprocessing(
         cross_validated, best_configuration, test_images, instructions_run, tmp_path):
-    from nnunetv2_csa.tools.prediction import predict_folder
-
     env, dataset_name = cross_validated
     c0_images = test_images[1]
+
     def predicted(folds, modality, output):
-        with open(f"{output}.log", "w") as log:
-            error = predict_folder(_model_folder(env, dataset_name), folds, str(c0_images), str(output), "cpu",
-                                   {"nnUNet_extTrainer": env["nnUNet_extTrainer"], "nnUNet_csa_modality": modality},
-                                   log, save_probabilities=True)
-        assert error is None, open(f"{output}.log").read()[-3000:]
-        return _probabilities(output)
+        return predict_in_process(env, _model_folder(env, dataset_name), c0_images, output, modality, folds,
+                                  probabilities=True)
 
     per_fold = [predicted(int(fold), "C0", tmp_path / f"fold{fold}_C0") for fold in FOLDS]
     # the mixed folder's C0 cases, predicted by nnUNetv2_csa_predict -f 0 1 2 3 4 (the instructions)
-    ensemble = {n: p for n, p in _probabilities(instructions_run[0] / "final").items() if "_C0" in n}
+    ensemble = {n: p for n, p in read_probabilities(instructions_run[0] / "final").items() if "_C0" in n}
     expected = _softmax_of_mean_log(per_fold)
     assert ensemble.keys() == expected.keys() and len(ensemble) == 2
     for name in ensemble:
@@ -225,7 +215,7 @@ def test_fold_ensemble_gives_every_fold_the_requested_modality_and_feeds_ensembl
     # nnUNetv2_ensemble averages the probabilities of its inputs (here folds 0 and 1)
     run_command(["nnUNetv2_ensemble", "-i", tmp_path / "fold0_C0", tmp_path / "fold1_C0", "-o", tmp_path / "ensembled",
                  "--save_npz", "-np", "1"], env)
-    ensembled = _probabilities(tmp_path / "ensembled")
+    ensembled = read_probabilities(tmp_path / "ensembled")
     for name in ensemble:
         np.testing.assert_allclose(ensembled[name], (per_fold[0][name] + per_fold[1][name]) / 2,
                                    atol=2e-3)
