@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUTPUT ?= demo_output
 
-.PHONY: demo test mutants setup clean
+.PHONY: demo test test-ddp mutants setup clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -ra
+
+# on demand, not in CI (about 10 minutes): nnU-Net's multi-GPU flow for every row in 2 and 3 CPU processes,
+# CSA on ResEnc M and in 3d_fullres; make test runs two of these runs (documentation/gpus.md)
+test-ddp: setup
+	NNUNETV2_CSA_DDP_ALL=1 $(BIN)/python -m pytest -q -ra tests/test_ddp.py
 
 # on demand, not in CI: one-line bugs applied one at a time to a scratch copy, each run against the fast tests
 mutants: setup

@@ -226,7 +226,7 @@ def prepare_dataset(work: str, dry_run: bool, log) -> dict:
     source = _data_source(dry_run)
     if source is None:
         source = os.path.join(work, "phantom_myops")
-        run("nnUNetv2_csa_phantom", ["--layout", "myops", "-o", source, "-n", 10, "--size", 64 if dry_run else 160],
+        run("nnUNetv2_csa_phantom", ["--layout", "myops", "-o", source, "-n", 10, "--size", 48 if dry_run else 160],
             log)
         description = "phantom (MyoPS layout, 10 patients)"
     else:

@@ -169,19 +169,23 @@ def tiny_preprocessed_dataset(tmp_path_factory):
 
 def plans_variant(env: dict, dataset_name: str, name: str, batch_size: int | None = None,
                   features_per_stage: list | None = None, source: str = "nnUNetPlans",
-                  configuration_name: str = "2d") -> str:
+                  configuration_name: str = "2d", width_divisor: int | None = None) -> str:
     """A copy of a dataset's plans ``source`` under the plans name ``name``, with another batch size
-    or network width of one configuration (the preprocessed data are shared: same data identifier);
-    returns ``name``."""
+    or network width of one configuration (the preprocessed data are shared: same data identifier):
+    ``features_per_stage``, or each stage's features divided by ``width_divisor`` (at least 4; the
+    architecture, its stages and blocks stay nnU-Net's). Returns ``name``."""
     folder = os.path.join(env["nnUNet_preprocessed"], dataset_name)
     with open(os.path.join(folder, f"{source}.json")) as f:
         plans = json.load(f)
     plans["plans_name"] = name
     configuration = plans["configurations"][configuration_name]
+    architecture = configuration["architecture"]["arch_kwargs"]
     if batch_size is not None:
         configuration["batch_size"] = batch_size
+    if width_divisor is not None:
+        features_per_stage = [max(4, f // width_divisor) for f in architecture["features_per_stage"]]
     if features_per_stage is not None:
-        configuration["architecture"]["arch_kwargs"]["features_per_stage"] = features_per_stage
+        architecture["features_per_stage"] = features_per_stage
     with open(os.path.join(folder, f"{name}.json"), "w") as f:
         json.dump(plans, f)
     return name

@@ -33,7 +33,7 @@ PLANS = "nnUNetPlansLifecycle"
 MEMBER_PLANS = "nnUNetPlansLifecycleCopy"
 FOLDS = ("0", "1", "2", "3", "4")
 # narrow and small: the five trainings and the many predictions stay cheap on 2 cores
-NARROW = dict(batch_size=4, features_per_stage=[4, 8, 16, 32])
+NARROW = dict(batch_size=4, width_divisor=8)
 PREDICT_ON_CPU = ["-device", "cpu", "-npp", "1", "-nps", "1"]
 
 

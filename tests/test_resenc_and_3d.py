@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATASET_ID, VOLUME_DATASET_ID, predict_in_process, run_command
+from conftest import TINY_DATASET_ID, VOLUME_DATASET_ID, plans_variant, predict_in_process, run_command
 from nnunetv2_csa.tools.export import export_modality
 
 pytestmark = pytest.mark.integration
@@ -52,19 +52,20 @@ def _log_text(fold_folder):
 def test_resenc_m_plans_train_predict_and_export_with_taps_inside_a_residual_block(tiny_preprocessed_dataset,
                                                                                    tmp_path):
     env, dataset_name = tiny_preprocessed_dataset
-    # the preset's batch for an 8 GB GPU is 180 slices of 48 x 48 here: a small memory target keeps the
-    # residual encoder (and the patch) but gives a batch a CPU can run
-    run_command(["nnUNetv2_plan_experiment", "-d", str(TINY_DATASET_ID), "-pl", "nnUNetPlannerResEncM",
-                 "-gpu_memory_target", "0.05"], env)
+    run_command(["nnUNetv2_plan_experiment", "-d", str(TINY_DATASET_ID), "-pl", "nnUNetPlannerResEncM"], env)
     run_command(["nnUNetv2_preprocess", "-d", str(TINY_DATASET_ID), "-plans_name", RESENC_PLANS, "-c", "2d",
                  "-np", "2"], env)
     with open(os.path.join(env["nnUNet_preprocessed"], dataset_name, f"{RESENC_PLANS}.json")) as f:
         architecture = json.load(f)["configurations"]["2d"]["architecture"]["network_class_name"]
     assert architecture.endswith("ResidualEncoderUNet")
+    # the preset's stages and residual blocks at an eighth of their width and a batch a CPU runs (the
+    # preset's for an 8 GB GPU is 180 slices of 48 x 48 here): the taps' placement is the architecture's
+    plans = plans_variant(env, dataset_name, f"{RESENC_PLANS}Narrow", batch_size=4, source=RESENC_PLANS,
+                          width_divisor=8)
 
-    run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-p", RESENC_PLANS, "-device",
+    run_command(["nnUNetv2_train", str(TINY_DATASET_ID), "2d", "0", "-tr", TRAINER, "-p", plans, "-device",
                  "cpu"], env)
-    fold, predicted, stock = _predict_and_export(env, dataset_name, "2d", RESENC_PLANS, "LGE", tmp_path)
+    fold, predicted, stock = _predict_and_export(env, dataset_name, "2d", plans, "LGE", tmp_path)
     # the two convolutions of the first residual block of the middle encoder stage
     assert re.search(r"csa consistency between layers \('encoder\.stages\.(\d+)\.blocks\.0\.conv1', "
                      r"'encoder\.stages\.\1\.blocks\.0\.conv2'\)", _log_text(fold))
