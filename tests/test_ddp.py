@@ -93,7 +93,8 @@ def ddp_results(tiny_preprocessed_dataset, tmp_path):
 
 def _single_process_predictions_equal_the_final_validation(env, dataset_name, model, cases, validation, out):
     """The checkpoint of the multi-process run, predicted by nnU-Net's predictor in one process told each
-    case's modality, equals what the ranks' final validation wrote; told the other modality, its probabilities differ."""
+    case's modality, equals what the ranks' final validation wrote; told the other modality, its
+    probabilities differ."""
     import shutil
     raw = json.loads((Path(env["nnUNet_raw"]) / dataset_name / "dataset.json").read_text())
     for case in cases:
