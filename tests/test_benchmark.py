@@ -125,6 +125,13 @@ def test_single_equal_data_budget_halves_the_iterations():
         benchmark_rows.row_budget("Single", None, 2, "equal-data")
 
 
+def test_the_report_says_single_had_equal_data_from_the_setting_even_when_single_is_its_only_row():
+    # a report of `--rows Single --single-budget equal-data` said "equal iterations": it compared
+    # Single's iterations with the first row's, which was Single's own
+    assert report.single_budget_clause("equal-data") == ", here for 1/n of the iterations: equal data"
+    assert report.single_budget_clause("equal-iterations") == ", here for the same iterations: equal iterations"
+
+
 def test_smallest_two_sided_wilcoxon_p():
     from scipy import stats
     for n in (2, 3, 6):

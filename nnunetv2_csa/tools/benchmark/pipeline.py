@@ -314,7 +314,7 @@ def write_outputs(benchmark: Benchmark, row_results: Sequence[RowResult], result
                  budget=budget, norm=benchmark.norm, seed=seed, plan=plan, machine=machine, rows=row_results,
                  results=results, wilcoxon=wilcoxon, timing=timing, modalities=benchmark.modalities,
                  classes=benchmark.classes, test_set=test_set, figures=figures, overlay_cases=overlay_cases,
-                 timing_iterations=timing_iterations, budgets=budgets)
+                 timing_iterations=timing_iterations, budgets=budgets, single_budget=benchmark.single_budget)
     summary = {
         "dataset": benchmark.dataset_name, "data_source": data_source, "configuration": benchmark.configuration,
         "plans": benchmark.plans, "folds": benchmark.folds,
