@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 try:
     import fcntl
@@ -21,6 +21,7 @@ except ImportError:  # Windows
     fcntl = None
 
 from dataset_conversion.errors import ConversionError, ConversionWarning
+from nnunetv2_csa.atomic_files import current_umask
 from nnunetv2_csa.modality import CASE_MODALITY_KEY, MODALITIES_KEY
 from nnunetv2_csa.tools.inputs import nearest_existing
 
@@ -115,27 +116,6 @@ def _missing_ancestors(path: str) -> list[str]:
             break
         path = parent
     return missing
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def replace_file(target: str, write: Callable[[str], None]) -> None:
-    """``write(path)`` fills a temporary file beside ``target``, which is then renamed over
-    ``target``: no reader, and no run interrupted half-way, ever finds half a file there."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".incomplete",
-                                         dir=os.path.dirname(target))
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes it private (0600)
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def write_json(obj, path: str) -> None:

@@ -29,7 +29,8 @@ from typing import Mapping, Sequence
 from dataset_conversion.common import run_main
 from dataset_conversion.errors import ConversionError, ConversionWarning
 from dataset_conversion.splits import DEFAULT_SEED, SPLIT_CHOICES, check_splits_cover_modalities, make_patient_splits
-from dataset_conversion.staging import replace_file, stale_preprocessed_message, write_json
+from dataset_conversion.staging import stale_preprocessed_message, write_json
+from nnunetv2_csa.atomic_files import replace_file
 from nnunetv2_csa.errors import first_few
 from nnunetv2_csa.image_files import images_not_read
 from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CASE_PATIENT_KEY, MODALITIES_KEY, TAGGING_KEY, ModalityTags,

@@ -74,7 +74,7 @@ import SimpleITK as sitk
 from scipy import stats
 from tqdm import tqdm
 
-from dataset_conversion.staging import replace_file
+from nnunetv2_csa.atomic_files import replace_file
 from nnunetv2_csa.errors import first_few, one_line_errors
 from nnunetv2_csa.image_files import check_file_complete, grid_differences, images_not_read
 from nnunetv2_csa.tools.commands import sigterm_unwinds

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 
+from nnunetv2_csa.atomic_files import replace_file
 from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
 from nnunetv2_csa.image_files import check_file_complete, check_finite, images_not_read
 from nnunetv2_csa.modality import (CONVERSION_KEY, TAGGING_KEY, ModalityTagError, check_case_name,
@@ -185,9 +186,10 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
                                        f"with --continue_prediction to keep what is done")
     record = {"modality_source": source, "case_modality": assignment, "input_folder": os.path.abspath(input_folder),
               "model_folder": model_folder, "nnUNetv2_predict_options": predict_options}
-    with tempfile.NamedTemporaryFile("w", dir=output_folder, prefix=f".{RECORD_FILE}.", delete=False) as f:
-        json.dump(record, f, indent=1)
-    os.replace(f.name, os.path.join(output_folder, RECORD_FILE))
+    def write_record(path):
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+    replace_file(os.path.join(output_folder, RECORD_FILE), write_record)
     return assignment
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from nnunetv2_csa.atomic_files import replace_file
 from nnunetv2_csa.tools.benchmark.common import BenchmarkError, json_safe, log_stage
 from nnunetv2_csa.tools.benchmark.rows import CSA_FAMILY, Model, RowResult
 from nnunetv2_csa.tools.benchmark.scoring import TestSet, model_for
@@ -217,10 +218,10 @@ def kept_or_new_timings(to_time: Sequence[tuple[str, str]], cache_file: str, ite
             log_stage(f"{row}: timing " + (f"FAILED ({entry['error']})" if "error" in entry else
                                            f"{entry['seconds_per_iteration_median']:.3f} s/iteration"))
         timing[row] = entry
-    staging = f"{cache_file}.{os.getpid()}.tmp"
-    with open(staging, "w") as f:
-        json.dump(json_safe(kept), f, indent=1, allow_nan=False)
-    os.replace(staging, cache_file)  # a run stopped while writing keeps the old record whole
+    def write_timings(path):
+        with open(path, "w") as f:
+            json.dump(json_safe(kept), f, indent=1, allow_nan=False)
+    replace_file(cache_file, write_timings)  # a run stopped while writing keeps the old record whole
     return timing
 
 
