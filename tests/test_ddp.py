@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 def plans_with_global_batch(env: dict, dataset_name: str, batch_size: int, source: str = "nnUNetPlans",
                             configuration: str = "2d") -> str:
-    """A copy of the tiny dataset's plans ``source`` with another global batch size, an eighth of its
+    """A copy of a dataset's plans ``source`` with another global batch size, an eighth of its
     width (the flow under test is DDP's, not the arithmetic's: three ranks of a full-width network on
     two cores cost the suite time); returns its name. nnU-Net's batch Dice all-gathers per-sample
     sums, which fails (gloo: "Received data size doesn't match") when the ranks' batches differ in
