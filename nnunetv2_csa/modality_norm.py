@@ -28,7 +28,10 @@ How a batch is routed (chosen once per batch in :func:`set_modality`, not per la
   composition and every inference modality, where guards on Python values (the modality,
   the modalities present) would compile one graph per composition. It is not a buffer on
   purpose: DDP broadcasts buffers from rank 0 before each forward, which would overwrite
-  each rank's own routing.
+  each rank's own routing. It follows the module when the module moves (``.to``,
+  ``.cuda``, ``.half``: torch's ``_apply``) as a buffer would: nnU-Net's predictor routes
+  the network while it is still on the CPU and moves it to the GPU afterwards, and a CUDA
+  kernel refuses a CPU index.
 * batch-statistics norms (BatchNorm, InstanceNorm with running statistics): each
   modality's sub-batch goes through its own module. A batch ordered by modality (what the
   unpaired sampler produces) is split into contiguous views without copying; any other
@@ -47,9 +50,9 @@ every rank's batch must hold every modality, which the unpaired sampler guarante
 from __future__ import annotations
 
 import copy
+import dataclasses
 import numbers
 import re
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -69,7 +72,7 @@ _LOOKS_LIKE_NORM = re.compile(r"Norm(\d[dD])?$")
 ModalityLike = Union[int, torch.Tensor, Sequence[int]]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Routing:
     """How one batch is spread over the modalities; computed once per batch and shared
     by every ModalitySpecificNorm of the network."""
@@ -89,6 +92,18 @@ class _Routing:
     # unsorted batches only: stable sort by modality and its inverse
     sort_order: Optional[torch.Tensor] = None
     unsort_order: Optional[torch.Tensor] = None
+
+    def moved(self, fn) -> "_Routing":
+        """This routing with its index tensors passed through ``fn``, the function torch's
+        ``Module._apply`` applies to parameters and buffers; their integer dtype is kept
+        (``Module.type`` would cast them), only the device follows."""
+        def move(index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if index is None:
+                return None
+            applied = fn(index)
+            return applied if applied.dtype == index.dtype else index.to(applied.device)
+        return dataclasses.replace(self, sample_modality=move(self.sample_modality),
+                                   sort_order=move(self.sort_order), unsort_order=move(self.unsort_order))
 
 
 class ModalitySpecificNorm(nn.Module):
@@ -127,6 +142,15 @@ class ModalitySpecificNorm(nn.Module):
     def extra_repr(self) -> str:
         path = "per-sample fast path" if self.per_sample_statistics else "per-modality sub-batches"
         return f"n_modalities={self.n_modalities}, {path}"
+
+    def _apply(self, fn, *args, **kwargs):
+        # torch moves and casts parameters and buffers through _apply; the routing tensors are
+        # neither (see the module docstring), so they are moved here, once per move, never per forward
+        module = super()._apply(fn, *args, **kwargs)
+        if self._routing is not None:
+            self._routing = self._routing.moved(fn)
+            self._sample_modality = self._routing.sample_modality
+        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the per-sample path reads nothing but the index tensor, so that a compiled network
@@ -197,10 +221,10 @@ class ModalitySpecificNorm(nn.Module):
         if routing.is_sorted:
             chunks = x.split(routing.split_sizes)  # views, no copy
             return torch.cat([self._apply_norm(k, c) for k, c in zip(routing.present, chunks)])
-        grouped = x.index_select(0, routing.sort_order.to(x.device))
+        grouped = x.index_select(0, routing.sort_order)
         chunks = grouped.split(routing.split_sizes)
         out = torch.cat([self._apply_norm(k, c) for k, c in zip(routing.present, chunks)])
-        return out.index_select(0, routing.unsort_order.to(x.device))
+        return out.index_select(0, routing.unsort_order)
 
 
 def _refuse_unset():

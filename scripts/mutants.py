@@ -62,9 +62,21 @@ MUTANTS = (
       "return torch.cat([self._apply_norm(k, c) for k, c in zip(reversed(routing.present), chunks)])",
       "sub-batch path: each modality's sub-batch meets the other modality's norms"),
     M("norm-unsorted-batch-not-restored", "nnunetv2_csa/modality_norm.py",
-      "return out.index_select(0, routing.unsort_order.to(x.device))",
+      "return out.index_select(0, routing.unsort_order)",
       "return out",
       "an unsorted batch comes back in modality order instead of its own"),
+    M("norm-routing-stays-on-the-cpu", "nnunetv2_csa/modality_norm.py",
+      "            self._routing = self._routing.moved(fn)\n",
+      "",
+      "the routing index stays behind when nnU-Net's predictor moves the network (CUDA refuses the gather)"),
+    M("term-read-back-inside-the-step", "nnunetv2_csa/training/consistency.py",
+      "self.last_consistency = term.detach()",
+      "self.last_consistency = term.detach().cpu()",
+      "the training step waits for the device to read the term before backward() is queued"),
+    M("region-based-dataset-accepted", "nnunetv2_csa/training/nnUNetTrainerCSA.py",
+      "        if self.label_manager.has_regions:",
+      "        if False:",
+      "a region-based dataset trains with class masks that misread its regions"),
     M("norm-single-modality-batch-to-0", "nnunetv2_csa/modality_norm.py",
       "sample_modality=sample_modality, single=present[0],",
       "sample_modality=sample_modality, single=0,",
@@ -152,10 +164,10 @@ MUTANTS = (
       "return loss + self.weight * term",
       "return loss + self.weight * term.detach()",
       "the consistency term is added as a constant"),
-    M("lambda-not-halved", "nnunetv2_csa/training/consistency.py",
-      "return paper_lambda / 2",
+    M("lambda-not-divided-by-n", "nnunetv2_csa/training/consistency.py",
+      "return paper_lambda / n_modalities",
       "return paper_lambda",
-      "the paper's λ applied to nnU-Net's mean loss (twice the paper's weight)"),
+      "the paper's λ applied to nnU-Net's mean loss (N times the paper's weight)"),
     M("msbn-computes-the-term", "nnunetv2_csa/training/consistency.py",
       "if not self.active or self.weight == 0:",
       "if not self.active:",
@@ -274,8 +286,9 @@ def check_mutant_applies(mutant: Mutant, source: str) -> None:
 
 def _run_fast_tests(copy: str, timeout: int) -> tuple[bool, str, float]:
     """(passed, the first failure's line, seconds)."""
-    env = {**os.environ, "PYTHONPATH": copy + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONDONTWRITEBYTECODE": "1"}
+    # no empty entry: it would put the current folder on sys.path (the tests check that nothing from it runs)
+    python_path = os.pathsep.join(p for p in [copy, *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p)
+    env = {**os.environ, "PYTHONPATH": python_path, "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.perf_counter()
     try:
         files = sorted(os.path.relpath(path, copy) for path in glob.glob(os.path.join(copy, "tests", "test_*.py")))

@@ -103,9 +103,10 @@ def with_test_trainers(env: dict) -> dict:
 
 def run_command(args, env, timeout=900, check=True) -> subprocess.CompletedProcess:
     """Run a console script of this venv (as the tools do); on failure the assertion shows its output."""
-    from nnunetv2_csa.tools.commands import console_command
+    from nnunetv2_csa.tools.commands import command_environment, console_command
 
-    result = subprocess.run(console_command(args[0]) + [str(a) for a in args[1:]], env=env, capture_output=True,
+    result = subprocess.run(console_command(args[0]) + [str(a) for a in args[1:]],
+                            env=command_environment(args[0], env), capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n--- stdout\n{result.stdout[-6000:]}"
@@ -224,7 +225,8 @@ def initialized_trainer(tmp_path, monkeypatch):
     """``make(trainer)``: the trainer class ``trainer`` (or this package's trainer of that name) on the tiny plan of
     tests/test_trainer_units.py (4 stages, 32 x 32, batch 4, modalities LGE and C0), initialized on CPU as
     ``nnUNetv2_train`` initializes it (network, optimizer, loss; compile off), without any data: its
-    ``train_step`` and ``validation_step`` take batches built by the test. About 1 s."""
+    ``train_step`` and ``validation_step`` take batches built by the test; ``device`` is the trainer's
+    (``"meta"``: tests/second_device.py), ``dataset_changes`` entries of its dataset.json. About 1 s."""
     import torch
     import nnunetv2_csa.training.trainers as trainers
     from test_trainer_units import _plans
@@ -242,10 +244,11 @@ def initialized_trainer(tmp_path, monkeypatch):
     dataset_json = {**TINY_DATASET_JSON, "csa_modalities": ["LGE", "C0"],
                     "csa_case_modality": {"p1_LGE": "LGE", "p2_C0": "C0", "p3_LGE": "LGE", "p4_C0": "C0"}}
 
-    def make(trainer, **plans_changes):
+    def make(trainer, device="cpu", dataset_changes=None, **plans_changes):
         trainer_plans = {**plans, **plans_changes, "continue_training": False}
         trainer_class = getattr(trainers, trainer) if isinstance(trainer, str) else trainer
-        trainer = trainer_class(trainer_plans, "2d", 0, dataset_json, torch.device("cpu"))
+        trainer = trainer_class(trainer_plans, "2d", 0, {**dataset_json, **(dataset_changes or {})},
+                                torch.device(device))
         trainer.initialize()
         return trainer
     return make

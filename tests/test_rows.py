@@ -56,7 +56,7 @@ def test_a_new_row_is_one_line_of_the_table():
     plain, twin = trainers.row_trainers(row)
     assert (plain.__name__, twin.__name__) == ("nnUNetTrainerCSA_Lambda2", "nnUNetTrainerCSA_Lambda2_BN")
     assert plain.paper_lambda == twin.paper_lambda == 2.0
-    assert nnUNetTrainerCSA.consistency_weight.fget(plain) == 1.0  # λ/2 on nnU-Net's loss
+    assert plain.paper_lambda == 2.0  # its weight on nnU-Net's loss is λ/N: tests/test_trainer_units.py
     assert issubclass(twin, nnUNetTrainerCSA_BN) and plain.__doc__ == "CSA with λ = 2."
 
 

@@ -1,5 +1,6 @@
 """Fast checks of the trainer wiring that need no training run."""
 import math
+import re
 
 import pytest
 import torch
@@ -158,15 +159,33 @@ def test_weight_zero_never_computes_the_term_in_a_training_step():
 
 def test_default_weights_are_the_papers_lambda_on_the_mean_loss():
     # the paper sums the two modalities' Dice + CE, nnU-Net averages them: λ_paper = 0.5 -> 0.25
+    import types
     import nnunetv2_csa.training.trainers as trainers
-    assert weight_on_nnunet_loss(0.5) == 0.25
-    weight = nnUNetTrainerCSA.consistency_weight.fget
+    assert weight_on_nnunet_loss(0.5, 2) == 0.25
+
+    def weight(trainer_class):
+        two_modalities = types.SimpleNamespace(paper_lambda=trainer_class.paper_lambda,
+                                               modality_tags=ModalityTags(("LGE", "C0"), {}))
+        return nnUNetTrainerCSA.consistency_weight.fget(two_modalities)
     expected = {"nnUNetTrainerCSA": 0.25, "nnUNetTrainerCSA_BN": 0.25, "nnUNetTrainerUMMKD": 0.25,
                 "nnUNetTrainerAffinity": 0.25, "nnUNetTrainerMSBN": 0.0, "nnUNetTrainerCSA_Lambda1": 0.5,
                 "nnUNetTrainerCSA_Lambda0p25": 0.125, "nnUNetTrainerUMMKD_Lambda1": 0.5,
                 "nnUNetTrainerCSA_10epochs_20its": 0.25}
     for name, value in expected.items():
         assert weight(getattr(trainers, name)) == value, name
+
+
+def test_the_weight_is_lambda_over_the_number_of_modalities(initialized_trainer, capsys):
+    # nnU-Net's loss over B/N samples of each of N modalities is the mean of their losses, the paper's the sum
+    assert weight_on_nnunet_loss(0.5, 1) == 0.5 and weight_on_nnunet_loss(0.5, 3) == 0.5 / 3
+    with pytest.raises(ValueError, match="positive int"):
+        weight_on_nnunet_loss(0.5, 0)
+    three = {"csa_modalities": ["LGE", "C0", "T2"],
+             "csa_case_modality": {"p1_LGE": "LGE", "p2_C0": "C0", "p3_LGE": "LGE", "p4_T2": "T2"}}
+    trainer = initialized_trainer("nnUNetTrainerCSA", dataset_changes=three)
+    assert trainer.consistency_weight == trainer.loss.weight == 0.5 / 3
+    assert f"λ = 0.5 in the paper's units, N = 3 modalities, weight λ/N = {0.5 / 3}" in capsys.readouterr().out
+    assert initialized_trainer("nnUNetTrainerCSA").loss.weight == 0.25
 
 
 def test_one_default_area_normalization_for_the_loss_and_the_trainer():
@@ -451,3 +470,14 @@ def test_a_batch_that_cannot_hold_every_modality_on_every_gpu_is_refused_alike_o
                                                rf"\[{', '.join(map(str, per_rank))}\] per GPU.*at least "
                                                rf"{len(modalities) * world_size} .*-num_gpus"):
         trainer._check_every_rank_holds_every_modality()
+
+
+@pytest.mark.parametrize("labels, order", [({"background": 0, "heart": [1, 2, 3], "core": [2, 3], "c": 3}, [1, 2, 3]),
+                                           ({"background": 0, "heart": [1, 2, 3]}, [1])],
+                         ids=["three regions", "one region"])
+def test_region_based_dataset_is_refused_when_the_trainer_initializes(initialized_trainer, labels, order):
+    # nnU-Net's own trainer takes the same dataset (negative control), and so do the stock rows
+    changes = {"labels": labels, "regions_class_order": order}
+    initialized_trainer("nnUNetTrainerJoint", dataset_changes=changes)
+    with pytest.raises(ModalityTagError, match=rf"region-based \(regions_class_order {re.escape(str(order))}.*label-based datasets only"):
+        initialized_trainer("nnUNetTrainerCSA", dataset_changes=changes)

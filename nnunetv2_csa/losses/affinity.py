@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from nnunetv2_csa.losses.masks_and_pairs import (average_over_pairs_and_classes, class_masks, connected_zero,
-                                                 group_by_modality, modality_pairs, resize_labels)
+                                                 float32_math, group_by_modality, modality_pairs, resize_labels)
 
 AREA_NORMALIZATIONS = ("none", "pixels", "fraction")
 #: the one default of S_c, for the losses and the trainers alike
@@ -164,7 +164,7 @@ class ClassSpecificAffinityLoss(torch.nn.Module):
             (zero where a class is absent), and ``present`` ``(B, K)`` bool.
         """
         self._check_features(features_l, features_k)
-        with torch.autocast(device_type=features_l.device.type, enabled=False):
+        with float32_math(features_l.device):
             f_l = features_l.float()
             f_k = features_k.float()
             batch, m_channels, *spatial = f_l.shape
@@ -212,8 +212,8 @@ class ClassSpecificAffinityLoss(torch.nn.Module):
         """``{(modality index, class): A^{c,j}}`` (``M x N``, float32) for every modality in
         the batch and every class present in at least one of its samples. For
         ``class_specific=False`` the class key is :data:`WHOLE_MAP` (-1)."""
-        with torch.autocast(device_type=features_l.device.type, enabled=False):
-            modality_ids, membership = group_by_modality(modality.to(features_l.device), features_l.shape[0])
+        with float32_math(features_l.device):
+            modality_ids, membership = group_by_modality(modality, features_l.shape[0], features_l.device)
             matrices, num_samples = self._modality_affinities(features_l, features_k, labels, membership)
         result = {}
         for j, modality_id in enumerate(modality_ids.tolist()):
@@ -233,14 +233,15 @@ class ClassSpecificAffinityLoss(torch.nn.Module):
                 (3D: ``(B, 1, d, h, w)`` or ``(B, d, h, w)``; nearest-neighbour resized to the
                 features' size); unused (may be ``None``) when
                 ``class_specific=False``.
-            modality: ``(B,)`` integer modality index of each sample.
+            modality: ``(B,)`` integer modality index of each sample, on any device; on the
+                host (as the unpaired sampler gives it) the loss makes no host read of the GPU.
 
         Returns:
             scalar float32 loss, Eq. (4') (or (4) with ``reading="literal"``).
         """
-        with torch.autocast(device_type=features_l.device.type, enabled=False):
+        with float32_math(features_l.device):
             self._check_features(features_l, features_k)
-            modality_ids, membership = group_by_modality(modality.to(features_l.device), features_l.shape[0])
+            modality_ids, membership = group_by_modality(modality, features_l.shape[0], features_l.device)
             if modality_ids.numel() < 2:
                 # one modality only: nothing to be consistent with
                 return connected_zero(features_l, features_k)

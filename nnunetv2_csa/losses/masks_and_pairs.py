@@ -3,11 +3,21 @@ at a feature map's resolution, per-class masks, the batch grouped by modality, t
 modalities, and the averages over them."""
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import nullcontext
+from typing import ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def float32_math(device: torch.device) -> ContextManager:
+    """Autocast off on ``device``, so that what runs inside computes in the float32 of its inputs
+    (the losses cast their inputs with ``.float()``). A device type without autocast (PyTorch's
+    ``"meta"`` device, which the tests use as a second device) has nothing to turn off."""
+    if not torch.amp.is_autocast_available(device.type):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def resize_labels(labels: Tensor, size: Sequence[int]) -> Tensor:
@@ -45,9 +55,14 @@ def class_masks(labels: Tensor, class_ids: Tensor) -> Tensor:
     return (labels.flatten(1)[:, None, :] == class_ids[None, :, None]).float()
 
 
-def group_by_modality(modality: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-    """Modality ids present in the batch (sorted, ``(J,)``) and the membership matrix
-    ``(B, J)`` float32 (row ``b`` is the one-hot of sample ``b``'s modality)."""
+def group_by_modality(modality: Tensor, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Modality ids present in the batch (sorted, ``(J,)``, on ``modality``'s device) and the
+    membership matrix ``(B, J)`` float32 on ``device`` (row ``b`` is the one-hot of sample
+    ``b``'s modality).
+
+    The ids are found where ``modality`` lies: their number decides the shape of everything
+    after, so on a GPU it is a host read that waits for the GPU; the trainers hand the
+    sampler's modality tensor, which lies on the host, and the loss then reads nothing back."""
     if modality.ndim != 1 or modality.shape[0] != batch_size:
         raise ValueError(
             f"modality must be a (B,) tensor with one modality index per sample (B={batch_size}), "
@@ -55,7 +70,7 @@ def group_by_modality(modality: Tensor, batch_size: int) -> tuple[Tensor, Tensor
     if modality.is_floating_point() or modality.is_complex():
         raise ValueError(f"modality must hold integer indices, got dtype {modality.dtype}")
     modality_ids, inverse = torch.unique(modality, sorted=True, return_inverse=True)
-    membership = F.one_hot(inverse, num_classes=modality_ids.numel()).float()
+    membership = F.one_hot(inverse, num_classes=modality_ids.numel()).float().to(device, non_blocking=True)
     return modality_ids, membership
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nnunetv2_csa.losses.masks_and_pairs import (average_over_pairs_and_classes, class_masks, connected_zero,
-                                                 group_by_modality, modality_pairs, resize_labels)
+                                                 float32_math, group_by_modality, modality_pairs, resize_labels)
 
 
 class UnpairedKnowledgeDistillationLoss(torch.nn.Module):
@@ -76,10 +76,10 @@ class UnpairedKnowledgeDistillationLoss(torch.nn.Module):
                 f"(num_classes={self.num_classes}), got {tuple(logits.shape)}")
         if labels.shape[0] != logits.shape[0]:
             raise ValueError(f"labels hold {labels.shape[0]} samples but the logits hold {logits.shape[0]}")
-        with torch.autocast(device_type=logits.device.type, enabled=False):
+        with float32_math(logits.device):
             logits = logits.float()
             batch, channels, *spatial = logits.shape
-            modality_ids, membership = group_by_modality(modality.to(logits.device), batch)
+            modality_ids, membership = group_by_modality(modality, batch, logits.device)
             masks = class_masks(resize_labels(labels.to(logits.device), spatial),
                                 self._class_ids.to(logits.device))  # (B, C, P)
             sums = torch.bmm(masks, logits.reshape(batch, channels, -1).transpose(1, 2))  # (B, C, C)
@@ -93,12 +93,13 @@ class UnpairedKnowledgeDistillationLoss(torch.nn.Module):
             logits: ``(B, C, H, W)`` network output (before softmax); 3D: ``(B, C, D, H, W)``.
             labels: ``(B, 1, h, w)`` or ``(B, h, w)`` integer label map at any resolution
                 (nearest-neighbour resized to ``H, W``).
-            modality: ``(B,)`` integer modality index of each sample.
+            modality: ``(B,)`` integer modality index of each sample, on any device; on the
+                host (as the unpaired sampler gives it) the loss makes no host read of the GPU.
 
         Returns:
             scalar float32 loss.
         """
-        with torch.autocast(device_type=logits.device.type, enabled=False):
+        with float32_math(logits.device):
             mean_logits, pixel_counts, modality_ids = self.class_mean_logits(logits, labels, modality)
             if modality_ids.numel() < 2:
                 return connected_zero(logits)

@@ -4,7 +4,7 @@ fresh process with this interpreter, its output appended to a log file.
 A fresh process because nnU-Net reads its environment (``nnUNet_raw``, ``nnUNet_extTrainer``,
 ``nnUNet_n_proc_DA``) at import; the same interpreter because a command found on PATH may
 belong to another Python environment. The command's entry point (the function its script
-calls, with the same arguments) runs with ``python -c`` rather than the script: nnU-Net's
+calls, with the same arguments) runs with ``python -P -c`` rather than the script: nnU-Net's
 worker pools start in spawn mode, and a spawned worker re-runs the main script's imports
 (for ``nnUNetv2_train`` all of nnU-Net's training code), where after ``-c`` it imports only
 what it runs. A 1 x 5 training of the test phantom took 13.5 s instead of 18.8 s on 2 cores
@@ -53,6 +53,31 @@ def environment(overrides: dict):
         apply(saved)
 
 
+#: nnU-Net's commands whose experiment planner calls ``torch.set_num_threads(nnUNet_n_proc_DA)``, which
+#: refuses the value 0 (augmentation in the training process: the fastest setting for CPU training)
+_PLANNING_COMMANDS = frozenset({"nnUNetv2_plan_and_preprocess", "nnUNetv2_plan_experiment"})
+
+
+def python_command(*args: str) -> list[str]:
+    """The argv that runs ``args`` (``-c code``, ``-m module`` or a script) with this interpreter and
+    nothing of the current folder on ``sys.path`` (``-P``): a file such as ``torch.py`` or ``nnunetv2.py``
+    in the folder a user starts a command from is never imported in place of the real module, in the
+    child or in the workers nnU-Net spawns from it (they inherit the interpreter's flags)."""
+    return [sys.executable, "-P", *args]
+
+
+def command_environment(name: str, env: dict | None) -> dict | None:
+    """The environment console command ``name`` runs with: ``env`` (None: this process's), without an
+    ``nnUNet_n_proc_DA`` of 0 for nnU-Net's planning commands (see ``_PLANNING_COMMANDS``); every other
+    command keeps it."""
+    if name not in _PLANNING_COMMANDS:
+        return env
+    env = dict(os.environ if env is None else env)
+    if env.get("nnUNet_n_proc_DA", "").strip() == "0":
+        del env["nnUNet_n_proc_DA"]
+    return env
+
+
 def _script_beside_interpreter(name: str) -> str | None:
     script = os.path.join(os.path.dirname(sys.executable), name)
     return script if os.path.isfile(script) else None
@@ -83,18 +108,19 @@ def console_command(name: str) -> list[str]:
         raise CommandNotFound(f"{name} is neither installed beside {sys.executable} nor an entry point of an "
                               f"installed package: install nnunetv2 and this package into that environment")
     module, function = target.split(":")
-    return [sys.executable, "-c",
-            f"import sys; sys.argv[0] = {name!r}; from {module} import {function} as main; sys.exit(main())"]
+    return python_command(
+        "-c", f"import sys; sys.argv[0] = {name!r}; from {module} import {function} as main; sys.exit(main())")
 
 
 def run_console(name: str, args: Sequence, log: IO[str], env: dict | None = None) -> subprocess.CompletedProcess:
     """Run console command ``name`` with ``args``; a ``$ name args`` line with the time, then
     its stdout and stderr, are appended to the open text file ``log``. ``env``: the whole
-    environment of the command (None: this process's)."""
+    environment of the command (None: this process's), as :func:`command_environment` adapts it."""
     args = [str(a) for a in args]
     log.write(f"\n===== {datetime.datetime.now().isoformat(timespec='seconds')} $ {' '.join([name, *args])}\n")
     log.flush()
-    return subprocess.run(console_command(name) + args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return subprocess.run(console_command(name) + args, stdout=log, stderr=subprocess.STDOUT,
+                          env=command_environment(name, env))
 
 
 @contextlib.contextmanager

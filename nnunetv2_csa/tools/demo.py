@@ -73,19 +73,10 @@ class Stages:
         return os.path.join(self.folder, f"{name}.log")
 
 
-def planning_environment() -> dict:
-    env = dict(os.environ)
-    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for the
-    # value 0 that is fastest for training on few cores (measured)
-    if env.get("nnUNet_n_proc_DA") == "0":
-        del env["nnUNet_n_proc_DA"]
-    return env
-
-
 def run_logged(args: list[str], log_file: str) -> None:
     """Run an nnU-Net console script of this Python environment, its output to ``log_file``."""
     with open(log_file, "a") as log:
-        result = run_console(args[0], args[1:], log, planning_environment())
+        result = run_console(args[0], args[1:], log)
     if result.returncode != 0:
         with open(log_file) as f:
             tail = f.read()[-2000:]

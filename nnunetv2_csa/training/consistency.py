@@ -1,20 +1,21 @@
-"""How a consistency term joins nnU-Net's loss: the weight, its schedule, the wrapper.
+r"""How a consistency term joins nnU-Net's loss: the weight, its schedule, the wrapper.
 
-Loss, per training step (paper Eq. 5, α = β = 1):
-``L_paper = (Dice¹ + CE¹) + (Dice² + CE²) + λ · L_consistency``, with the paper's λ = 0.5.
-nnU-Net's deep-supervised Dice + CE over a batch of B/2 samples of each modality is the
-*mean* of the two modalities' losses, not their sum (CE is a mean over the pixels of both
-halves; the batch Dice pools both halves), so ``L_paper = 2 · [nnU-Net's loss + (λ/2) ·
-L_consistency]``: the term is added with the weight ``λ/2`` (0.25 for the paper's 0.5) on
-top of nnU-Net's loss, which gives the paper's balance between the segmentation loss and
-the consistency term. A row's ``paper_lambda`` is λ in the paper's units; its
-``consistency_weight`` is the weight actually applied.
+Loss, per training step (paper Eq. 5, α = β = 1), for N modalities (the paper's N = 2):
+``L_paper = Σ_j (Dice^j + CE^j) + λ · L_consistency``, with the paper's λ = 0.5. nnU-Net's
+deep-supervised Dice + CE over a batch of B/N samples of each modality is the *mean* of the N
+modalities' losses, not their sum (CE is a mean over the pixels of all sub-batches; the batch
+Dice pools them), so ``L_paper = N · [nnU-Net's loss + (λ/N) · L_consistency]``: the term is
+added with the weight ``λ/N`` (0.25 for the paper's 0.5 and two modalities) on top of nnU-Net's
+loss, which gives the paper's balance between the segmentation loss and the consistency term.
+A row's ``paper_lambda`` is λ in the paper's units; its ``consistency_weight`` is the weight
+actually applied.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable
 
+import torch
 from torch import nn
 
 from nnunetv2_csa.losses import AffinityLoss, ClassSpecificAffinityLoss, UnpairedKnowledgeDistillationLoss
@@ -26,10 +27,12 @@ OUTPUT_KINDS = ("ummkd",)
 CONSISTENCY_KINDS = (*FEATURE_KINDS, *OUTPUT_KINDS, "none")
 
 
-def weight_on_nnunet_loss(paper_lambda: float) -> float:
-    """The weight on top of nnU-Net's Dice + CE that gives the paper's λ (see the module
-    docstring): nnU-Net's loss is the mean of the two modalities' losses, the paper's their sum."""
-    return paper_lambda / 2
+def weight_on_nnunet_loss(paper_lambda: float, n_modalities: int) -> float:
+    """The weight λ/N on top of nnU-Net's Dice + CE that gives the paper's λ for N modalities (see
+    the module docstring): nnU-Net's loss is the mean of the modalities' losses, the paper's their sum."""
+    if isinstance(n_modalities, bool) or not isinstance(n_modalities, int) or n_modalities < 1:
+        raise ValueError(f"n_modalities must be a positive int, got {n_modalities!r}")
+    return paper_lambda / n_modalities
 
 
 def lambda_rampup(epoch: int, num_epochs: int, fraction: float) -> float:
@@ -60,7 +63,9 @@ class ConsistencyRegularizedLoss(nn.Module):
     ``consistency(output, target)`` returns the term; it is evaluated only in training
     mode (``active``, which follows the trainer's epoch phase) and only when ``weight`` is
     not 0, so a row that does not minimise the term (MSBN) pays nothing for it in its
-    training step. Its last value is kept for logging.
+    training step. Its last value is kept for logging, detached and on the device: reading
+    it back (``float``) inside the step would make the host wait for the GPU before
+    ``backward()`` is queued; the trainer reads all steps' values back once per epoch.
     """
 
     def __init__(self, segmentation_loss: nn.Module, consistency: Callable, weight: float):
@@ -69,12 +74,14 @@ class ConsistencyRegularizedLoss(nn.Module):
         self.consistency = consistency
         self.weight = float(weight)
         self.active = False
-        self.last_consistency = math.nan
+        #: the last term computed (a detached 0-dim tensor), or NaN when the last call computed none
+        self.last_consistency: torch.Tensor | float = math.nan
 
     def forward(self, output, target):
         loss = self.segmentation_loss(output, target)
+        self.last_consistency = math.nan
         if not self.active or self.weight == 0:
             return loss
         term = self.consistency(output, target)
-        self.last_consistency = float(term.detach())
+        self.last_consistency = term.detach()
         return loss + self.weight * term

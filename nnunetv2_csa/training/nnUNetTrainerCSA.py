@@ -6,7 +6,8 @@ The trainer only wires pieces together; each piece lives in its own module:
 - unpaired, modality-balanced batches: ``nnunetv2_csa.sampler``
 - features of two layers by forward hooks: ``nnunetv2_csa.feature_taps``
 - the consistency losses (CSA, Affinity, UMMKD): ``nnunetv2_csa.losses``; their weight and
-  how they join nnU-Net's loss (λ/2 on top of it for the paper's λ): ``training/consistency.py``
+  how they join nnU-Net's loss (λ/N on top of it for the paper's λ and N modalities):
+  ``training/consistency.py``
 - validation per modality: ``training/per_modality_validation.py``
 - the modality of ``nnUNetv2_predict``: ``training/inference_modality.py``
 - the rows (MSBN, Affinity, UMMKD, λ ablations, the ``_BN`` twins): ``training/rows.py``
@@ -107,8 +108,8 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
 
     @property
     def consistency_weight(self) -> float:
-        """The weight of the consistency term on top of nnU-Net's loss."""
-        return weight_on_nnunet_loss(self.paper_lambda)
+        """The weight of the consistency term on top of nnU-Net's loss: λ/N for N modalities."""
+        return weight_on_nnunet_loss(self.paper_lambda, len(self.modality_tags.modalities))
 
     # ---------------------------------------------------------------- network
     @classmethod
@@ -174,7 +175,18 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
             f"{modalities}). Plan a batch size of at least {len(modalities) * len(per_rank)} "
             f"(nnUNetv2_plan_experiment -gpu_memory_target ...) or train on fewer GPUs (-num_gpus)")
 
+    def _refuse_regions(self) -> None:
+        # the consistency terms (and the affinity monitored in validation) mask features by the classes of a
+        # label map; region-based targets are overlapping channels, which they would misread silently
+        if self.label_manager.has_regions:
+            raise ModalityTagError(
+                f"dataset {self.plans_manager.dataset_name} is region-based (regions_class_order "
+                f"{self.label_manager.regions_class_order} in its dataset.json): {type(self).__name__} compares "
+                f"classes of a label map and supports label-based datasets only. Convert the dataset with plain "
+                f"labels (no regions in dataset.json), or train the stock rows (nnUNetTrainerJoint)")
+
     def initialize(self):
+        self._refuse_regions()
         self._check_every_rank_holds_every_modality()
         token = _TRAINER_BUILDS_ITS_NETWORK.set(True)
         try:
@@ -186,8 +198,9 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
             layers = consecutive_conv_layers(self.network, part, stage)
             self.feature_tap = FeatureTap(self.network, layers)
             self.print_to_log_file(f"{self.consistency_kind} consistency between layers {layers}, "
-                                   f"λ = {self.paper_lambda} in the paper's units, weight {self.consistency_weight} "
-                                   f"on nnU-Net's loss")
+                                   f"λ = {self.paper_lambda} in the paper's units, N = "
+                                   f"{len(self.modality_tags.modalities)} modalities, weight λ/N = "
+                                   f"{self.consistency_weight} on nnU-Net's loss")
 
     # ---------------------------------------------------------------- loss
     def _build_loss(self):
@@ -251,20 +264,25 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
             self.print_to_log_file(f"consistency weight (ramp-up): {self.loss.weight:.4g}")
 
     def train_step(self, batch: dict) -> dict:
-        # routing reads the modality on the host: handing it the CPU tensor avoids a device sync
+        """nnU-Net's step with the batch routed to its modalities. The modality tensor stays on the
+        host (the sampler's): the routing and the consistency term group the batch by modality
+        there, so the step reads nothing back from the GPU but nnU-Net's own loss at its end.
+        ``consistency_loss`` is the step's term, detached on the device (NaN when none was computed)."""
         self._route(batch["modality"])
-        self._batch_modality = batch["modality"].to(self.device, non_blocking=True)
-        self.loss.last_consistency = math.nan
+        self._batch_modality = batch["modality"]
         result = super().train_step(batch)
         if self.feature_tap is not None:
             self.feature_tap.clear()  # a row with λ = 0 never reads them: free the activations
-        result["consistency_loss"] = np.float64(self.loss.last_consistency)
+        result["consistency_loss"] = self.loss.last_consistency
         return result
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
+        # the epoch's terms are read back from the device at once, here (see train_step); nnU-Net's
+        # collate_outputs takes no tensors, so they leave the outputs before it sees them
+        terms = [t for t in (o.pop("consistency_loss") for o in train_outputs) if isinstance(t, torch.Tensor)]
         super().on_train_epoch_end(train_outputs)
-        terms = [o["consistency_loss"] for o in train_outputs]
-        self.logger.log("train_consistency_losses", _gathered_nanmean(self, terms), self.current_epoch)
+        values = torch.stack(terms).float().cpu().numpy() if terms else [math.nan]
+        self.logger.log("train_consistency_losses", _gathered_nanmean(self, values), self.current_epoch)
 
     # ---------------------------------------------------------------- validation
     def on_validation_epoch_start(self):
@@ -295,7 +313,8 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
         features_l = torch.cat([t[1] for t in tapped])
         features_k = torch.cat([t[2] for t in tapped])
         target = torch.cat([t[3].to(self.device, non_blocking=True) for t in tapped])
-        modality = torch.cat([torch.full((len(t[1]),), t[0], dtype=torch.long) for t in tapped]).to(self.device)
+        # on the host, where the term groups the batch by modality without waiting for the device
+        modality = torch.cat([torch.full((len(t[1]),), t[0], dtype=torch.long) for t in tapped])
         with torch.no_grad():
             return float(self.consistency_term(features_l, features_k, target, modality))
 

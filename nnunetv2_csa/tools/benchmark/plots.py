@@ -158,14 +158,14 @@ def plot_training_curves(row: RowResult, path: str) -> bool:
     # train with the consistency term (λ > 0) that includes the weighted term; validation never does
     trains_with_term = ROWS_BY_NAME[row.row].trains_with_consistency
     axes[0].set_title(f"{row.row}: loss per epoch", fontsize=10)
-    axes[0].set_ylabel("train: Dice + CE" + (" + (λ/2) × consistency term" if trains_with_term else "")
+    axes[0].set_ylabel("train: Dice + CE" + (" + (λ/N) × consistency term" if trains_with_term else "")
                        + "\nvalidation: Dice + CE", fontsize=8)
     axes[1].set_title(f"{row.row}: pseudo Dice (validation patches)", fontsize=10)
     axes[1].set_ylabel("pseudo Dice")
     axes[1].set_ylim(-0.02, 1.02)
     if has_consistency:
         axes[2].set_title(f"{row.row}: consistency term", fontsize=10)
-        axes[2].set_ylabel("term, unweighted (before λ/2)", fontsize=8)
+        axes[2].set_ylabel("term, unweighted (before λ/N)", fontsize=8)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
