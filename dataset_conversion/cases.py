@@ -74,21 +74,14 @@ class SourceCase:
 def read_image(path: str) -> sitk.Image:
     """A complete, readable, single-component 3D image, or a ConversionError naming the file."""
     try:
-        check_file_complete(path)
+        check_file_complete(path, dimensions=(3,))
     except IncompleteFileError as e:
         raise ConversionError(str(e)) from None
     try:
-        image = sitk.ReadImage(path)
-    except RuntimeError as e:
+        return sitk.ReadImage(path)
+    except RuntimeError as e:  # the header read, the voxels did not
         reason = str(e).strip().splitlines()[-1]
-        raise ConversionError(f"cannot read {path}: {reason}. Is it a complete NIfTI file? "
-                              f"Download or copy it again") from None
-    if image.GetDimension() != 3:
-        raise ConversionError(f"{path} is a {image.GetDimension()}D image; expected a 3D volume")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ConversionError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
-                              f"expected a scalar (grey-value or label) volume")
-    return image
+        raise ConversionError(f"cannot read {path}: {reason}. Download or copy it again") from None
 
 
 def check_same_geometry(image: sitk.Image, label: sitk.Image, image_path: str, label_path: str) -> None:

@@ -21,7 +21,20 @@ from nnunetv2_csa.errors import UserInputError
 
 
 class IncompleteFileError(UserInputError, ValueError):
-    """The file is truncated or its compressed stream is corrupt; the message names it."""
+    """The file is truncated or its compressed stream is corrupt, or is no image a reader can open;
+    the message names it."""
+
+
+def check_name_encoding(path: str) -> None:
+    """Raise :class:`IncompleteFileError` for a path that is not UTF-8: Python hands such a name
+    over with surrogates, which SimpleITK's C++ readers cannot take (a crash, not an exception)
+    and which no message can print."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", errors="backslashreplace")
+        raise IncompleteFileError(f"{shown}: the file name is not UTF-8; rename the file (UTF-8 letters only)") \
+            from None
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
@@ -74,9 +87,40 @@ def images_not_read(names, file_ending: str) -> list[str]:
     return sorted(name for name in names if not name.endswith(file_ending) and LOOKS_LIKE_IMAGE.search(name))
 
 
-def check_file_complete(path: str) -> None:
-    """Raise :class:`IncompleteFileError` if a NIfTI file is truncated or its gzip stream is
-    corrupt, judged by the header's own promise of how many bytes follow."""
+def check_file_complete(path: str, dimensions: tuple[int, ...] = (2, 3)) -> None:
+    """Raise :class:`IncompleteFileError` unless ``path`` is a complete image that SimpleITK (and so
+    nnU-Net's readers) can open, of one of ``dimensions`` with one value per voxel: its name is UTF-8,
+    a NIfTI file holds every byte its header promises and its gzip stream is whole, and the header
+    reads (an empty file, a text file named ``.nii.gz`` and a 4D image each get one line naming the
+    file). The one check every command runs before it hands an image to SimpleITK or nnU-Net."""
+    check_name_encoding(path)
+    _check_stream_complete(path)
+    _check_header(path, dimensions)
+
+
+def _check_header(path: str, dimensions: tuple[int, ...]) -> None:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        size = os.path.getsize(path)
+        what = "is empty (0 bytes)" if size == 0 else "is not an image SimpleITK can read"
+        reason = str(e).strip().splitlines()[-1] if size else ""
+        raise IncompleteFileError(f"{path} {what}{f' ({reason})' if reason else ''}; download or copy it "
+                                  f"again, or remove it") from None
+    if reader.GetDimension() not in dimensions:
+        raise IncompleteFileError(f"{path} is a {reader.GetDimension()}D image; expected "
+                                  f"{' or '.join(f'{d}D' for d in dimensions)} (one file per channel): split "
+                                  f"it, or give the right file")
+    if reader.GetNumberOfComponents() != 1:
+        raise IncompleteFileError(f"{path} has {reader.GetNumberOfComponents()} components per voxel; expected "
+                                  f"one (a grey-value or label image; one file per channel)")
+
+
+def _check_stream_complete(path: str) -> None:
     try:
         if _is_gzip(path):
             total, header = 0, b""

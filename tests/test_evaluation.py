@@ -321,6 +321,17 @@ def test_missing_prediction_is_an_error_listing_cases(tmp_path):
         evaluate_folder(pred, ref, LABELS)
 
 
+def test_the_cases_given_are_scored_and_no_other(tmp_path):
+    # a cross-validation of some folds predicts their validation cases only (the instructions command)
+    pred, ref = make_folders(tmp_path, ["p1_LGE", "p2_LGE", "p3_LGE"], ["p1_LGE", "p3_LGE"])
+    df = evaluate_folder(pred, ref, LABELS, cases=["p1_LGE", "p3_LGE"])
+    assert sorted(df["case"].unique()) == ["p1_LGE", "p3_LGE"]
+    with pytest.raises(FileNotFoundError, match=r"have no prediction.*\['p2_LGE'\]"):
+        evaluate_folder(pred, ref, LABELS, cases=["p1_LGE", "p2_LGE"])
+    with pytest.raises(FileNotFoundError, match=r"1 case\(s\) to score have no reference .*: p7_LGE"):
+        evaluate_folder(pred, ref, LABELS, cases=["p1_LGE", "p7_LGE"])
+
+
 def test_allow_missing_evaluates_the_common_cases_and_reports_skipped(tmp_path):
     pred, ref = make_folders(tmp_path, ["p1_LGE", "p2_LGE", "p3_LGE"], ["p1_LGE", "p3_LGE", "p9_LGE"])
     with pytest.warns(UserWarning, match="p2_LGE"):

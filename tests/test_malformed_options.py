@@ -87,7 +87,11 @@ MALFORMED = {
         (["-pred", "{tmp}", "-ref", "{raw}", "-djfile", "{raw}/Dataset906_MalformedOther"],
          "'csa_other_modality_cases' must be an object case ->"),
         (["-pred", "{tmp}", "-ref", "{raw}", "-djfile", "{raw}/Dataset908_MalformedEnding"],
-         "file_ending 5 is not a file name ending")],
+         "file_ending 5 is not a file name ending"),
+        (["-pred", "{empty}", "-ref", "{text}", "-l", "1"], "p1_LGE_0000.nii.gz is "),
+        (["-pred", "{text}", "-ref", "{empty}", "-l", "1"], "p1_LGE_0000.nii.gz is "),
+        (["-pred", "{undecodable}", "-ref", "{text}", "-l", "1"], "the file name is not UTF-8"),
+        (["-pred", "{text}", "-ref", "{undecodable}", "-l", "1"], "the file name is not UTF-8")],
     "nnUNetv2_csa_heldout": [
         ["-d", str(UNKNOWN_ID), "-o", "{tmp}/h"], ["-d", "../x", "-o", "{tmp}/h"],
         ["-d", str(NO_IMAGES_ID), "-o", "{tmp}/h", "-f", "-1"], ["-d", str(NULL_JSON_ID), "-o", "{tmp}/h"],
@@ -96,7 +100,8 @@ MALFORMED = {
         (["-d", str(MALFORMED_SPLIT_ID), "-o", "{tmp}/h"], "is not a split"),
         (["-d", str(MALFORMED_TAGS_ID), "-o", "{tmp}/h"], "must be a list of names"),
         (["-d", "906", "-o", "{tmp}/h"], "'csa_other_modality_cases' must be an object case ->"),
-        (["-d", "908", "-o", "{tmp}/h"], "file_ending 5 is not a file name ending")],
+        (["-d", "908", "-o", "{tmp}/h"], "file_ending 5 is not a file name ending"),
+        (["-d", TAGGED, "-o", "{tmp}/h"], "is empty (0 bytes)")],
     "nnUNetv2_csa_export_modality": [
         ["-m", "{missing}", "--modality", "LGE", "-o", "{tmp}/e"], ["-m", "{tmp}", "--modality", "LGE", "-o", "{tmp}/e"],
         ["-m", "{model}", "--modality", "LGE", "-o", "{tmp}/e", "-f", "0", "0"],
@@ -141,11 +146,16 @@ MALFORMED = {
         ["--timing-iterations", "-1", "--output", "{tmp}/d"], ["--data", "{missing}", "--output", "{tmp}/d"]],
     "nnUNetv2_csa_inference_instructions": [
         ["-d", str(UNKNOWN_ID)], ["-d", "../x"], ["-d", TAGGED, "-np", "0"],
-        (["-d", TAGGED], "run nnUNetv2_find_best_configuration")],
+        (["-d", TAGGED], "run nnUNetv2_find_best_configuration"),
+        (["-d", str(MALFORMED_SPLIT_ID)], "'folds' must be a non-empty list of fold numbers"),
+        (["-d", "906"], "fold 3 of the cross-validation is not in")],
     "nnUNetv2_csa_predict": [
         ["-i", "{missing}", "-o", "{tmp}/o", "-d", str(UNKNOWN_ID), "-c", "2d"],
         ["-i", "{tmp}", "-o", "{tmp}/o", "-d", "../x", "-c", "2d"], ["-i", "{tmp}", "-o", "{tmp}/o"],
-        ["-i", "{tmp}", "-o", "{file}", "-d", str(NO_IMAGES_ID), "-c", "2d", "--csv", "{missing}"]],
+        ["-i", "{tmp}", "-o", "{file}", "-d", str(NO_IMAGES_ID), "-c", "2d", "--csv", "{missing}"],
+        *[(["-i", "{" + kind + "}", "-o", "{tmp}/o", "-d", TAGGED, "-c", "2d", "-tr", "nnUNetTrainerCSA", "--dry-run"],
+           says) for kind, says in (("empty", "is empty (0 bytes)"), ("text", "is not an image SimpleITK can read"),
+                                    ("undecodable", "the file name is not UTF-8"))]],
 }
 
 
@@ -232,8 +242,30 @@ def hostile_setup(tmp_path, monkeypatch):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     (scratch / "a_file.txt").write_text("not a folder")
+    # folders of one image that no reader can open: empty, text named .nii.gz, a name that is not UTF-8
+    unreadable = {}
+    for kind, name, content in (("empty", "p1_LGE_0000.nii.gz", b""),
+                                ("text", "p1_LGE_0000.nii.gz", b"an image? no\n" * 50),
+                                ("undecodable", os.fsdecode(b"p\xff1_LGE_0000.nii.gz"), b"")):
+        unreadable[kind] = tmp_path / kind
+        unreadable[kind].mkdir()
+        (unreadable[kind] / name).write_bytes(content)
+    # a trained model of Dataset903 as nnUNetv2_csa_predict finds it, and nnU-Net's inference_information.json,
+    # malformed (Dataset904) or naming a fold the split does not have (Dataset906)
+    trained = results / f"Dataset{TAGGED_ID}_Tagged" / "nnUNetTrainerCSA__nnUNetPlans__2d"
+    trained.mkdir(parents=True)
+    (trained / "plans.json").write_text(json.dumps({"csa_modalities": ["LGE", "C0"]}))
+    (trained / "dataset.json").write_text(json.dumps(tagged))
+    information = {"folds": [3], "all_results": {"m": 0.5}, "best_model_or_ensemble": {"selected_model_or_models": [
+        {"trainer": "nnUNetTrainerCSA", "plans_identifier": "nnUNetPlans", "configuration": "2d"}]}}
+    for name, content in (("Dataset904_MalformedSplit", {**information, "folds": "0"}),
+                          ("Dataset906_MalformedOther", information)):
+        (results / name).mkdir()
+        (results / name / "inference_information.json").write_text(json.dumps(content))
+    (preprocessed / "Dataset906_MalformedOther" / "gt_segmentations").mkdir()
     return {"tmp": str(scratch), "file": str(scratch / "a_file.txt"), "missing": str(tmp_path / "missing"),
-            "raw": str(raw), "model": str(model), "users_report": str(users_report)}
+            "raw": str(raw), "model": str(model), "users_report": str(users_report),
+            **{kind: str(folder) for kind, folder in unreadable.items()}}
 
 
 CASES = [(name, *(case if isinstance(case, tuple) else (case, ""))) for name, cases in MALFORMED.items()

@@ -76,7 +76,7 @@ from tqdm import tqdm
 
 from nnunetv2_csa.atomic_files import replace_file
 from nnunetv2_csa.errors import first_few, one_line_errors
-from nnunetv2_csa.image_files import check_file_complete, grid_differences, images_not_read
+from nnunetv2_csa.image_files import check_file_complete, check_name_encoding, grid_differences, images_not_read
 from nnunetv2_csa.tools.commands import sigterm_unwinds
 from nnunetv2_csa.tools.inputs import check_output_folder, file_ending_of, integer_at_least, read_json_file
 from nnunetv2_csa.tools.statistics import bootstrap_mean_ci
@@ -257,6 +257,8 @@ def _cases_in(folder: str, file_ending: str, role: str) -> dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{role} folder {folder} does not exist")
     files = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
+    for name in files:  # before a name reaches a message or SimpleITK, which aborts on a name that is not UTF-8
+        check_name_encoding(os.path.join(folder, name))
     skipped = images_not_read(files, file_ending)
     if skipped:
         # another format (.mha, .nrrd) or another spelling (.NII.GZ) is a case the user meant to score
@@ -297,8 +299,10 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
                     case_modality: dict[str, str] | None = None, output_folder: str | None = None,
                     num_processes: int = 1, allow_missing: bool = False,
                     case_patient: dict[str, str] | None = None,
-                    file_ending: str = ".nii.gz", hd95: str = DEFAULT_HD95) -> pd.DataFrame:
-    """Evaluate every reference case against its prediction; one row per case and class.
+                    file_ending: str = ".nii.gz", hd95: str = DEFAULT_HD95,
+                    cases: Sequence[str] | None = None) -> pd.DataFrame:
+    """Evaluate every reference case (or only ``cases``, whose references must exist) against its
+    prediction; one row per case and class.
 
     ``case_modality`` ({case: modality}) adds a ``modality`` column, ``case_patient`` a
     ``patient`` column (needed for ``wilcoxon_between_methods(pair_on="patient")``); a case
@@ -314,6 +318,13 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
         _check_output_folder(output_folder)
     predictions = _cases_in(prediction_folder, file_ending, "prediction")
     references = _cases_in(reference_folder, file_ending, "reference")
+    if cases is not None:
+        unknown = sorted(set(cases) - set(references))
+        if unknown:
+            raise FileNotFoundError(f"{len(unknown)} case(s) to score have no reference in {reference_folder}: "
+                                    f"{first_few(unknown, 10)}")
+        references = {c: references[c] for c in cases}
+        predictions = {c: f for c, f in predictions.items() if c in references}
     if case_modality is not None:
         # a reference folder of several modalities (labelsTr) against the predictions of one:
         # compare the references of the predictions' modalities only, and say so

@@ -23,8 +23,9 @@ from typing import Sequence
 from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
 from nnunetv2_csa.modality import modality_tags_from_dataset_json
 from nnunetv2_csa.tools.commands import sigterm_unwinds
-from nnunetv2_csa.tools.inputs import (check_output_folder, dataset_folder, file_ending_of, integer_at_least,
-                                      read_json_file, read_splits)
+from nnunetv2_csa.image_files import check_file_complete
+from nnunetv2_csa.tools.inputs import (channel_count, check_output_folder, dataset_folder, file_ending_of,
+                                      integer_at_least, read_json_file, read_splits)
 
 
 class HeldOutError(UserInputError, ValueError):
@@ -56,11 +57,13 @@ def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, 
     validation = sorted(splits[fold]["val"])
     test_set = fold_test_set(validation, {c: tags.modality_of_case(c) for c in validation},
                              dataset_json.get("csa_case_patient", {}), os.path.join(raw, "labelsTr"), raw, ending)
-    copies = _files_to_copy(test_set, raw, ending, _channel_count(dataset_json, os.path.join(raw, "dataset.json")))
+    copies = _files_to_copy(test_set, raw, ending, channel_count(dataset_json, os.path.join(raw, "dataset.json")))
     parent = os.path.dirname(os.path.abspath(output_folder))
     if not os.path.isdir(parent):
         raise HeldOutError(f"the folder {parent} that -o {output_folder} would go into does not exist; create it first")
     check_output_folder(output_folder, "-o")
+    for source, _ in copies:  # nnUNetv2_predict and nnUNetv2_csa_evaluate would stop on them later, with a traceback
+        check_file_complete(source)
     staging = tempfile.mkdtemp(prefix=".heldout_", dir=parent)
     try:
         for source, target in copies:
@@ -75,15 +78,6 @@ def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, 
     for case in test_set.cases:
         by_modality.setdefault(test_set.case_modality[case], []).append(case)
     return by_modality
-
-
-def _channel_count(dataset_json: dict, source: str) -> int:
-    """The image files per case: one per entry of nnU-Net's channel_names ("modality" in older files)."""
-    channels = dataset_json.get("channel_names", dataset_json.get("modality", {"0": "single"}))
-    if not (isinstance(channels, dict) and channels):
-        raise HeldOutError(f"{source}: channel_names must be an object channel -> name, e.g. {{\"0\": \"MRI\"}}; "
-                           f"fix it or convert the dataset again")
-    return len(channels)
 
 
 def _files_to_copy(test_set, raw: str, ending: str, n_channels: int) -> list[tuple[str, str]]:

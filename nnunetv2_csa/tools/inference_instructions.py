@@ -26,7 +26,7 @@ import pandas as pd
 
 from nnunetv2_csa.errors import UserInputError, one_line_errors
 from nnunetv2_csa.modality import MODALITIES_KEY, modality_tags_from_dataset_json
-from nnunetv2_csa.tools.inputs import dataset_folder, file_ending_of, integer_at_least, read_json_file
+from nnunetv2_csa.tools.inputs import dataset_folder, file_ending_of, integer_at_least, read_json_file, read_splits
 
 INSTRUCTIONS_FILE = "inference_instructions_csa.txt"
 PER_MODALITY_FILE = "crossval_per_modality.csv"
@@ -80,6 +80,7 @@ def per_modality_crossval(results_folder: str, information: dict, num_processes:
                                 f"(set nnUNet_preprocessed as during training)")
     from nnunetv2.utilities.file_path_utilities import folds_tuple_to_string
 
+    scored = validation_cases_of_folds(os.path.dirname(reference), information["folds"])
     rows = []
     for identifier, pooled in information["all_results"].items():
         if identifier.startswith("ensemble___"):
@@ -90,8 +91,13 @@ def per_modality_crossval(results_folder: str, information: dict, num_processes:
         dataset_json_file = os.path.join(predictions, "dataset.json")
         dataset_json = read_json_file(dataset_json_file, "run nnUNetv2_find_best_configuration again")
         tags = modality_tags_from_dataset_json(dataset_json, dataset_json_file)
-        df = evaluate_folder(predictions, reference, dataset_json["labels"], case_modality=dict(tags.case_modality),
-                             num_processes=num_processes, file_ending=file_ending_of(dataset_json, dataset_json_file))
+        try:
+            df = evaluate_folder(predictions, reference, dataset_json["labels"],
+                                 case_modality=dict(tags.case_modality), num_processes=num_processes,
+                                 file_ending=file_ending_of(dataset_json, dataset_json_file), cases=scored)
+        except FileNotFoundError as e:
+            raise InstructionsError(f"{e}; the cross-validation predictions of {identifier} are incomplete: run "
+                                    f"nnUNetv2_find_best_configuration again with the folds it was given") from None
         # nnU-Net's number: the mean over classes of each class's mean over cases; with every class in
         # every case, the mean over all rows here
         row = {"model": identifier, "nnU-Net Dice (pooled)": pooled, "Dice (pooled)": df["dice"].mean()}
@@ -102,6 +108,36 @@ def per_modality_crossval(results_folder: str, information: dict, num_processes:
     return pd.DataFrame(rows)
 
 
+def validation_cases_of_folds(preprocessed_folder: str, folds) -> list[str]:
+    """The validation cases of ``folds`` in the dataset's splits_final.json: what nnU-Net's
+    cross-validation of those folds predicted, and so what is scored."""
+    splits_file = os.path.join(preprocessed_folder, "splits_final.json")
+    splits = read_splits(splits_file, "set nnUNet_preprocessed as during training")
+    cases = []
+    for fold in folds:
+        if not (isinstance(fold, int) and 0 <= fold < len(splits)):
+            raise InstructionsError(f"fold {fold!r} of the cross-validation is not in {splits_file} ({len(splits)} "
+                                    f"folds): run nnUNetv2_find_best_configuration again with -f naming its folds")
+        cases.extend(splits[fold]["val"])
+    return sorted(set(cases))
+
+
+def _check_information(information: dict, source: str) -> None:
+    """What this command reads of nnU-Net's inference_information.json, or one line naming it."""
+    fix = "run nnUNetv2_find_best_configuration again"
+    folds = information.get("folds")
+    if not (isinstance(folds, list) and folds and all(isinstance(f, int) and not isinstance(f, bool) for f in folds)):
+        raise InstructionsError(f"{source}: 'folds' must be a non-empty list of fold numbers, not {folds!r}; {fix}")
+    if not (isinstance(information.get("all_results"), dict) and information["all_results"]):
+        raise InstructionsError(f"{source}: 'all_results' must be an object model -> Dice; {fix}")
+    best = information.get("best_model_or_ensemble")
+    selected = best.get("selected_model_or_models") if isinstance(best, dict) else None
+    if not (isinstance(selected, list) and selected and all(
+            isinstance(m, dict) and {"trainer", "plans_identifier", "configuration"} <= set(m) for m in selected)):
+        raise InstructionsError(f"{source}: 'best_model_or_ensemble' must name its selected_model_or_models "
+                                f"(trainer, plans_identifier, configuration); {fix}")
+
+
 def inference_instructions(dataset: str, num_processes: int = 1) -> tuple[pd.DataFrame, str, str]:
     """(the per-modality table, the instructions, the dataset's results folder they are written to)."""
     results_folder = _results_folder(dataset)
@@ -110,6 +146,7 @@ def inference_instructions(dataset: str, num_processes: int = 1) -> tuple[pd.Dat
         raise InstructionsError(f"{information_file} does not exist: run nnUNetv2_find_best_configuration "
                                 f"{dataset} first (with the trainers and configurations you trained)")
     information = read_json_file(information_file, f"run nnUNetv2_find_best_configuration {dataset} again")
+    _check_information(information, information_file)
     table = per_modality_crossval(results_folder, information, num_processes)
     instructions = rewritten_instructions(information)
     table.to_csv(os.path.join(results_folder, PER_MODALITY_FILE), index=False)

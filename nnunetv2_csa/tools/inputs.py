@@ -7,6 +7,7 @@ error), never in a traceback: see ``tests/test_malformed_options.py``, which wal
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import tempfile
@@ -133,3 +134,63 @@ def entries_of_a_folder_not_ours(folder: str, marker: str) -> list[str]:
     if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, marker)):
         return []
     return sorted(os.listdir(folder))
+
+
+def channel_count(dataset_json: dict, source: str) -> int:
+    """The image files per case: one per entry of nnU-Net's ``channel_names`` ("modality" in older
+    dataset.json files), or an :class:`InputFileError` naming ``source``."""
+    channels = dataset_json.get("channel_names", dataset_json.get("modality", {"0": "single"}))
+    if not (isinstance(channels, dict) and channels):
+        raise InputFileError(f"{source}: channel_names must be an object channel -> name, e.g. {{\"0\": \"MRI\"}}; "
+                             f"fix it or convert the dataset again")
+    return len(channels)
+
+
+def check_case_images(case: str, files: list[str], n_channels: int, file_ending: str) -> None:
+    """The one input check before nnU-Net reads a case: exactly the files ``<case>_0000 ..
+    <case>_{n-1}`` of the model's ``n_channels`` channels, each a complete image SimpleITK reads
+    (``image_files.check_file_complete``: not empty, not text, not 4D). Anything else is one
+    :class:`InputFileError` naming the file, before anything is written: nnU-Net itself would stop
+    inside its workers with a traceback, or predict from the wrong channels."""
+    from nnunetv2_csa.image_files import check_file_complete
+
+    expected = [f"{case}_{channel:04d}{file_ending}" for channel in range(n_channels)]
+    names = sorted(os.path.basename(f) for f in files)
+    if names != expected:
+        extra = sorted(set(names) - set(expected))
+        missing = sorted(set(expected) - set(names))
+        found = f"it has {' '.join(extra)}" if extra else f"{' '.join(missing)} is missing"
+        raise InputFileError(f"case {case} must have one image per channel of the model ({n_channels}: "
+                             f"{' '.join(expected)}), but {found}; give each case exactly these files")
+    for path in files:
+        check_file_complete(path)
+
+
+def channel_files(first_channel: str, file_ending: str) -> list[str]:
+    """Every channel's file of the case whose ``_0000`` file is ``first_channel`` (``_0001``, ...):
+    nnU-Net's predictor needs them all."""
+    stem = first_channel[:-len(f"0000{file_ending}")]
+    return sorted(glob.glob(glob.escape(stem) + f"[0-9][0-9][0-9][0-9]{glob.escape(file_ending)}"))
+
+
+#: nnU-Net's image file name: the case, an underscore and a 4-digit channel index
+_CHANNEL_SUFFIX_DIGITS = 4
+
+
+def cases_in_folder(folder: str, names: list[str], file_ending: str) -> dict[str, list[str]]:
+    """case -> the paths of its image files, for the ``names`` in ``folder`` that end in ``file_ending``,
+    grouped as nnU-Net's predictor groups them (the case is the name without ``_XXXX`` and the ending).
+    A name without a proper channel suffix (``p3_LGE_000.nii.gz``: nnU-Net would make it a case ``p3_LG``
+    with no file) is an :class:`InputFileError` naming it."""
+    cases: dict[str, list[str]] = {}
+    for name in sorted(names):
+        if not name.endswith(file_ending):
+            continue
+        stem = name[:-len(file_ending)]
+        case, underscore, channel = stem[:-_CHANNEL_SUFFIX_DIGITS - 1], stem[-_CHANNEL_SUFFIX_DIGITS - 1], \
+            stem[-_CHANNEL_SUFFIX_DIGITS:]
+        if not (case and underscore == "_" and channel.isascii() and channel.isdigit()):
+            raise InputFileError(f"{os.path.join(folder, name)} is not named CASE_XXXX{file_ending} (XXXX: the "
+                                 f"4-digit channel, _0000 for the first); rename it as nnU-Net's imagesTs are named")
+        cases.setdefault(case, []).append(os.path.join(folder, name))
+    return cases

@@ -13,15 +13,20 @@ A case's modality comes from, in this order:
 
 1. ``--modality NAME REGEX`` (once per modality; the regular expression matches the whole
    case identifier) or ``--csv FILE`` (columns ``case``, ``modality``);
-2. the dataset's own tagging rules, which ``nnUNetv2_csa_tag_modalities --modality`` wrote
-   into dataset.json (the model folder keeps a copy);
-3. the converters' naming, ``<patient>_<modality>``, for datasets written by this
-   package's converters.
+2. the model's own tags, for the cases its dataset.json tags (``csa_case_modality``, and the other
+   modality's images of an ``--unpaired`` conversion);
+3. for the other cases, the dataset's own tagging rules, which ``nnUNetv2_csa_tag_modalities
+   --modality`` wrote into dataset.json (the model folder keeps a copy);
+4. else the converters' naming, ``<patient>_<modality>``, for datasets written by this
+   package's converters, unless the model's tags contradict it (a re-tagged dataset).
 
 A case that no rule matches, or two, stops the command before anything is predicted, with
-one line naming the case. ``--dry-run`` prints the assignment and predicts nothing. Beside
-nnU-Net's own files the output folder gets ``csa_prediction.json``: each case's modality and
-where the rule came from.
+one line naming the case; so does an input that is not what the model reads (a file without a
+``_XXXX`` channel suffix, a channel too many or too few, an empty, unreadable or 4D image).
+``--dry-run`` prints the assignment and predicts nothing. Beside nnU-Net's own files the output
+folder gets ``csa_prediction.json``: each case's modality and where the rule came from, written
+before anything is predicted, so that ``--continue_prediction`` predicts again every case whose
+modality differs from the record's (a file is never kept that was made with other norms).
 """
 from __future__ import annotations
 
@@ -34,13 +39,13 @@ import tempfile
 
 from nnunetv2_csa.atomic_files import replace_file
 from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
-from nnunetv2_csa.image_files import check_file_complete, check_finite, images_not_read
-from nnunetv2_csa.modality import (CONVERSION_KEY, TAGGING_KEY, ModalityTagError, check_case_name,
-                                   modalities_from_plans)
-from nnunetv2_csa.modality_rules import (Rules, compile_rules, converter_naming_rules, modalities_from_rules,
+from nnunetv2_csa.image_files import check_finite, check_name_encoding, images_not_read
+from nnunetv2_csa.modality import (CASE_MODALITY_KEY, CONVERSION_KEY, TAGGING_KEY, ModalityTagError,
+                                   check_case_name, modalities_from_plans, other_modality_cases)
+from nnunetv2_csa.modality_rules import (compile_rules, converter_naming_rules, modalities_from_rules,
                                          read_tag_csv, some)
-from nnunetv2_csa.tools.inputs import (check_output_folder, dataset_name, entries_of_a_folder_not_ours, file_ending_of,
-                                       read_json_file)
+from nnunetv2_csa.tools.inputs import (cases_in_folder, channel_count, check_case_images, check_output_folder,
+                                      dataset_name, file_ending_of, read_json_file)
 from nnunetv2_csa.training.inference_modality import INFERENCE_MODALITY_ENV
 
 #: what the output folder records about the routing
@@ -73,7 +78,6 @@ def rules_for(model_folder: str, modality_rules, csv_file: str | None,
     dataset_json = _load_json(os.path.join(model_folder, "dataset.json"))
     model_modalities = modalities_from_plans(_load_json(os.path.join(model_folder, "plans.json")),
                                              os.path.join(model_folder, "plans.json"))
-    rules: Rules | None = None
     if csv_file:
         listed, _, _ = read_tag_csv(csv_file)
         missing = [c for c in cases if c not in listed]
@@ -82,19 +86,10 @@ def rules_for(model_folder: str, modality_rules, csv_file: str | None,
                                        f"add a line per case")
         assignment, source = {c: listed[c] for c in cases}, f"--csv {csv_file}"
     elif modality_rules:
-        rules, source = compile_rules(modality_rules, minimum=1), "--modality"
-    elif (dataset_json.get(TAGGING_KEY) or {}).get("rules"):
-        rules = compile_rules(dataset_json[TAGGING_KEY]["rules"], minimum=1)
-        source = "the dataset's tagging rules (nnUNetv2_csa_tag_modalities, in dataset.json)"
-    elif CONVERSION_KEY in dataset_json:
-        rules = converter_naming_rules(model_modalities)
-        source = "the converters' naming (<patient>_<modality>)"
+        rules = compile_rules(modality_rules, minimum=1)
+        assignment, source = modalities_from_rules(cases, rules, told_by="rule of --modality"), "--modality"
     else:
-        raise MixedPredictionError(f"{model_folder}/dataset.json has no tagging rules to sort the cases by (the "
-                                   f"dataset was tagged with a CSV, or by hand): give --modality NAME REGEX (once "
-                                   f"per modality) or --csv FILE")
-    if rules is not None:
-        assignment = modalities_from_rules(cases, rules, told_by=f"rule of {source}")
+        assignment, source = _assignment_from_the_dataset(dataset_json, model_folder, model_modalities, cases)
     unknown = sorted({m for m in assignment.values() if m not in model_modalities})
     if unknown:
         raise ModalityTagError(f"{source} names modalities {unknown} that the model does not know; it knows "
@@ -102,20 +97,69 @@ def rules_for(model_folder: str, modality_rules, csv_file: str | None,
     return assignment, source
 
 
-def cases_of_folder(folder: str, file_ending: str) -> dict[str, list[str]]:
-    """case -> its files (every channel), as nnU-Net's predictor groups a folder."""
-    from nnunetv2.utilities.utils import create_paths_fn, get_identifiers_from_splitted_dataset_folder
+def _model_tags(dataset_json: dict, source: str) -> dict[str, str]:
+    """case -> modality of every case the model's dataset.json tags: its training cases and the other
+    modality's images an ``--unpaired`` conversion left out."""
+    tags = dataset_json.get(CASE_MODALITY_KEY) or {}
+    if not (isinstance(tags, dict) and all(isinstance(m, str) for m in tags.values())):
+        raise ModalityTagError(f"{source}: '{CASE_MODALITY_KEY}' must be an object case -> modality name")
+    other = {case: tag["modality"] for case, tag in other_modality_cases(dataset_json, source).items()}
+    return {**other, **tags}
 
+
+def _assignment_from_the_dataset(dataset_json: dict, model_folder: str, model_modalities: list[str],
+                                 cases: list[str]) -> tuple[dict[str, str], str]:
+    """Without --modality or --csv: a case the model's tags know gets its tag; the others the dataset's
+    tagging rules, else the converters' naming, which is used only where no tag contradicts it (a
+    converted dataset re-tagged from a CSV keeps the converters' record, not their naming)."""
+    dataset_file = os.path.join(model_folder, "dataset.json")
+    tags = _model_tags(dataset_json, dataset_file)
+    known = {c: tags[c] for c in cases if c in tags}
+    rest = [c for c in cases if c not in tags]
+    sources = [f"the model's own tags ({CASE_MODALITY_KEY}) for {len(known)} case(s)"] if known else []
+    if not rest:
+        return known, sources[0]
+    if (dataset_json.get(TAGGING_KEY) or {}).get("rules"):
+        rules = compile_rules(dataset_json[TAGGING_KEY]["rules"], minimum=1)
+        rule_source = "the dataset's tagging rules (nnUNetv2_csa_tag_modalities, in dataset.json)"
+    elif CONVERSION_KEY in dataset_json:
+        rules = converter_naming_rules(model_modalities)
+        rule_source = "the converters' naming (<patient>_<modality>)"
+        named = {c: m for name, pattern in rules for c, m in tags.items() if pattern.fullmatch(c) and name != m}
+        if named:
+            contradicted = sorted(named)
+            raise MixedPredictionError(
+                f"{dataset_file} tags cases against the converters' naming (e.g. {contradicted[0]} is tagged "
+                f"{tags[contradicted[0]]}; the dataset was re-tagged with nnUNetv2_csa_tag_modalities --csv?), so "
+                f"the names of {len(rest)} case(s) the model does not know ({some(rest)}) do not tell their "
+                f"modality: give --csv FILE or --modality NAME REGEX")
+    else:
+        raise MixedPredictionError(f"{dataset_file} has no tagging rules to sort the cases by (the dataset was tagged "
+                                   f"with a CSV, or by hand), and {len(rest)} case(s) are not among its tagged cases "
+                                   f"({some(rest)}): give --modality NAME REGEX (once per modality) or --csv FILE")
+    assignment = {**known, **modalities_from_rules(rest, rules, told_by=f"rule of {rule_source}")}
+    return assignment, "; ".join(sources + [f"{rule_source} for {len(rest)} case(s)"]) if known else rule_source
+
+
+def cases_of_folder(folder: str, file_ending: str) -> dict[str, list[str]]:
+    """case -> its files (every channel), as nnU-Net's predictor groups a folder; a file name that is
+    not UTF-8 or has no channel suffix, and a link to nothing, are one error naming it."""
     if not os.path.isdir(folder):
         raise MixedPredictionError(f"-i {folder} is not a folder; give the folder of images to segment")
-    files = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
+    entries = sorted(os.listdir(folder))
+    for name in entries:
+        check_name_encoding(os.path.join(folder, name))
+    dangling = [f for f in entries
+                if os.path.islink(os.path.join(folder, f)) and not os.path.exists(os.path.join(folder, f))]
+    if dangling:
+        raise MixedPredictionError(f"-i {folder} holds link(s) to nothing: {first_few(dangling, 5)}; restore what "
+                                   f"they point to, or remove them")
+    files = [f for f in entries if os.path.isfile(os.path.join(folder, f))]
     skipped = images_not_read(files, file_ending)
     if skipped:
         print(f"warning: {len(skipped)} image file(s) in -i {folder} do not end in {file_ending!r} and are not "
               f"predicted: {first_few(skipped, 10)}; convert or rename them", file=sys.stderr)
-    files = [f for f in files if f.endswith(file_ending)]
-    cases = {check_case_name(str(case), folder): create_paths_fn(folder, files, file_ending, str(case))
-             for case in get_identifiers_from_splitted_dataset_folder(folder, file_ending)}
+    cases = {check_case_name(case, folder): paths for case, paths in cases_in_folder(folder, files, file_ending).items()}
     if not cases:
         raise MixedPredictionError(f"-i {folder} holds no image named CASE_XXXX{file_ending}; give nnU-Net's "
                                    f"image layout (imagesTs)")
@@ -154,9 +198,11 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
     file_ending = file_ending_of(_load_json(os.path.join(model_folder, "dataset.json")),
                                  os.path.join(model_folder, "dataset.json"))
     case_files = cases_of_folder(input_folder, file_ending)
-    for files in case_files.values():  # nnU-Net's reader would predict on a truncated file's zeros, or on NaN
+    n_channels = channel_count(_load_json(os.path.join(model_folder, "dataset.json")),
+                               os.path.join(model_folder, "dataset.json"))
+    for case, files in case_files.items():  # nnU-Net's reader would predict on a truncated file's zeros, or on NaN
+        check_case_images(case, files, n_channels, file_ending)
         for path in files:
-            check_file_complete(path)
             check_finite(path)
     assignment, source = rules_for(model_folder, modality_rules, csv_file, sorted(case_files))
     by_modality: dict[str, list[str]] = {}
@@ -168,8 +214,15 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
     if dry_run:
         print("dry run: nothing predicted")
         return assignment
-    _check_output_folder(output_folder, input_folder, "--continue_prediction" in predict_options)
+    continuing = "--continue_prediction" in predict_options
+    _check_output_folder(output_folder, input_folder, continuing)
     os.makedirs(output_folder, exist_ok=True)
+    if continuing:
+        _forget_predictions_made_with_other_norms(output_folder, assignment, file_ending)
+    record = {"modality_source": source, "case_modality": assignment, "input_folder": os.path.abspath(input_folder),
+              "model_folder": model_folder, "nnUNetv2_predict_options": predict_options, "complete": False}
+    # before anything is predicted: every file in -o is made with the norms this record names
+    _write_record(output_folder, record)
     for done, (modality, cases) in enumerate(by_modality.items()):
         with tempfile.TemporaryDirectory(prefix=f"csa_predict_{modality}_") as sorted_input:
             for case in cases:
@@ -184,28 +237,69 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
                                        f"cases (its message is above; modalities done: "
                                        f"{list(by_modality)[:done] or 'none'}); fix it and run the command again "
                                        f"with --continue_prediction to keep what is done")
-    record = {"modality_source": source, "case_modality": assignment, "input_folder": os.path.abspath(input_folder),
-              "model_folder": model_folder, "nnUNetv2_predict_options": predict_options}
-    def write_record(path):
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1)
-    replace_file(os.path.join(output_folder, RECORD_FILE), write_record)
+    _write_record(output_folder, {**record, "complete": True})
     return assignment
 
 
+def _write_record(output_folder: str, record: dict) -> None:
+    def write(path):
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+    replace_file(os.path.join(output_folder, RECORD_FILE), write)
+
+
+def _prediction_files(output_folder: str, case: str, file_ending: str) -> list[str]:
+    """What nnUNetv2_predict writes for ``case`` (the segmentation, and with --save_probabilities
+    the probabilities and their properties) that exists in ``output_folder``."""
+    names = [case + file_ending, f"{case}.npz", f"{case}.pkl"]
+    return [os.path.join(output_folder, n) for n in names if os.path.isfile(os.path.join(output_folder, n))]
+
+
+def _forget_predictions_made_with_other_norms(output_folder: str, assignment: dict[str, str],
+                                              file_ending: str) -> None:
+    """--continue_prediction keeps what nnUNetv2_predict made of a case only if the record says it was
+    made with the modality the case is routed to now; the rest is removed and predicted again. Without a
+    record the norms of the files in -o are unknown, and keeping them is refused."""
+    record_file = os.path.join(output_folder, RECORD_FILE)
+    predicted = {case: _prediction_files(output_folder, case, file_ending) for case in assignment}
+    predicted = {case: files for case, files in predicted.items() if files}
+    if not os.path.isfile(record_file):
+        if predicted:
+            raise MixedPredictionError(
+                f"-o {output_folder} holds predictions of {len(predicted)} input case(s) ({some(sorted(predicted))}) "
+                f"but no {RECORD_FILE}: with which modality's norms they were made is unknown, so "
+                f"--continue_prediction cannot keep them; remove them, or give a new -o")
+        return
+    previous = read_json_file(record_file, f"remove {record_file} and the predictions beside it, or give a new -o")
+    routed = previous.get("case_modality")
+    if not isinstance(routed, dict):
+        raise MixedPredictionError(f"{record_file} has no case_modality object; remove it and the predictions "
+                                   f"beside it, or give a new -o")
+    redone = sorted(case for case in predicted if routed.get(case) != assignment[case])
+    for case in redone:
+        for path in predicted[case]:
+            os.remove(path)
+    if redone:
+        print(f"--continue_prediction: {len(redone)} case(s) were predicted with another modality's norms (or "
+              f"none recorded) and are predicted again: {some(redone)}")
+
+
 def _check_output_folder(output_folder: str, input_folder: str, continuing: bool) -> None:
-    """-o can be written, is not the input folder, and is new, empty, written by this command
-    before (its record is there) or named for --continue_prediction: nnUNetv2_predict replaces
-    files of the cases' names without a word."""
+    """-o can be written, is not the input folder, and is new or empty, or named for
+    --continue_prediction: nnUNetv2_predict replaces files of the cases' names without a word, and
+    an earlier run's other cases would stay beside the new ones."""
     check_output_folder(output_folder, "-o")
     if os.path.realpath(output_folder) == os.path.realpath(input_folder):
         raise MixedPredictionError(f"-o {output_folder} is the input folder -i: the predictions would mix with the "
                                    f"images; give another folder")
-    present = [] if continuing else entries_of_a_folder_not_ours(output_folder, RECORD_FILE)
-    if present:
-        raise MixedPredictionError(f"-o {output_folder} holds files this command did not write "
-                                   f"({first_few(present, 5)}); give a new or empty folder, or add "
-                                   f"--continue_prediction to keep them and predict the rest")
+    if continuing or not os.path.isdir(output_folder) or not os.listdir(output_folder):
+        return
+    if os.path.isfile(os.path.join(output_folder, RECORD_FILE)):
+        raise MixedPredictionError(f"-o {output_folder} holds an earlier run's predictions ({RECORD_FILE}), which "
+                                   f"would stay beside the new ones; give a new or empty folder, or add "
+                                   f"--continue_prediction to keep those made with the same modality's norms")
+    raise MixedPredictionError(f"-o {output_folder} holds files this command did not write "
+                               f"({first_few(sorted(os.listdir(output_folder)), 5)}); give a new or empty folder")
 
 
 @one_line_errors()

@@ -28,8 +28,9 @@ from nnunetv2_csa.tools.benchmark.scoring import (OTHER_MODALITY_SOURCE, VALIDAT
                                                   evaluate_rows, fold_test_set, merge_test_sets)
 from nnunetv2_csa.tools.benchmark.tables import budget_table, wilcoxon_table
 from nnunetv2_csa.tools.evaluation import foreground_classes
-from nnunetv2_csa.tools.inputs import (check_output_folder, dataset_folder, entries_of_a_folder_not_ours,
-                                      file_ending_of, read_json_file, read_splits)
+from nnunetv2_csa.tools.inputs import (channel_count, channel_files, check_case_images, check_output_folder,
+                                      dataset_folder, entries_of_a_folder_not_ours, file_ending_of, read_json_file,
+                                      read_splits)
 
 
 def _fold_rows(rows: Sequence[str], fold: int, modalities: Sequence[str], norm: str, budget, single_budget: str,
@@ -200,8 +201,6 @@ def prepare(dataset_id, configuration: str, plans: str, folds, budget: tuple[int
                           folds, rows, dataset_json, tags, preprocessed_folder,
                           os.path.join(raw_root, dataset_name) if raw_root else None, report_folder,
                           subprocess_environment(device))
-    _check_report_folder(report_folder)
-    os.makedirs(benchmark.log_folder(), exist_ok=True)
     for fold in folds:
         validation_cases = sorted(splits[fold]["val"])
         test_set = fold_test_set(validation_cases, {c: tags.modality_of_case(c) for c in validation_cases},
@@ -214,6 +213,12 @@ def prepare(dataset_id, configuration: str, plans: str, folds, budget: tuple[int
                                                                       len(folds)),
                                            list(splits[fold]["train"])))
     benchmark.test_set = merge_test_sets([run.test_set for run in benchmark.fold_runs])
+    # the images nnUNetv2_predict will read, checked before the report folder is made
+    n_channels = channel_count(dataset_json, os.path.join(preprocessed_folder, "dataset.json"))
+    for case, first_channel in sorted(benchmark.test_set.other_modality_images.items()):
+        check_case_images(case, channel_files(first_channel, benchmark.file_ending), n_channels, benchmark.file_ending)
+    _check_report_folder(report_folder)
+    os.makedirs(benchmark.log_folder(), exist_ok=True)
     return benchmark
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import glob
 import os
 import re
 import shutil
@@ -20,7 +19,8 @@ from nnunetv2_csa.atomic_files import replace_file
 from nnunetv2_csa.tools.benchmark.common import BenchmarkError, json_safe, log_stage
 from nnunetv2_csa.tools.benchmark.rows import CSA_FAMILY, Model, RowResult
 from nnunetv2_csa.tools.benchmark.scoring import TestSet, model_for
-from nnunetv2_csa.tools.commands import run_console
+from nnunetv2_csa.tools.commands import python_command, run_console
+from nnunetv2_csa.tools.inputs import channel_files
 from nnunetv2_csa.tools.prediction import predict_folder
 
 
@@ -140,13 +140,6 @@ def _kept_predictions(model: Model, modality: str, made_by: dict) -> bool:
         for case in made_by["cases"])
 
 
-def _channel_files(first_channel: str, file_ending: str) -> list[str]:
-    """Every channel's file of the case whose ``_0000`` file is ``first_channel`` (``_0001``, ...):
-    nnU-Net's predictor needs them all."""
-    stem = first_channel[:-len(f"0000{file_ending}")]
-    return sorted(glob.glob(glob.escape(stem) + f"[0-9][0-9][0-9][0-9]{glob.escape(file_ending)}"))
-
-
 def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str, configuration: str, plans: str,
                            fold: int, device: str, env: dict, report_folder: str, file_ending: str) -> None:
     """Predict the other-modality test cases with nnU-Net's predictor, once per model and
@@ -180,7 +173,7 @@ def predict_other_modality(result: RowResult, test_set: TestSet, dataset_id: str
         shutil.rmtree(input_folder, ignore_errors=True)
         os.makedirs(input_folder)
         for case in cases:
-            for channel in _channel_files(test_set.other_modality_images[case], file_ending):
+            for channel in channel_files(test_set.other_modality_images[case], file_ending):
                 os.symlink(os.path.abspath(channel), os.path.join(input_folder, os.path.basename(channel)))
         overrides = {"nnUNet_extTrainer": env.get("nnUNet_extTrainer"),
                      "nnUNet_csa_modality": modality if result.row in CSA_FAMILY else None}
@@ -228,7 +221,7 @@ def kept_or_new_timings(to_time: Sequence[tuple[str, str]], cache_file: str, ite
 def time_trainer(dataset_id: str, configuration: str, plans: str, trainer: str, device: str, iterations: int,
                  fold: int, env: dict, log_file: str) -> dict:
     """``python -m nnunetv2_csa.tools.timing`` in a fresh process (nnU-Net reads settings at import)."""
-    command = [sys.executable, "-m", "nnunetv2_csa.tools.timing", "-d", str(dataset_id), "-c", configuration,
+    command = [*python_command("-m", "nnunetv2_csa.tools.timing"), "-d", str(dataset_id), "-c", configuration,
                "-p", plans, "-tr", trainer, "-f", str(fold), "-device", device, "-n", str(iterations)]
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
     with open(log_file, "w") as log:
