@@ -1,9 +1,9 @@
 """Whether an image file is complete, before SimpleITK reads it; whether two images share a grid.
 
 SimpleITK reads a truncated .nii.gz without complaint and fills the missing voxels with
-zeros (measured with SimpleITK 2.5): a truncated reference once moved a myocardium Dice
-from 0.18 to 0.03 with exit status 0. Every reader of this package (the converters, the
-evaluation, the benchmark) checks files here first. What a file is (gzip-compressed, NIfTI)
+zeros, which a score then takes for the image (documentation/layout.md, design notes). Every
+reader of this package (the converters, the evaluation, the benchmark, the prediction) checks
+files here first. What a file is (gzip-compressed, NIfTI)
 is decided by its bytes or by its name in any case, never by a case-sensitive ending: the
 converters find ``.NII.GZ`` files, and so must every check of them.
 """
@@ -144,9 +144,9 @@ def _check_stream_complete(path: str) -> None:
 def count_non_finite_voxels(path: str) -> int:
     """NaN/Inf voxels stored in a NIfTI file (0 for integer data and other formats).
 
-    Read with nibabel, because SimpleITK's NIfTI reader turns NaN and Inf into 0 (measured
-    with SimpleITK 2.5): a file that looks clean through SimpleITK can still hand NaN to a
-    nibabel-based reader, such as nnU-Net's NibabelIO."""
+    Read with nibabel, because SimpleITK's NIfTI reader turns NaN and Inf into 0: a file that
+    looks clean through SimpleITK can still hand NaN to a nibabel-based reader, such as
+    nnU-Net's NibabelIO."""
     if not is_nifti_name(path):
         return 0
     import nibabel

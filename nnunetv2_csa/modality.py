@@ -93,18 +93,24 @@ MAX_CASE_NAME = 200
 
 
 def is_plain_name(name, longest: int) -> bool:
-    """Whether ``name`` can be one path component: not empty, no separator, not '.' or '..', at
-    most ``longest`` bytes."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and len(name.encode()) <= longest
-            and not any(c in name for c in ("/", "\\", "\x00")))
+    """Whether ``name`` can be one path component: UTF-8, not empty, no separator, not '.' or '..',
+    at most ``longest`` bytes."""
+    if not isinstance(name, str):
+        return False
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (Python hands it over with surrogates)
+        return False
+    return name not in ("", ".", "..") and size <= longest and not any(c in name for c in ("/", "\\", "\x00"))
 
 
 def check_case_name(case: str, source: str = "dataset.json") -> str:
     """A case name is joined into file paths: it must be a plain file name stem, never a path
     (``../x``, ``/abs``, ``a/b``) that would read or write outside the dataset."""
     if not is_plain_name(case, MAX_CASE_NAME):
-        raise ModalityTagError(f"case name {case!r} in {source} is not a plain file name (no folders, no '..', "
-                               f"not empty, at most {MAX_CASE_NAME} bytes); fix the entry or convert the dataset again")
+        raise ModalityTagError(f"case name {case!r} in {source} is not a plain file name (UTF-8, no folders, no "
+                               f"'..', not empty, at most {MAX_CASE_NAME} bytes); fix the entry or rename the file, "
+                               f"or convert the dataset again")
     return case
 
 

@@ -393,14 +393,6 @@ def set_default_modality(network: nn.Module, modality: int) -> None:
     set_modality(network, modality)
 
 
-def clear_modality(network: nn.Module) -> None:
-    """Forgets the modality set by :func:`set_modality`; the next forward pass raises
-    until it is set again (guards against reusing a stale per-sample routing)."""
-    for norm in _modality_specific_norms(network):
-        norm._routing = None
-        norm._sample_modality = None
-
-
 def fold_modality(network: nn.Module, modality: int) -> nn.Module:
     """A deep copy of ``network`` in which every :class:`ModalitySpecificNorm` is replaced
     by its ``modality``-th normalization module: a plain single-modality network of the
@@ -424,24 +416,3 @@ def fold_modality(network: nn.Module, modality: int) -> nn.Module:
 
     _replace_submodules(folded, chosen_norm)
     return folded
-
-
-def modality_norm_state_summary(network: nn.Module) -> list[dict]:
-    """One row per modality-specific layer and modality (for logs and tables): the mean
-    affine weight and bias, the mean running mean/variance and the number of tracked
-    batches where the norm keeps running statistics. Rows are plain dicts, so
-    ``pandas.DataFrame(rows)`` makes a table."""
-    rows = []
-    plain = unwrap_network(network)
-    for name, module in plain.named_modules():
-        if not isinstance(module, ModalitySpecificNorm):
-            continue
-        for k, norm in enumerate(module.norms):
-            row = {"layer": name, "modality": k, "type": type(norm).__name__}
-            for attribute in ("weight", "bias", "running_mean", "running_var"):
-                value = getattr(norm, attribute, None)
-                row[f"{attribute}_mean"] = None if value is None else float(value.detach().float().mean())
-            tracked = getattr(norm, "num_batches_tracked", None)
-            row["num_batches_tracked"] = None if tracked is None else int(tracked)
-            rows.append(row)
-    return rows

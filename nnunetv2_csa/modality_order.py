@@ -10,8 +10,8 @@ load-state-dict pre-hook compares the stored order with the order the network wa
 for. They are deliberately not a buffer: DDP broadcasts a network's buffers before the
 first forward pass of a run and before the first one after a training step, a collective
 every rank must join, and nnU-Net's final validation gives a rank with no validation case
-no forward pass at all (``nnUNetv2_train ... --val -num_gpus 3`` with two validation cases
-hung; tests/test_ddp.py). Every path that puts
+no forward pass at all, so that rank's collective would never be joined (tests/test_ddp.py).
+Every path that puts
 trained weights into a network goes through ``load_state_dict``: ``nnUNetv2_train --c``,
 ``nnUNetv2_predict`` and the export; each stops with :class:`ModalityOrderError` on a
 mismatch. Plain torch; nothing here imports nnU-Net.

@@ -165,9 +165,9 @@ def train_one(dataset_id: int, trainer_name: str, device_name: str, profile_from
     if labelled:
         term = trainer.loss.consistency
 
-        def labelled_term(output, target):
+        def labelled_term(*arguments):
             with record_function(CONSISTENCY_LABEL):
-                return term(output, target)
+                return term(*arguments)
         trainer.loss.consistency = labelled_term
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -21,6 +21,8 @@ from nnunetv2_csa.tools.benchmark.scoring import RESULT_COLUMNS
 from nnunetv2_csa.tools.benchmark.tables import best_marks, format_table
 
 RUN_ROWS = ["Joint", "CSA"]  # Single (a model per modality) runs end to end in tests/test_demo.py
+#: how the report's tables name the rows: with their normalization (the plan's InstanceNorm here)
+RUN_ROW_LABELS = ["Joint (IN shared)", "CSA (IN per modality)"]
 FOLDS = [0, 1]
 BUDGET = ("1", "5")
 CLASSES = ["myocardium", "left_ventricle", "right_ventricle"]
@@ -51,6 +53,20 @@ def test_best_per_column_is_bold_max_for_dice_min_for_hd_ties_all_marked():
     assert lines[5] == "| Single | n/a | 9.000 ± 0.300 |"
 
 
+def test_the_tables_name_the_norm_of_each_row():
+    # the rows' names do not say IN or BN: MSBN and CSA use modality-specific InstanceNorm by default
+    expected = {("CSA", "instance"): "IN per modality", ("MSBN", "bn"): "BN per modality",
+                ("UMMKD", "instance"): "IN per modality", ("Joint", "instance"): "IN shared",
+                ("Joint", "bn"): "BN shared", ("Single", "instance"): "IN", ("Single", "bn"): "BN"}
+    for (row, norm), name in expected.items():
+        assert benchmark_rows.norm_of_row(row, norm) == name, (row, norm)
+    with pytest.raises(BenchmarkError, match="norm must be"):
+        benchmark_rows.norm_of_row("CSA", "group")
+    means = pd.DataFrame({"Dice a": [0.9, 0.5]}, index=["CSA", "Joint"])
+    lines = format_table(means, {"Dice a": True}, labels={"CSA": "CSA (BN per modality)"}).splitlines()
+    assert lines[2] == "| CSA (BN per modality) | **0.900** |" and lines[3] == "| Joint | 0.500 |"
+
+
 def test_failed_row_is_flagged_and_never_marked_best():
     means = pd.DataFrame({"Dice a": [0.9, 0.5], "HD a": [1.0, 2.0]}, index=["CSA", "Joint"])
     lines = format_table(means, {"Dice a": True, "HD a": False}, failed={"CSA": "boom | bad\nsecond"},
@@ -63,8 +79,9 @@ def test_trainer_names_of_rows():
     assert trainer_name("CSA") == "nnUNetTrainerCSA"
     assert trainer_name("Joint", "bn", (1, 5)) == "nnUNetTrainerJoint_BN_1epochs_5its"
     assert trainer_name("Single", "instance", (2, 10), 1) == "nnUNetTrainerSingleModality1_2epochs_10its"
-    with pytest.raises(BenchmarkError, match="epochs one of"):
-        trainer_name("CSA", budget=(3, 5))
+    assert trainer_name("CSA", budget=(3, 7)) == "nnUNetTrainerCSA_3epochs_7its"  # any budget
+    with pytest.raises(BenchmarkError, match="whole numbers of at least 1"):
+        trainer_name("CSA", budget=(0, 5))
     with pytest.raises(BenchmarkError, match="unknown row"):
         trainer_name("Bogus")
 
@@ -335,7 +352,7 @@ def test_report_has_every_row_bold_best_wilcoxon_and_timing(benchmark_run):
         tables = _markdown_tables(_section(text, f"### {modality} "))
         assert len(tables) == 2  # Dice + HD, then HD95 + ASSD
         for table in tables:
-            assert [cells[0] for cells in table] == RUN_ROWS
+            assert [cells[0] for cells in table] == RUN_ROW_LABELS
             n_columns = len(table[0])
             assert n_columns == 1 + 2 * (len(CLASSES) + 1)
             for column in range(1, n_columns):
@@ -353,7 +370,7 @@ def test_report_has_every_row_bold_best_wilcoxon_and_timing(benchmark_run):
     for modality in MODALITIES:  # per fold: one column per fold, every row
         section = _section(text, "## Per fold")
         table = _markdown_tables(section.split(f"{modality}:", 1)[1])[0]
-        assert [cells[0] for cells in table] == RUN_ROWS
+        assert [cells[0] for cells in table] == RUN_ROW_LABELS
         assert all(0 <= float(c.replace("**", "")) <= 1 for cells in table for c in cells[1:])
         assert "| Method | fold 0 | fold 1 |" in section
 

@@ -67,6 +67,8 @@ MALFORMED = {
          "invalid choice"),
         (["-d", "908", "--modality", "LGE", ".*LGE", "--modality", "C0", ".*C0", *RETAG],
          "file_ending 5 is not a file name ending"),
+        (["-d", "909", "--modality", "LGE", ".*LGE", "--modality", "C0", ".*C0", "--dry-run"],
+         "is not a plain file name (UTF-8"),
         (["-d", TAGGED, "--csv", "{missing}", *RETAG], "missing"), (["-d", TAGGED, "--csv", "{file}", *RETAG], "a_file.txt")],
     "nnUNetv2_csa_phantom": [
         ["--layout", "mscmrseg", "-o", "{tmp}/p", "-n", "-1"], ["--layout", "myops", "-o", "{tmp}/p", "-n", "x"],
@@ -229,6 +231,11 @@ def hostile_setup(tmp_path, monkeypatch):
         for root in (raw, preprocessed):
             shutil.copytree(root / f"Dataset{TAGGED_ID}_Tagged", root / name)
             (root / name / "dataset.json").write_text(json.dumps({**tagged, **malformed}))
+    # Dataset909: an image in imagesTr whose name is not UTF-8
+    undecodable = raw / "Dataset909_Undecodable"
+    (undecodable / "imagesTr").mkdir(parents=True)
+    (undecodable / "dataset.json").write_text(json.dumps({k: v for k, v in tagged.items() if not k.startswith("csa_")}))
+    (undecodable / "imagesTr" / os.fsdecode(b"p\xff1_LGE_0000.nii.gz")).write_bytes(b"")
     (raw / f"Dataset{NULL_JSON_ID}_Null").mkdir()
     (raw / f"Dataset{NULL_JSON_ID}_Null" / "dataset.json").write_text("null")
     model = tmp_path / "model"

@@ -51,20 +51,20 @@ def test_consistency_gradient_reaches_the_shared_convolutions_and_every_present_
     batch = _batch()
     batch["data"] = batch["data"].double()
     trainer._route(batch["modality"])
-    trainer._batch_modality = batch["modality"]
     trainer.loss.active = True
     network = trainer.network
     named = dict(network.named_parameters())
     names = list(named)
     output = network(batch["data"])
     segmentation = trainer.loss.segmentation_loss(output, batch["target"])
-    total = trainer.loss(output, batch["target"])  # reads (and then drops) the tapped features
+    with trainer.loss.for_batch(batch["modality"]):
+        total = trainer.loss(output, batch["target"])  # reads (and then drops) the tapped features
     assert math.isfinite(trainer.loss.last_consistency) and trainer.loss.last_consistency > 0
     # what the term adds to the gradient of nnU-Net's loss...
     added = [None if t is None else t - (s if s is not None else 0)
              for t, s in zip(_gradients(total, list(named.values())), _gradients(segmentation, list(named.values())))]
     # ...is the row's weight times the term's own gradient (a second forward: the network is deterministic)
-    term = trainer.loss.consistency(network(batch["data"]), batch["target"])
+    term = trainer.loss.consistency(network(batch["data"]), batch["target"], batch["modality"])
     own = _gradients(term, list(named.values()))
     weight = trainer.consistency_weight
     assert weight > 0

@@ -52,7 +52,8 @@ def test_which_rows_train_with_the_consistency_term():
 
 
 def test_a_new_row_is_one_line_of_the_table():
-    row = Row("CSA_Lambda2", "csa", "CSA with λ = 2.", {"paper_lambda": 2.0}, "lambda")
+    row = Row("CSA_Lambda2", "csa", "CSA with λ = 2.", {"paper_lambda": 2.0}, "lambda",
+              ("nnUNetTrainerCSA_Lambda2", "nnUNetTrainerCSA_Lambda2_BN"))
     plain, twin = trainers.row_trainers(row)
     assert (plain.__name__, twin.__name__) == ("nnUNetTrainerCSA_Lambda2", "nnUNetTrainerCSA_Lambda2_BN")
     assert plain.paper_lambda == twin.paper_lambda == 2.0
@@ -72,16 +73,41 @@ def test_malformed_rows_are_refused(bad, match):
 
 def test_a_row_setting_an_attribute_the_trainer_lacks_is_refused():
     with pytest.raises(AttributeError, match="paper_lamda"):
-        trainers.row_trainers(Row("CSA_Typo", "csa", "", {"paper_lamda": 1.0}))
+        trainers.row_trainers(Row("CSA_Typo", "csa", "", {"paper_lamda": 1.0},
+                                  trainers=("nnUNetTrainerCSA_Typo", "nnUNetTrainerCSA_Typo_BN")))
 
 
-def test_the_row_tables_docstring_names_every_trainer_class_it_makes():
-    # a grep for a trainer's name must land in rows.py, where the class comes from
-    import re
+def test_a_grep_for_any_trainer_name_lands_on_the_table_line_that_makes_it():
+    import inspect
 
     import nnunetv2_csa.training.rows as rows_module
     from nnunetv2_csa.training.trainers import BASE_TRAINERS
 
-    named = set(re.findall(r"nnUNetTrainer\w+", rows_module.__doc__))
-    made = {trainer.__name__ for trainer in BASE_TRAINERS if not trainer.__name__.endswith("_BN")}
-    assert made <= named and named - made <= {"nnUNetTrainerSingleModality"}
+    source = inspect.getsource(rows_module)
+    for trainer in BASE_TRAINERS:
+        assert f'"{trainer.__name__}"' in source, trainer.__name__
+    with pytest.raises(ValueError, match=r"trainers must be \('nnUNetTrainerX', 'nnUNetTrainerX_BN'\)"):
+        Row("X", "csa", "", trainers=("nnUNetTrainerX", "nnUNetTrainerY_BN"))
+
+
+def test_any_short_budget_resolves_on_demand_and_pickles_by_name():
+    import pickle
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    assert "nnUNetTrainerCSA_2epochs_5its" not in trainers.__all__  # no grid of globals
+    variant = trainers.nnUNetTrainerMSBN_BN_7epochs_13its  # not a budget of the old grid
+    assert issubclass(variant, trainers.nnUNetTrainerMSBN_BN) and variant is trainers.nnUNetTrainerMSBN_BN_7epochs_13its
+    assert pickle.loads(pickle.dumps(variant)) is variant
+    for missing in ("nnUNetTrainerBogus_2epochs_5its", "nnUNetTrainerCSA_0epochs_5its", "nnUNetTrainerCSA_2epochs"):
+        assert not hasattr(trainers, missing), missing
+    # nnU-Net's own search, through the nnUNet_extTrainer shim, as nnUNetv2_train -tr does
+    import os
+    from nnunetv2_csa.ext_trainers import TRAINER_DIR
+    saved = os.environ.get("nnUNet_extTrainer")
+    os.environ["nnUNet_extTrainer"] = TRAINER_DIR
+    try:
+        found = recursive_find_trainer_class_by_name("nnUNetTrainerUMMKD_3epochs_11its")
+    finally:
+        os.environ.pop("nnUNet_extTrainer") if saved is None else os.environ.__setitem__("nnUNet_extTrainer", saved)
+    assert found is trainers.nnUNetTrainerUMMKD_3epochs_11its

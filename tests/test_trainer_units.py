@@ -129,8 +129,9 @@ class _ConstantTerm:
         self.value = value
         self.calls = 0
 
-    def __call__(self, output, target):
+    def __call__(self, output, target, modality):
         self.calls += 1
+        self.modality = modality
         return output.sum() * 0 + self.value
 
 
@@ -141,8 +142,12 @@ def test_consistency_is_added_with_its_weight_only_when_active():
     loss = ConsistencyRegularizedLoss(segmentation, term, weight=0.5)
     assert float(loss(output, None).detach()) == 3.0 and term.calls == 0  # inactive: validation
     loss.active = True
-    assert float(loss(output, None).detach()) == 3.0 + 0.5 * 2.0
-    assert loss.last_consistency == 2.0
+    modality = torch.tensor([0, 1, 1])
+    with loss.for_batch(modality):
+        assert float(loss(output, None).detach()) == 3.0 + 0.5 * 2.0
+    assert loss.last_consistency == 2.0 and term.modality is modality  # the batch's modality, handed over
+    with pytest.raises(RuntimeError, match=r"needs the batch's modality: call the loss inside loss\.for_batch"):
+        loss(output, None)  # outside the step's context
 
 
 def test_weight_zero_never_computes_the_term_in_a_training_step():
@@ -382,8 +387,9 @@ def test_plans_without_modalities_are_refused_with_an_explanation():
 
 def test_short_budget_names():
     assert short_budget_name("nnUNetTrainerCSA", 2, 5) == "nnUNetTrainerCSA_2epochs_5its"
+    assert short_budget_name("nnUNetTrainerCSA", 3, 7) == "nnUNetTrainerCSA_3epochs_7its"
     with pytest.raises(ValueError, match="no short-budget variant"):
-        short_budget_name("nnUNetTrainerCSA", 3, 5)
+        short_budget_name("nnUNetTrainerCSA", 0, 5)
     import nnunetv2_csa.training.trainers as trainers
     variant = trainers.nnUNetTrainerUMMKD_BN_10epochs_20its
     assert issubclass(variant, trainers.nnUNetTrainerUMMKD_BN)
@@ -481,3 +487,22 @@ def test_region_based_dataset_is_refused_when_the_trainer_initializes(initialize
     initialized_trainer("nnUNetTrainerJoint", dataset_changes=changes)
     with pytest.raises(ModalityTagError, match=rf"region-based \(regions_class_order {re.escape(str(order))}.*label-based datasets only"):
         initialized_trainer("nnUNetTrainerCSA", dataset_changes=changes)
+
+
+def test_training_after_tagging_again_without_preprocessing_warns(initialized_trainer, tmp_path):
+    import json
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*tags the cases otherwise")
+        trainer = initialized_trainer("nnUNetTrainerJoint")  # negative controls: no raw dataset.json,
+        raw = tmp_path / "nnUNet_raw" / trainer.plans_manager.dataset_name
+        raw.mkdir()
+        (raw / "dataset.json").write_text(json.dumps({**trainer.dataset_json}))
+        initialized_trainer("nnUNetTrainerCSA")  # and the same tags
+
+    tagged_again = {**trainer.dataset_json, "csa_case_modality": {**trainer.dataset_json["csa_case_modality"],
+                                                                  "p1_LGE": "C0"}}
+    (raw / "dataset.json").write_text(json.dumps(tagged_again))
+    with pytest.warns(UserWarning, match=r"tags the cases otherwise than the preprocessed copy .* Run "
+                                         r"nnUNetv2_preprocess"):
+        initialized_trainer("nnUNetTrainerCSA")

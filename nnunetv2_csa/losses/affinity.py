@@ -1,4 +1,4 @@
-"""Class-specific affinity (CSA) consistency loss of Chen et al., MICCAI 2020, and its
+r"""Class-specific affinity (CSA) consistency loss of Chen et al., MICCAI 2020, and its
 whole-feature-map variant (the paper's "Affinity" row).
 
 Plain torch; nothing here imports nnU-Net.
@@ -9,11 +9,11 @@ Notation (paper, Sec. 2.3-2.4). For one sample, a feature map ``F(l)`` of layer 
 
 .. math::
 
-    M^c &= \\mathrm{resize}_{nearest}(\\mathbb{1}[y = c],\\ H \\times W)           \\\\
-    F^c(l) &= F(l) \\odot M^c                                                   \\quad (2) \\\\
-    a^c_{m,n} &= \\frac{1}{S_c} \\cos\\big(F^c_m(l), F^c_n(k)\\big)
-              = \\frac{1}{S_c} \\frac{\\langle F^c_m(l), F^c_n(k) \\rangle}
-                {\\max(\\|F^c_m(l)\\|, \\epsilon)\\,\\max(\\|F^c_n(k)\\|, \\epsilon)}  \\quad (3)
+    M^c &= \mathrm{resize}_{nearest}(\mathbb{1}[y = c],\ H \times W)           \\
+    F^c(l) &= F(l) \odot M^c                                                   \quad (2) \\
+    a^c_{m,n} &= \frac{1}{S_c} \cos\big(F^c_m(l), F^c_n(k)\big)
+              = \frac{1}{S_c} \frac{\langle F^c_m(l), F^c_n(k) \rangle}
+                {\max(\|F^c_m(l)\|, \epsilon)\,\max(\|F^c_n(k)\|, \epsilon)}  \quad (3)
 
 The cosine runs over the ``H*W`` spatial positions; ``A^c = [a^c_{m,n}]`` is ``M x N``.
 For 3D feature maps ``(B, channels, D, H, W)`` (nnU-Net's 3d configurations; the paper's
@@ -23,15 +23,15 @@ which class ``c`` is present (``M^c`` non-empty at the feature resolution). The 
 
 .. math::
 
-    L_{CSA} = \\frac{1}{C'} \\sum_{c \\in \\mathcal{C}'} \\frac{1}{P} \\sum_{i=1}^{P}
-              \\big(A^{c,1}_i - A^{c,2}_i\\big)^2 ,\\qquad P = MN   \\quad (4')
+    L_{CSA} = \frac{1}{C'} \sum_{c \in \mathcal{C}'} \frac{1}{P} \sum_{i=1}^{P}
+              \big(A^{c,1}_i - A^{c,2}_i\big)^2 ,\qquad P = MN   \quad (4')
 
 with ``C'`` the classes present in both modalities' sub-batches.
 
 Where the paper is ambiguous (the project's design brief, "The CSA term"):
 
 * Eq. (4) prints the square *outside* the entry sum,
-  :math:`\\| \\frac{1}{P}\\sum_i (A^{c,1}_i - A^{c,2}_i) \\|_2^2`, which compares only the
+  :math:`\| \frac{1}{P}\sum_i (A^{c,1}_i - A^{c,2}_i) \|_2^2`, which compares only the
   means of the two matrices. Its text ("invariant to the number of feature channels")
   describes the mean of squared entry differences (4'). ``reading="mean_squared"``
   (default) implements (4'); ``reading="literal"`` implements the printed (4).

@@ -1,4 +1,4 @@
-"""Unpaired multi-modal knowledge distillation (UMMKD) loss of Dou, Liu, Heng and Glocker,
+r"""Unpaired multi-modal knowledge distillation (UMMKD) loss of Dou, Liu, Heng and Glocker,
 "Unpaired multi-modal segmentation via knowledge distillation", IEEE TMI 2020: the
 comparison row "UMMKD" of Chen et al., MICCAI 2020.
 
@@ -10,18 +10,18 @@ sub-batch, giving one vector of ``C`` logits, softened at temperature ``T``:
 
 .. math::
 
-    \\bar z^{c,j} = \\frac{\\sum_{b \\in j} \\sum_p z_b[:, p]\\, M^c_b[p]}
-                        {\\sum_{b \\in j} \\sum_p M^c_b[p]}, \\qquad
-    q^{c,j} = \\mathrm{softmax}\\big(\\bar z^{c,j} / T\\big)
+    \bar z^{c,j} = \frac{\sum_{b \in j} \sum_p z_b[:, p]\, M^c_b[p]}
+                        {\sum_{b \in j} \sum_p M^c_b[p]}, \qquad
+    q^{c,j} = \mathrm{softmax}\big(\bar z^{c,j} / T\big)
 
 and the loss is the symmetric Kullback-Leibler divergence between the two modalities,
 averaged over the classes ``C'`` present in both sub-batches:
 
 .. math::
 
-    L_{KD} = \\frac{1}{|C'|} \\sum_{c \\in C'} \\frac{1}{2}
-             \\Big( D_{KL}(q^{c,1} \\| q^{c,2}) + D_{KL}(q^{c,2} \\| q^{c,1}) \\Big),
-    \\qquad D_{KL}(p \\| q) = \\sum_i p_i \\log \\frac{p_i}{q_i}.
+    L_{KD} = \frac{1}{|C'|} \sum_{c \in C'} \frac{1}{2}
+             \Big( D_{KL}(q^{c,1} \| q^{c,2}) + D_{KL}(q^{c,2} \| q^{c,1}) \Big),
+    \qquad D_{KL}(p \| q) = \sum_i p_i \log \frac{p_i}{q_i}.
 
 No ``T^2`` factor is applied (the row's weight, 0.5 in the paper's units, scales the term).
 A class absent from either sub-batch is skipped; with more than two modalities the loss

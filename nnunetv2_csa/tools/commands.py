@@ -7,8 +7,8 @@ belong to another Python environment. The command's entry point (the function it
 calls, with the same arguments) runs with ``python -P -c`` rather than the script: nnU-Net's
 worker pools start in spawn mode, and a spawned worker re-runs the main script's imports
 (for ``nnUNetv2_train`` all of nnU-Net's training code), where after ``-c`` it imports only
-what it runs. A 1 x 5 training of the test phantom took 13.5 s instead of 18.8 s on 2 cores
-(its final validation starts two such pools). ``environment`` sets variables for what runs
+what it runs, which makes a short training several seconds faster (its final validation starts
+two such pools; documentation/layout.md, design notes). ``environment`` sets variables for what runs
 in this process instead (nnU-Net reads some of them at each access).
 """
 from __future__ import annotations

@@ -28,7 +28,7 @@ DEFAULT_BUDGET = (10, 10)
 DEMO_DATASET_ID = 990
 LAYOUTS = ("mscmrseg", "mmwhs", "myops")
 MODALITIES = {"mscmrseg": ("LGE", "C0"), "myops": ("LGE", "C0"), "mmwhs": ("CT", "MR")}
-#: the reduced CPU plan for real data (measured on CPU: 2 mm in-plane, batch 8, patch 96 x 96 on cropped MyoPS)
+#: the reduced CPU plan for real data (2 mm in-plane, batch 8, patch 96 x 96 on cropped MyoPS: documentation/results.md)
 CPU_PLANS_NAME = "nnUNetPlansCPU"
 CPU_TARGET_SPACING = ("5", "2.0", "2.0")
 CPU_GPU_MEMORY_TARGET = "0.18"

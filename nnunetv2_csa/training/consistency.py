@@ -13,6 +13,7 @@ actually applied.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -57,18 +58,57 @@ def consistency_term(kind: str, num_classes: int, area_normalization: str, affin
     raise ValueError(f"unknown consistency_kind {kind!r}; choose from {CONSISTENCY_KINDS}")
 
 
+def full_resolution(output, target):
+    """The highest-resolution output and target: with deep supervision nnU-Net hands lists, highest
+    resolution first."""
+    if isinstance(output, (list, tuple)):
+        return output[0], target[0]
+    return output, target
+
+
+class FeatureConsistency:
+    """The term of a feature kind (CSA, Affinity) for one step: ``term`` of the two layers' features
+    that ``tap`` kept from the step's forward pass, the full-resolution target and the batch's
+    modality; the tap lets go of the features after."""
+
+    def __init__(self, term: nn.Module, tap):
+        self.term, self.tap = term, tap
+
+    def __call__(self, output, target, modality):
+        _, target = full_resolution(output, target)
+        features_l, features_k = self.tap.features()
+        try:
+            return self.term(features_l, features_k, target, modality)
+        finally:
+            self.tap.clear()
+
+
+class OutputConsistency:
+    """The term of an output kind (UMMKD) for one step: ``term`` of the full-resolution logits, target
+    and the batch's modality."""
+
+    def __init__(self, term: nn.Module):
+        self.term = term
+
+    def __call__(self, output, target, modality):
+        output, target = full_resolution(output, target)
+        return self.term(output, target, modality)
+
+
 class ConsistencyRegularizedLoss(nn.Module):
     """nnU-Net's segmentation loss plus ``weight`` times a consistency term.
 
-    ``consistency(output, target)`` returns the term; it is evaluated only in training
-    mode (``active``, which follows the trainer's epoch phase) and only when ``weight`` is
-    not 0, so a row that does not minimise the term (MSBN) pays nothing for it in its
-    training step. Its last value is kept for logging, detached and on the device: reading
-    it back (``float``) inside the step would make the host wait for the GPU before
-    ``backward()`` is queued; the trainer reads all steps' values back once per epoch.
+    nnU-Net's ``train_step`` calls ``loss(output, target)``; the batch's per-sample modality is
+    handed over for the step by :meth:`for_batch`, a context the trainer opens around the step, and
+    the term is ``consistency(output, target, modality)`` (:class:`FeatureConsistency`,
+    :class:`OutputConsistency`). It is evaluated only in training mode (``active``, which follows the
+    trainer's epoch phase) and only when ``weight`` is not 0, so a row that does not minimise the term
+    (MSBN) pays nothing for it in its training step. Its last value is kept for logging, detached and
+    on the device: reading it back (``float``) inside the step would make the host wait for the GPU
+    before ``backward()`` is queued; the trainer reads all steps' values back once per epoch.
     """
 
-    def __init__(self, segmentation_loss: nn.Module, consistency: Callable, weight: float):
+    def __init__(self, segmentation_loss: nn.Module, consistency: Callable | None, weight: float):
         super().__init__()
         self.segmentation_loss = segmentation_loss
         self.consistency = consistency
@@ -76,12 +116,25 @@ class ConsistencyRegularizedLoss(nn.Module):
         self.active = False
         #: the last term computed (a detached 0-dim tensor), or NaN when the last call computed none
         self.last_consistency: torch.Tensor | float = math.nan
+        self._batch_modality: torch.Tensor | None = None
+
+    @contextmanager
+    def for_batch(self, modality: torch.Tensor):
+        """The loss calls inside are of the batch whose samples have these modalities ((B,), on the host)."""
+        self._batch_modality = modality
+        try:
+            yield self
+        finally:
+            self._batch_modality = None
 
     def forward(self, output, target):
         loss = self.segmentation_loss(output, target)
         self.last_consistency = math.nan
-        if not self.active or self.weight == 0:
+        if not self.active or self.weight == 0 or self.consistency is None:
             return loss
-        term = self.consistency(output, target)
+        if self._batch_modality is None:
+            raise RuntimeError("the consistency term needs the batch's modality: call the loss inside "
+                               "loss.for_batch(modality)")
+        term = self.consistency(output, target, self._batch_modality)
         self.last_consistency = term.detach()
         return loss + self.weight * term

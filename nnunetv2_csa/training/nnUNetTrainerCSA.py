@@ -48,7 +48,8 @@ from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, modalities_f
 from nnunetv2_csa.modality_norm import convert_to_modality_specific_norms, set_modality
 from nnunetv2_csa.modality_order import record_modality_order
 from nnunetv2_csa.sampler import UnpairedModalityDataLoader
-from nnunetv2_csa.training.consistency import (FEATURE_KINDS, ConsistencyRegularizedLoss, consistency_term,
+from nnunetv2_csa.training.consistency import (FEATURE_KINDS, OUTPUT_KINDS, ConsistencyRegularizedLoss,
+                                               FeatureConsistency, OutputConsistency, consistency_term,
                                                lambda_rampup, weight_on_nnunet_loss)
 from nnunetv2_csa.training.inference_modality import inference_modality_index
 from nnunetv2_csa.training.per_modality_validation import PerModalityValidationMixin, gathered
@@ -103,7 +104,6 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
         self.plans_manager.plans[MODALITIES_KEY] = list(self.modality_tags.modalities)
         self.feature_tap: FeatureTap | None = None
         self.consistency_term: nn.Module | None = None
-        self._batch_modality: torch.Tensor | None = None
         self._tapped_validation_features: list = []
 
     @property
@@ -197,6 +197,8 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
             part, stage = self.affinity_layers
             layers = consecutive_conv_layers(self.network, part, stage)
             self.feature_tap = FeatureTap(self.network, layers)
+            # the network exists only now, after nnU-Net's initialize has built the loss
+            self.loss.consistency = FeatureConsistency(self.consistency_term, self.feature_tap)
             self.print_to_log_file(f"{self.consistency_kind} consistency between layers {layers}, "
                                    f"λ = {self.paper_lambda} in the paper's units, N = "
                                    f"{len(self.modality_tags.modalities)} modalities, weight λ/N = "
@@ -205,33 +207,14 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
     # ---------------------------------------------------------------- loss
     def _build_loss(self):
         segmentation_loss = super()._build_loss()
-        term = consistency_term(self.consistency_kind, self.label_manager.num_segmentation_heads,
-                                self.area_normalization, self.affinity_reading, self.distillation_temperature)
-        if term is None:
-            return ConsistencyRegularizedLoss(segmentation_loss, lambda o, t: None, 0.0)
-        self.consistency_term = term
-        evaluate = self._affinity_consistency if self.consistency_kind in FEATURE_KINDS \
-            else self._distillation_consistency
-        return ConsistencyRegularizedLoss(segmentation_loss, partial(evaluate, term), self.consistency_weight)
-
-    @staticmethod
-    def _full_resolution(output, target):
-        # with deep supervision nnU-Net hands lists, highest resolution first
-        if isinstance(output, (list, tuple)):
-            output, target = output[0], target[0]
-        return output, target
-
-    def _affinity_consistency(self, term, output, target):
-        _, target = self._full_resolution(output, target)
-        features_l, features_k = self.feature_tap.features()
-        try:
-            return term(features_l, features_k, target, self._batch_modality)
-        finally:
-            self.feature_tap.clear()
-
-    def _distillation_consistency(self, term, output, target):
-        output, target = self._full_resolution(output, target)
-        return term(output, target, self._batch_modality)
+        self.consistency_term = consistency_term(self.consistency_kind, self.label_manager.num_segmentation_heads,
+                                                 self.area_normalization, self.affinity_reading,
+                                                 self.distillation_temperature)
+        if self.consistency_term is None:
+            return ConsistencyRegularizedLoss(segmentation_loss, None, 0.0)
+        # a feature kind's term gets the tap once initialize has installed it on the network
+        consistency = OutputConsistency(self.consistency_term) if self.consistency_kind in OUTPUT_KINDS else None
+        return ConsistencyRegularizedLoss(segmentation_loss, consistency, self.consistency_weight)
 
     # ---------------------------------------------------------------- data
     @contextmanager
@@ -269,8 +252,8 @@ class nnUNetTrainerCSA(ReadableCheckpointMixin, PerModalityValidationMixin, nnUN
         there, so the step reads nothing back from the GPU but nnU-Net's own loss at its end.
         ``consistency_loss`` is the step's term, detached on the device (NaN when none was computed)."""
         self._route(batch["modality"])
-        self._batch_modality = batch["modality"]
-        result = super().train_step(batch)
+        with self.loss.for_batch(batch["modality"]):
+            result = super().train_step(batch)
         if self.feature_tap is not None:
             self.feature_tap.clear()  # a row with λ = 0 never reads them: free the activations
         result["consistency_loss"] = self.loss.last_consistency

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import List
 
@@ -25,7 +26,8 @@ from batchgenerators.utilities.file_and_folder_operations import isfile, join, l
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.collate_outputs import collate_outputs
 
-from nnunetv2_csa.modality import ModalityTags, modality_tags_from_dataset_json
+from nnunetv2_csa.modality import (CASE_MODALITY_KEY, MODALITIES_KEY, ModalityTags,
+                                   modality_tags_from_dataset_json)
 from nnunetv2_csa.training.progress import PER_MODALITY_DICE, ModalityAwareLocalLogger
 
 SUMMARY_PER_MODALITY = "summary_per_modality.json"
@@ -109,8 +111,7 @@ def _no_buffer_sync_in_forward(network):
     network's buffers (BatchNorm's running statistics: the ``_BN`` rows) at a forward pass that
     follows a training step or starts a process, a collective every rank must join. nnU-Net
     splits the validation cases over the ranks, so under ``nnUNetv2_train ... --val`` a rank
-    without a case never joins and the others wait until the timeout (found by the CPU harness:
-    CSA_BN in 3 processes). The buffers are equal on every rank already (broadcast at every
+    without a case never joins and the others wait until the timeout. The buffers are equal on every rank already (broadcast at every
     training step, or loaded from one checkpoint) and inference does not change them, so the
     final validation runs without that broadcast."""
     if not isinstance(network, DistributedDataParallel):
@@ -141,6 +142,27 @@ class PerModalityValidationMixin:
         self.modality_tags: ModalityTags = modality_tags_from_dataset_json(dataset_json)
         self.logger.local_logger = ModalityAwareLocalLogger(self.modality_tags.modalities,
                                                             self.logger.local_logger, self.logs_consistency)
+        self._warn_if_tagged_again_since_preprocessing(dataset_json)
+
+    def _warn_if_tagged_again_since_preprocessing(self, dataset_json: dict) -> None:
+        """nnU-Net trains on the dataset.json its preprocessing copied; tags written into the raw dataset.json
+        after that (nnUNetv2_csa_tag_modalities) do not reach the training until it is preprocessed again."""
+        raw_root = os.environ.get("nnUNet_raw")
+        raw_file = join(raw_root, self.plans_manager.dataset_name, "dataset.json") if raw_root else ""
+        if not isfile(raw_file):
+            return
+        try:
+            raw = load_json(raw_file)
+        except (OSError, ValueError):
+            return  # the raw folder is not this training's input; its own commands report it
+        keys = (MODALITIES_KEY, CASE_MODALITY_KEY)
+        if isinstance(raw, dict) and any(raw.get(k) != dataset_json.get(k) for k in keys):
+            message = (f"{raw_file} tags the cases otherwise than the preprocessed copy this training reads "
+                       f"({join(self.preprocessed_dataset_folder_base, 'dataset.json')}): the dataset was tagged again "
+                       f"after preprocessing, and this training uses the old tags. Run nnUNetv2_preprocess (or "
+                       f"nnUNetv2_plan_and_preprocess) for it again to train on the new ones")
+            warnings.warn(message, stacklevel=2)
+            self.print_to_log_file(f"WARNING: {message}")
 
     def _route(self, modality) -> None:
         """Select the network's norms of ``modality`` (shared norms: nothing to do)."""

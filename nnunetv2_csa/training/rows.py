@@ -1,33 +1,21 @@
 """The rows of the paper's comparison and their ablations, declared once.
 
-Every trainer class of this package (``training/trainers.py``), its ``_BN`` twin, its
-short-budget variants and the benchmark's row map are derived from ``ROW_TABLE``: adding
-a row is one line here. The table is plain data (no torch), so the benchmark's ``--help``
-and row checks can read it without importing nnU-Net's trainers.
+Every trainer class of this package (``training/trainers.py``) and the benchmark's row map are
+derived from ``ROW_TABLE``: adding a row is one line here, and each line names the classes it
+makes (the row's trainer and its ``_BN`` twin, modality-specific BatchNorm), so that a search
+for a trainer's name lands on its definition. The table is plain data (no torch), so the
+benchmark's ``--help`` and row checks can read it without importing nnU-Net's trainers; that is
+why the rows are a table and not class statements (whose settings the benchmark would then need
+torch to read). Short budgets, ``<trainer>_<E>epochs_<I>its`` for any E and I, are made on
+demand (``short_budget.py``).
 
 A row is one of three kinds:
 
 - ``csa``: ``nnUNetTrainerCSA`` (modality-specific norms, unpaired batches) with some of
-  its class attributes changed (``settings``); the row ``CSA`` changes none.
-- ``joint``: nnU-Net's own trainer on the mixed dataset (``nnUNetTrainerJoint``).
-- ``single``: nnU-Net's own trainer on one modality's cases
-  (``nnUNetTrainerSingleModality{index}``, one class per modality index).
-
-The trainer classes the table makes (each also as ``<name>_BN``, modality-specific
-BatchNorm, and as ``<name>_<E>epochs_<I>its`` and ``<name>_BN_<E>epochs_<I>its``, the short
-budgets of ``short_budget.py``; ``tests/test_rows.py`` checks this list against them):
-
-- Single: nnUNetTrainerSingleModality0, nnUNetTrainerSingleModality1, nnUNetTrainerSingleModality2
-- Joint: nnUNetTrainerJoint
-- MSBN: nnUNetTrainerMSBN
-- Affinity: nnUNetTrainerAffinity
-- UMMKD: nnUNetTrainerUMMKD
-- CSA: nnUNetTrainerCSA (its class is written out, ``nnUNetTrainerCSA.py``: the other CSA-kind
-  rows are it with attributes changed)
-- CSA_Lambda0p25, CSA_Lambda1, UMMKD_Lambda1, CSA_RampUp: nnUNetTrainerCSA_Lambda0p25,
-  nnUNetTrainerCSA_Lambda1, nnUNetTrainerUMMKD_Lambda1, nnUNetTrainerCSA_RampUp
-- CSA_AreaPixels, CSA_AreaFraction, CSA_Literal: nnUNetTrainerCSA_AreaPixels,
-  nnUNetTrainerCSA_AreaFraction, nnUNetTrainerCSA_Literal
+  its class attributes changed (``settings``); the row ``CSA`` changes none, and its classes
+  are written out in ``nnUNetTrainerCSA.py``.
+- ``joint``: nnU-Net's own trainer on the mixed dataset (``training/baselines.py``).
+- ``single``: nnU-Net's own trainer on one modality's cases, one class per modality index.
 """
 from __future__ import annotations
 
@@ -53,6 +41,9 @@ class Row:
     #: class attributes of nnUNetTrainerCSA that this row changes (kind "csa" only)
     settings: Mapping[str, object] = field(default_factory=dict)
     benchmark: str | None = None
+    #: the classes the row makes, by name: its trainer, then its ``_BN`` twin (Single: that pair for
+    #: each modality index, in order)
+    trainers: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -62,11 +53,20 @@ class Row:
         if self.benchmark not in (None, *BENCHMARK_GROUPS):
             raise ValueError(f"row {self.name}: benchmark must be one of {BENCHMARK_GROUPS} or None")
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+        object.__setattr__(self, "trainers", tuple(self.trainers))
+        if self.trainers != self.expected_trainers:
+            raise ValueError(f"row {self.name}: trainers must be {self.expected_trainers}, not {self.trainers}")
 
     @property
     def trainer_template(self) -> str:
         """The trainer class name; ``{index}`` is the modality index of the Single row."""
         return "nnUNetTrainerSingleModality{index}" if self.kind == "single" else f"nnUNetTrainer{self.name}"
+
+    @property
+    def expected_trainers(self) -> tuple[str, ...]:
+        """The class names of the naming rule (what ``trainers`` must spell out)."""
+        indices = range(MAX_SINGLE_MODALITIES) if self.kind == "single" else (0,)
+        return tuple(self.trainer_template.format(index=i) + suffix for i in indices for suffix in ("", "_BN"))
 
     @property
     def modality_specific_norms(self) -> bool:
@@ -85,29 +85,38 @@ class Row:
 
 
 ROW_TABLE = (
-    Row("Single", "single", "Stock nnU-Net trained on one modality's cases only.", benchmark="paper"),
-    Row("Joint", "joint", "Stock nnU-Net on both modalities mixed (shared norms).", benchmark="paper"),
+    Row("Single", "single", "Stock nnU-Net trained on one modality's cases only.", benchmark="paper",
+        trainers=("nnUNetTrainerSingleModality0", "nnUNetTrainerSingleModality0_BN",
+                  "nnUNetTrainerSingleModality1", "nnUNetTrainerSingleModality1_BN",
+                  "nnUNetTrainerSingleModality2", "nnUNetTrainerSingleModality2_BN")),
+    Row("Joint", "joint", "Stock nnU-Net on both modalities mixed (shared norms).", benchmark="paper",
+        trainers=("nnUNetTrainerJoint", "nnUNetTrainerJoint_BN")),
     Row("MSBN", "csa", "Modality-specific norms and unpaired batches only (λ = 0); the CSA term is logged.",
-        {"paper_lambda": 0.0}, "paper"),
+        {"paper_lambda": 0.0}, "paper", ("nnUNetTrainerMSBN", "nnUNetTrainerMSBN_BN")),
     Row("Affinity", "csa", "Affinity consistency on whole feature maps (no class masks).",
-        {"consistency_kind": "affinity"}, "paper"),
+        {"consistency_kind": "affinity"}, "paper", ("nnUNetTrainerAffinity", "nnUNetTrainerAffinity_BN")),
     Row("UMMKD", "csa", "Dou et al. 2020 knowledge distillation between the modalities' class-wise logits.",
-        {"consistency_kind": "ummkd"}, "paper"),
-    Row("CSA", "csa", "The paper's method: the class-specific affinity term with the paper's λ.", {}, "paper"),
+        {"consistency_kind": "ummkd"}, "paper", ("nnUNetTrainerUMMKD", "nnUNetTrainerUMMKD_BN")),
+    Row("CSA", "csa", "The paper's method: the class-specific affinity term with the paper's λ.", {}, "paper",
+        ("nnUNetTrainerCSA", "nnUNetTrainerCSA_BN")),
     Row("CSA_Lambda0p25", "csa", "CSA with λ = 0.25 in the paper's units: half the paper's weight.",
-        {"paper_lambda": 0.25}, "lambda"),
+        {"paper_lambda": 0.25}, "lambda", ("nnUNetTrainerCSA_Lambda0p25", "nnUNetTrainerCSA_Lambda0p25_BN")),
     Row("CSA_Lambda1", "csa", "CSA with λ = 1 in the paper's units: twice the paper's weight, the default of this "
-        "package's first version.", {"paper_lambda": 1.0}, "lambda"),
+        "package's first version.", {"paper_lambda": 1.0}, "lambda",
+        ("nnUNetTrainerCSA_Lambda1", "nnUNetTrainerCSA_Lambda1_BN")),
     Row("UMMKD_Lambda1", "csa", "UMMKD with weight 1 in the paper's units, the default of this package's first "
-        "version.", {"consistency_kind": "ummkd", "paper_lambda": 1.0}, "lambda"),
+        "version.", {"consistency_kind": "ummkd", "paper_lambda": 1.0}, "lambda",
+        ("nnUNetTrainerUMMKD_Lambda1", "nnUNetTrainerUMMKD_Lambda1_BN")),
     Row("CSA_RampUp", "csa", "CSA with the paper's λ reached by a linear ramp-up over the first quarter of the "
-        "epochs.", {"lambda_rampup_fraction": 0.25}, "lambda"),
+        "epochs.", {"lambda_rampup_fraction": 0.25}, "lambda",
+        ("nnUNetTrainerCSA_RampUp", "nnUNetTrainerCSA_RampUp_BN")),
     Row("CSA_AreaPixels", "csa", "Ablation of Eq. 3: the affinity divided by the class region's pixel count.",
-        {"area_normalization": "pixels"}),
+        {"area_normalization": "pixels"}, trainers=("nnUNetTrainerCSA_AreaPixels", "nnUNetTrainerCSA_AreaPixels_BN")),
     Row("CSA_AreaFraction", "csa", "Ablation of Eq. 3: the affinity divided by the class region's fraction of the "
-        "image.", {"area_normalization": "fraction"}),
+        "image.", {"area_normalization": "fraction"},
+        trainers=("nnUNetTrainerCSA_AreaFraction", "nnUNetTrainerCSA_AreaFraction_BN")),
     Row("CSA_Literal", "csa", "Ablation of Eq. 4 as printed: the square of the mean entry difference.",
-        {"affinity_reading": "literal"}),
+        {"affinity_reading": "literal"}, trainers=("nnUNetTrainerCSA_Literal", "nnUNetTrainerCSA_Literal_BN")),
 )
 ROWS_BY_NAME = {row.name: row for row in ROW_TABLE}
 if len(ROWS_BY_NAME) != len(ROW_TABLE):

@@ -2,20 +2,30 @@
 ``nnUNetTrainer_Xepochs``, but with few iterations per epoch as well: nnU-Net's 250
 iterations per epoch are far too many for CPU runs and tests.
 
-Names: ``<trainer>_<E>epochs_<I>its`` with E in EPOCHS and I in ITERATIONS, e.g.
-``nnUNetTrainerCSA_2epochs_5its``. Validation runs max(1, I // 5) iterations per epoch.
+Names: ``<trainer>_<E>epochs_<I>its`` for any whole E, I >= 1, e.g.
+``nnUNetTrainerCSA_2epochs_5its``. Validation runs max(1, I // 5) iterations per epoch. The
+classes are made on demand, when nnU-Net (or pickle) asks ``training/trainers.py`` for the name.
 """
 from __future__ import annotations
 
-EPOCHS = (1, 2, 5, 10, 20, 30, 50, 100)
-ITERATIONS = (5, 10, 20, 50)
+import re
+
+_NAME = re.compile(r"(?P<base>\w+?)_(?P<epochs>[1-9][0-9]*)epochs_(?P<iterations>[1-9][0-9]*)its")
 
 
 def short_budget_name(base_name: str, epochs: int, iterations: int) -> str:
-    if epochs not in EPOCHS or iterations not in ITERATIONS:
-        raise ValueError(f"no short-budget variant for {epochs} epochs x {iterations} iterations; "
-                         f"epochs one of {EPOCHS}, iterations one of {ITERATIONS}")
+    if not (isinstance(epochs, int) and isinstance(iterations, int) and epochs >= 1 and iterations >= 1):
+        raise ValueError(f"no short-budget variant for {epochs} epochs x {iterations} iterations; epochs and "
+                         f"iterations are whole numbers of at least 1")
     return f"{base_name}_{epochs}epochs_{iterations}its"
+
+
+def parse_short_budget_name(name: str) -> tuple[str, int, int] | None:
+    """(base trainer name, epochs, iterations) of a short-budget name, or None."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        return None
+    return match["base"], int(match["epochs"]), int(match["iterations"])
 
 
 def _budget_init(base: type, epochs: int, iterations: int):
@@ -33,13 +43,9 @@ def _budget_init(base: type, epochs: int, iterations: int):
     return __init__
 
 
-def short_budget_variants(base: type, module: str) -> dict[str, type]:
-    """Variant classes of ``base``, to be bound as globals of ``module`` (so they pickle)."""
-    variants = {}
-    for epochs in EPOCHS:
-        for iterations in ITERATIONS:
-            name = short_budget_name(base.__name__, epochs, iterations)
-            variants[name] = type(name, (base,), {
-                "__init__": _budget_init(base, epochs, iterations), "__module__": module, "__qualname__": name,
-                "__doc__": f"{base.__name__} for {epochs} epochs of {iterations} iterations."})
-    return variants
+def short_budget_variant(base: type, epochs: int, iterations: int, module: str) -> type:
+    """The variant class of ``base``, to be bound as a global of ``module`` (so that it pickles)."""
+    name = short_budget_name(base.__name__, epochs, iterations)
+    return type(name, (base,), {
+        "__init__": _budget_init(base, epochs, iterations), "__module__": module, "__qualname__": name,
+        "__doc__": f"{base.__name__} for {epochs} epochs of {iterations} iterations."})

@@ -13,7 +13,7 @@ import pandas as pd
 
 from nnunetv2_csa.modality import OTHER_MODALITY_IMAGES
 from nnunetv2_csa.tools.benchmark.common import FAILED, NOT_AVAILABLE
-from nnunetv2_csa.tools.benchmark.rows import FULL_BUDGET, RowResult
+from nnunetv2_csa.tools.benchmark.rows import FULL_BUDGET, RowResult, norm_of_row
 from nnunetv2_csa.tools.benchmark.scoring import TestSet
 from nnunetv2_csa.tools.benchmark.tables import (SECOND_TABLE_METRICS, TABLE_METRICS, escape_markdown, format_table,
                                                  modality_table, per_fold_table, smallest_two_sided_p, timing_markdown,
@@ -85,6 +85,8 @@ def write_report(report_folder: str, *, dataset_name: str, data_source: str, fol
                  test_set: TestSet, figures: Mapping[str, str], overlay_cases: Mapping, timing_iterations: int,
                  budgets: Sequence[dict], single_budget: str = "equal-iterations") -> str:
     failed = {r.row: r.error for r in rows if r.failed}
+    # every table names each row's normalization (the rows' names alone do not say IN or BN)
+    labels = {r.row: f"{r.row} ({norm_of_row(r.row, norm)})" for r in rows}
     budget_text = (f"{budget[0]} epochs × {budget[1]} training iterations per epoch "
                    f"(validation {max(1, budget[1] // 5)} iterations per epoch; short-budget trainers "
                    f"`_{budget[0]}epochs_{budget[1]}its`)") if budget else \
@@ -144,7 +146,7 @@ def write_report(report_folder: str, *, dataset_name: str, data_source: str, fol
             "| Method | iterations | " + " | ".join(f"{m} slices seen" for m in modalities) + " |",
             "|---|:---:|" + ":---:|" * len(modalities)]
     for b in budgets:
-        out.append(f"| {b['row']} | {b['iterations']} | "
+        out.append(f"| {escape_markdown(labels.get(b['row'], b['row']))} | {b['iterations']} | "
                    + " | ".join(f"{b['slices'][m]:.0f}" for m in modalities) + " |")
     out.append("")
     out += ["## Results per modality (paper's Table 1 layout)", ""]
@@ -152,14 +154,14 @@ def write_report(report_folder: str, *, dataset_name: str, data_source: str, fol
         out += [f"### {modality} ({n_per_modality[modality]} test cases)", "",
                 "Dice and Hausdorff distance (HD, mm) per class:", ""]
         means, stds, higher = modality_table(results, modality, rows, classes, TABLE_METRICS)
-        out += [format_table(means, higher, stds, failed), "", "HD95 and ASSD (mm) per class:", ""]
+        out += [format_table(means, higher, stds, failed, labels=labels), "", "HD95 and ASSD (mm) per class:", ""]
         means, stds, higher = modality_table(results, modality, rows, classes, SECOND_TABLE_METRICS)
-        out += [format_table(means, higher, stds, failed), ""]
+        out += [format_table(means, higher, stds, failed, labels=labels), ""]
     if len(folds) > 1:
         out += ["## Per fold", "", "Mean Dice over the classes and the fold's test cases, per modality:", ""]
         for modality in modalities:
             means, higher = per_fold_table(results, modality, rows, folds)
-            out += [f"{modality}:", "", format_table(means, higher, failed=failed), ""]
+            out += [f"{modality}:", "", format_table(means, higher, failed=failed, labels=labels), ""]
     n_pairs = sorted({int(n) for n in wilcoxon["n"]}) if not wilcoxon.empty else []
     n_tests = int(np.isfinite(wilcoxon["p_value"].to_numpy(dtype=float)).sum()) if not wilcoxon.empty else 0
     out += ["## Wilcoxon signed-rank test, CSA vs each other row", "",

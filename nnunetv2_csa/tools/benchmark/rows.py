@@ -44,6 +44,18 @@ def trainer_name(row: str, norm: str = "instance", budget: tuple[int, int] | Non
     return name
 
 
+def norm_of_row(row: str, norm: str) -> str:
+    """The normalization of a row's models as the report names it: IN (the plan's InstanceNorm) or BN
+    (``--norm bn``: the ``_BN`` trainers), one per modality for the CSA family, shared by the modalities
+    for Joint; Single's models see one modality each."""
+    if norm not in ("instance", "bn"):
+        raise BenchmarkError(f"norm must be 'instance' or 'bn', not {norm!r}")
+    kind = "BN" if norm == "bn" else "IN"
+    if row in CSA_FAMILY:
+        return f"{kind} per modality"
+    return kind if row == "Single" else f"{kind} shared"
+
+
 def row_budget(row: str, budget: tuple[int, int] | None, n_modalities: int,
                single_budget: str = "equal-iterations") -> tuple[int, int] | None:
     """The (epochs, iterations) a row trains for. ``equal-data`` gives Single 1/n of the

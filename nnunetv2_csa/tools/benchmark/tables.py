@@ -48,11 +48,13 @@ def escape_markdown(text: str) -> str:
 
 
 def format_table(means: pd.DataFrame, higher_is_better: Mapping[str, bool], stds: pd.DataFrame | None = None,
-                 failed: Mapping[str, str] | None = None, decimals: int = 3, first_column: str = "Method") -> str:
-    """A markdown table, one line per row of ``means`` (index: row names), the best value of
-    each column in bold. A value that is not finite is written ``n/a``; a row in ``failed``
-    reads ``FAILED: <error>`` in its first cell and ``FAILED`` in the others. ``stds`` adds
-    `` ± std`` where the standard deviation is finite."""
+                 failed: Mapping[str, str] | None = None, decimals: int = 3, first_column: str = "Method",
+                 labels: Mapping[str, str] | None = None) -> str:
+    """A markdown table, one line per row of ``means`` (index: row names, shown as ``labels`` names
+    them), the best value of each column in bold. A value that is not finite is written ``n/a``; a
+    row in ``failed`` reads ``FAILED: <error>`` in its first cell and ``FAILED`` in the others.
+    ``stds`` adds `` ± std`` where the standard deviation is finite."""
+    labels = dict(labels or {})
     failed = dict(failed or {})
     marks = best_marks(means, higher_is_better, decimals, exclude=list(failed))
     lines = ["| " + " | ".join([first_column, *map(escape_markdown, means.columns)]) + " |",
@@ -73,7 +75,7 @@ def format_table(means: pd.DataFrame, higher_is_better: Mapping[str, bool], stds
                 if stds is not None and finite(stds.at[row_name, column]):
                     text += f" ± {float(stds.at[row_name, column]):.{decimals}f}"
                 cells.append(text)
-        lines.append("| " + " | ".join([escape_markdown(row_name), *cells]) + " |")
+        lines.append("| " + " | ".join([escape_markdown(labels.get(row_name, row_name)), *cells]) + " |")
     return "\n".join(lines)
 
 
