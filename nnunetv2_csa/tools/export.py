@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 
 from batchgenerators.utilities.file_and_folder_operations import join, save_json
 
+from nnunetv2_csa.atomic_files import staging_folder
 from nnunetv2_csa.errors import UserInputError, one_line_errors
 from nnunetv2_csa.modality import MODALITIES_KEY, ModalityTagError, is_plain_name, modalities_from_plans
 from nnunetv2_csa.tools.commands import sigterm_unwinds
@@ -94,7 +94,7 @@ def export_modality(model_folder: str, modality: str, output_folder: str, folds=
 
     fold_folders = _fold_folders(model_folder, folds)
     check_output_folder(output_folder, "-o")
-    staging = tempfile.mkdtemp(prefix=".export_", dir=parent)
+    staging = staging_folder(parent, os.path.basename(os.path.abspath(output_folder)))
     try:
         for fold in fold_folders:
             checkpoint_file = join(model_folder, fold, checkpoint_name)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 from typing import Sequence
 
+from nnunetv2_csa.atomic_files import staging_folder
 from nnunetv2_csa.errors import UserInputError, first_few, one_line_errors
 from nnunetv2_csa.modality import modality_tags_from_dataset_json
 from nnunetv2_csa.tools.commands import sigterm_unwinds
@@ -64,7 +64,7 @@ def write_held_out(dataset_id: str, fold: int, output_folder: str) -> dict[str, 
     check_output_folder(output_folder, "-o")
     for source, _ in copies:  # nnUNetv2_predict and nnUNetv2_csa_evaluate would stop on them later, with a traceback
         check_file_complete(source)
-    staging = tempfile.mkdtemp(prefix=".heldout_", dir=parent)
+    staging = staging_folder(parent, os.path.basename(os.path.abspath(output_folder)))
     try:
         for source, target in copies:
             os.makedirs(os.path.dirname(os.path.join(staging, target)), exist_ok=True)
