@@ -354,13 +354,13 @@ def evaluate_folder(prediction_folder: str, reference_folder: str, labels: dict[
         warnings.warn(f"evaluating {len(cases)} case(s) present in both folders; skipped "
                       f"{len(missing_prediction)} without prediction {missing_prediction} and "
                       f"{len(missing_reference)} without reference {missing_reference}", stacklevel=2)
-    for name, mapping in (("modality", case_modality), ("patient", case_patient)):
+    for name, plural, mapping in (("modality", "modalities", case_modality), ("patient", "patients", case_patient)):
         if mapping is not None:
             untagged = [c for c in cases if c not in mapping]
             if untagged:
                 raise ValueError(f"{len(untagged)} case(s) have no {name} in the given case -> {name} map "
                                  f"(dataset.json 'csa_case_{name}'): {untagged}; add them to the map, or "
-                                 f"evaluate without {name}s (--no-modality)")
+                                 f"evaluate without {plural} (--no-modality)")
     foreground_classes(labels)  # fail before starting workers
 
     jobs = [(predictions[c], references[c], labels, file_ending, hd95) for c in cases]
