@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import nnunet_environment
+from nnunetv2_csa.tools.commands import command_environment
 from nnunetv2_csa.tools.phantom import write_mmwhs_phantom, write_mscmrseg_phantom, write_myops_phantom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +74,9 @@ def test_readme_workflow_runs_as_printed(tmp_path):
     write_mscmrseg_phantom(data["mscmrseg"], 10, modalities=("C0", "LGE"), in_plane_size=48)
     write_mmwhs_phantom(data["mmwhs"], 5, size=32)
     write_myops_phantom(data["myops"], 5, in_plane_size=48)
-    env = nnunet_environment(tmp_path)
+    # the README's planning command as the package's own tools run it (nnU-Net's planner refuses an
+    # nnUNet_n_proc_DA of 0, the fastest setting for training on a CPU: documentation/trainers.md)
+    env = command_environment("nnUNetv2_plan_and_preprocess", nnunet_environment(tmp_path))
     env.pop("nnUNet_extTrainer")  # the block sets it itself
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     work = tmp_path / "work"
