@@ -195,11 +195,11 @@ def predict_mixed_folder(input_folder: str, output_folder: str, predict_options:
             raise MixedPredictionError(f"give {option} once")
     located = _nnunet_options(predict_options)
     model_folder = model_folder_of(located.d, located.tr, located.p, located.c)
-    file_ending = file_ending_of(_load_json(os.path.join(model_folder, "dataset.json")),
-                                 os.path.join(model_folder, "dataset.json"))
+    dataset_file = os.path.join(model_folder, "dataset.json")
+    model_dataset_json = _load_json(dataset_file)
+    file_ending = file_ending_of(model_dataset_json, dataset_file)
     case_files = cases_of_folder(input_folder, file_ending)
-    n_channels = channel_count(_load_json(os.path.join(model_folder, "dataset.json")),
-                               os.path.join(model_folder, "dataset.json"))
+    n_channels = channel_count(model_dataset_json, dataset_file)
     for case, files in case_files.items():  # nnU-Net's reader would predict on a truncated file's zeros, or on NaN
         check_case_images(case, files, n_channels, file_ending)
         for path in files:
